@@ -1,0 +1,84 @@
+"""Argument checks shared by every op: each error names the argument, what was expected
+and what was given. Nothing is broadcast silently."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_modalities(op: str, xs: Sequence[Tensor], name: str = "xs") -> tuple[torch.Size, list[int]]:
+    """Check the modality list ``xs``; return the shared leading shape and the widths."""
+    if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
+        raise TypeError(
+            f"{op}: {name} must be a list or tuple of tensors (one per modality), "
+            f"got {type(xs).__name__}"
+        )
+    if len(xs) == 0:
+        raise ValueError(f"{op}: {name} is empty; expected at least one modality tensor")
+    for m, x in enumerate(xs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{op}: {name}[{m}] must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(f"{op}: {name}[{m}] must have shape (*, d), got a 0-d tensor")
+        if not x.is_floating_point():
+            raise TypeError(f"{op}: {name}[{m}] must be a floating-point tensor, got {x.dtype}")
+        if x.shape[-1] == 0:
+            raise ValueError(f"{op}: {name}[{m}] has feature width 0; expected d >= 1")
+    first = xs[0]
+    lead = first.shape[:-1]
+    for m, x in enumerate(xs[1:], start=1):
+        if x.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: {name}[{m}] has dtype {x.dtype} but {name}[0] has {first.dtype}; "
+                "all modalities must share one dtype"
+            )
+        if x.device != first.device:
+            raise ValueError(
+                f"{op}: {name}[{m}] is on {x.device} but {name}[0] is on {first.device}; "
+                "all modalities must be on one device"
+            )
+        if x.shape[:-1] != lead:
+            raise ValueError(
+                f"{op}: {name}[{m}] has leading shape {tuple(x.shape[:-1])} but {name}[0] has "
+                f"{tuple(lead)}; modalities must share their leading (batch) shape exactly"
+            )
+    return lead, [int(x.shape[-1]) for x in xs]
+
+
+def check_like(op: str, name: str, t: Tensor, ref: Tensor) -> None:
+    """``t`` must be a tensor with the dtype and device of ``ref`` (the modalities)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {ref.dtype} (the dtype of xs)")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {ref.device} (the device of xs)")
+
+
+def check_shape(op: str, name: str, t: Tensor, expected: tuple[int, ...], why: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(
+            f"{op}: {name} must have shape {tuple(expected)}{why}, got {tuple(t.shape)}"
+        )
+
+
+def check_mask(op: str, mask: Tensor | None, lead: torch.Size, m: int, device: torch.device) -> None:
+    """``mask`` marks present modalities: bool, shape ``(*, M)``, on the device of xs."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{op}: mask must be a bool tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must have dtype torch.bool, got {mask.dtype}")
+    check_shape(op, "mask", mask, (*lead, m), " (the leading shape of xs, then one flag per modality)")
+    if mask.device != device:
+        raise ValueError(f"{op}: mask is on {mask.device}, expected {device} (the device of xs)")
+
+
+def feature_count(dims: Sequence[int]) -> int:
+    """K = prod(d_m + 1): the width of the tensor-fusion features."""
+    return math.prod(d + 1 for d in dims)

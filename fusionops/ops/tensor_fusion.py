@@ -1,0 +1,276 @@
+"""Tensor fusion op (DESIGN.md section 1): checks, backend choice, autograd, fake kernels.
+
+Two torch ops carry the fused implementations, each with a ``backend`` string chosen here
+(so the choice is fixed at trace time and visible in a compiled graph):
+
+* ``fusionops::tensor_fusion_features(xs, mask, backend) -> Z``
+* ``fusionops::tensor_fusion_projected(xs, weight, bias, mask, backend) -> y``
+
+and one backward op each. The ``reference`` backend is served by ``fusionops.reference``
+directly, with PyTorch's own autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fusionops import reference
+from fusionops._backend import choose, common_reasons
+from fusionops._checks import (
+    check_like,
+    check_mask,
+    check_modalities,
+    check_shape,
+    feature_count,
+)
+from fusionops.ops._kernels import TensorFusionKernels
+
+OP = "tensor_fusion"
+
+
+class _CppKernels:
+    """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
+
+    def features_forward(self, xs: list[Tensor], mask: Tensor | None) -> Tensor:
+        return torch.ops.fusionops._tf_features_fwd_cpu(xs, mask)
+
+    def features_backward(self, grad: Tensor, xs: list[Tensor], mask: Tensor | None) -> list[Tensor]:
+        return list(torch.ops.fusionops._tf_features_bwd_cpu(grad, xs, mask))
+
+    def projected_forward(
+        self, xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
+        return torch.ops.fusionops._tf_projected_fwd_cpu(xs, weight, bias, mask)
+
+    def projected_backward(
+        self,
+        grad: Tensor,
+        xs: list[Tensor],
+        weight: Tensor,
+        mask: Tensor | None,
+        need_dx: bool,
+        need_dw: bool,
+        need_db: bool,
+    ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
+        dxs, dw, db = torch.ops.fusionops._tf_projected_bwd_cpu(
+            grad, xs, weight, mask, need_dx, need_dw, need_db
+        )
+        return list(dxs), dw, db
+
+
+def _kernels(backend: str) -> TensorFusionKernels:
+    if backend == "cpu":
+        return _CppKernels()
+    if backend == "triton":
+        from fusionops.triton import tensor_fusion as triton_tf
+
+        return triton_tf
+    raise ValueError(
+        f"{OP}: backend {backend!r} has no fused kernels for this op "
+        "(the reference is served by fusionops.reference; expected 'cpu' or 'triton')"
+    )
+
+
+def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    reasons = common_reasons(backend, device, dtype)
+    if backend == "cuda" and device.type == "cuda":
+        reasons.append("CUDA C++ kernels for tensor_fusion are not implemented yet")
+    return reasons
+
+
+def _empty(like: Tensor) -> Tensor:
+    """Stand-in for a gradient that was not asked for (custom ops cannot return None)."""
+    return like.new_empty(0)
+
+
+# --- features: Z = flatten(z_1 ⊗ … ⊗ z_M) ------------------------------------------------
+
+
+@torch.library.custom_op("fusionops::tensor_fusion_features", mutates_args=())
+def _features(xs: list[Tensor], mask: Tensor | None, backend: str) -> Tensor:
+    return _kernels(backend).features_forward(xs, mask).contiguous()
+
+
+@_features.register_fake
+def _features_fake(xs: list[Tensor], mask: Tensor | None, backend: str) -> Tensor:
+    return xs[0].new_empty(xs[0].shape[0], math.prod(x.shape[1] + 1 for x in xs))
+
+
+@torch.library.custom_op("fusionops::tensor_fusion_features_backward", mutates_args=())
+def _features_backward(
+    grad: Tensor, xs: list[Tensor], mask: Tensor | None, backend: str
+) -> list[Tensor]:
+    return [d.contiguous() for d in _kernels(backend).features_backward(grad, xs, mask)]
+
+
+@_features_backward.register_fake
+def _features_backward_fake(
+    grad: Tensor, xs: list[Tensor], mask: Tensor | None, backend: str
+) -> list[Tensor]:
+    return [x.new_empty(x.shape) for x in xs]
+
+
+def _features_setup(ctx, inputs, output) -> None:
+    xs, mask, backend = inputs
+    ctx.n_xs = len(xs)
+    ctx.backend = backend
+    ctx.save_for_backward(*xs, mask)
+
+
+def _features_grad(ctx, grad: Tensor):
+    saved = ctx.saved_tensors
+    xs, mask = list(saved[: ctx.n_xs]), saved[ctx.n_xs]
+    dxs = torch.ops.fusionops.tensor_fusion_features_backward(grad, xs, mask, ctx.backend)
+    return list(dxs), None, None
+
+
+_features.register_autograd(_features_grad, setup_context=_features_setup)
+
+
+# --- projected: y = Z Wᵀ + b, never holding Z ---------------------------------------------
+
+
+@torch.library.custom_op("fusionops::tensor_fusion_projected", mutates_args=())
+def _projected(
+    xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None, backend: str
+) -> Tensor:
+    return _kernels(backend).projected_forward(xs, weight, bias, mask).contiguous()
+
+
+@_projected.register_fake
+def _projected_fake(
+    xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None, backend: str
+) -> Tensor:
+    return xs[0].new_empty(xs[0].shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fusionops::tensor_fusion_projected_backward", mutates_args=())
+def _projected_backward(
+    grad: Tensor,
+    xs: list[Tensor],
+    weight: Tensor,
+    mask: Tensor | None,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    backend: str,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    dxs, dw, db = _kernels(backend).projected_backward(
+        grad, xs, weight, mask, need_dx, need_dw, need_db
+    )
+    dxs = [d.contiguous() for d in dxs] if need_dx else []
+    dw = dw.contiguous() if need_dw else _empty(weight)
+    db = db.contiguous() if need_db else _empty(weight)
+    return dxs, dw, db
+
+
+@_projected_backward.register_fake
+def _projected_backward_fake(
+    grad: Tensor,
+    xs: list[Tensor],
+    weight: Tensor,
+    mask: Tensor | None,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    backend: str,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    dxs = [x.new_empty(x.shape) for x in xs] if need_dx else []
+    dw = weight.new_empty(weight.shape) if need_dw else _empty(weight)
+    db = weight.new_empty(weight.shape[0]) if need_db else _empty(weight)
+    return dxs, dw, db
+
+
+def _projected_setup(ctx, inputs, output) -> None:
+    xs, weight, bias, mask, backend = inputs
+    ctx.n_xs = len(xs)
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(*xs, weight, mask)
+
+
+def _projected_grad(ctx, grad: Tensor):
+    saved = ctx.saved_tensors
+    n = ctx.n_xs
+    xs, weight, mask = list(saved[:n]), saved[n], saved[n + 1]
+    need_dx = any(ctx.needs_input_grad[0]) if isinstance(ctx.needs_input_grad[0], (list, tuple)) else bool(ctx.needs_input_grad[0])
+    need_dw = bool(ctx.needs_input_grad[1])
+    need_db = ctx.has_bias and bool(ctx.needs_input_grad[2])
+    dxs, dw, db = torch.ops.fusionops.tensor_fusion_projected_backward(
+        grad, xs, weight, mask, need_dx, need_dw, need_db, ctx.backend
+    )
+    return (
+        list(dxs) if need_dx else None,
+        dw if need_dw else None,
+        db if need_db else None,
+        None,
+        None,
+    )
+
+
+_projected.register_autograd(_projected_grad, setup_context=_projected_setup)
+
+
+# --- public function ----------------------------------------------------------------------
+
+
+def tensor_fusion(
+    xs: Sequence[Tensor],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Tensor fusion of M modalities (Zadeh et al. 2017; DESIGN.md section 1).
+
+    Args:
+        xs: M >= 1 tensors ``x_m`` of shape ``(*, d_m)`` sharing the leading shape ``*``,
+            dtype and device.
+        weight: optional ``(O, K)`` with ``K = prod(d_m + 1)``, as ``nn.Linear(K, O)`` stores it.
+        bias: optional ``(O,)``; only with ``weight``.
+        mask: optional bool ``(*, M)``; False marks a missing modality, which contributes
+            ``[1, 0…0]`` (its values are ignored, NaN included) and gets zero gradient.
+
+    Returns:
+        ``Z = flatten(z_1 ⊗ … ⊗ z_M)`` of shape ``(*, K)`` when ``weight`` is None, with
+        ``z_m = [1, x_m]`` and modality 1 the slowest index; otherwise ``Z Wᵀ + b`` of shape
+        ``(*, O)``, computed without ever holding ``Z`` (forward or backward).
+
+    The backend is chosen by ``fusionops.backend`` / ``FUSIONOPS_BACKEND`` or automatically
+    (see ``python -m fusionops.info``).
+    """
+    lead, dims = check_modalities(OP, xs)
+    first = xs[0]
+    k = feature_count(dims)
+    if weight is None:
+        if bias is not None:
+            raise ValueError(f"{OP}: bias was given without weight; pass weight (O, {k}) too")
+    else:
+        check_like(OP, "weight", weight, first)
+        factors = " * ".join(f"({d} + 1)" for d in dims)
+        if weight.dim() != 2 or weight.shape[1] != k:
+            raise ValueError(
+                f"{OP}: weight must have shape (O, K) with K = {factors} = {k} for input "
+                f"dims {tuple(dims)}, got {tuple(weight.shape)}"
+            )
+        if bias is not None:
+            check_like(OP, "bias", bias, first)
+            check_shape(OP, "bias", bias, (weight.shape[0],), " (O, the rows of weight)")
+    check_mask(OP, mask, lead, len(xs), first.device)
+
+    backend = choose(OP, first.device, lambda b: _reasons(b, first.device, first.dtype))
+    if backend == "reference":
+        return reference.tensor_fusion(xs, weight, bias, mask)
+
+    n = math.prod(lead)
+    xs2 = [x.reshape(n, x.shape[-1]) for x in xs]
+    mask2 = None if mask is None else mask.reshape(n, len(xs))
+    if weight is None:
+        out = torch.ops.fusionops.tensor_fusion_features(xs2, mask2, backend)
+    else:
+        out = torch.ops.fusionops.tensor_fusion_projected(xs2, weight, bias, mask2, backend)
+    return out.reshape(*lead, out.shape[-1])

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per operator (imported lazily: triton is optional)."""
