@@ -3,7 +3,6 @@ and what was given. Nothing is broadcast silently."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -81,4 +80,7 @@ def check_mask(op: str, mask: Tensor | None, lead: torch.Size, m: int, device: t
 
 def feature_count(dims: Sequence[int]) -> int:
     """K = prod(d_m + 1): the width of the tensor-fusion features."""
-    return math.prod(d + 1 for d in dims)
+    k = 1
+    for d in dims:  # a plain loop: torch.compile cannot trace math.prod over a generator
+        k *= d + 1
+    return k

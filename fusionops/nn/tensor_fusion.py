@@ -18,8 +18,9 @@ class TensorFusion(nn.Module):
     ``TensorFusion()`` (no arguments) is a drop-in for MultiBench's and Michaels et al.'s
     ``TensorFusion()``: ``forward(xs)`` returns the features
     ``flatten([1, x_1] ⊗ … ⊗ [1, x_M])`` of shape ``(*, prod(d_m + 1))``, in their layout
-    (modality 1 slowest). Their layer takes ``(batch, d_m)`` modalities; ours also takes any
-    shared leading shape.
+    (modality 1 slowest). Like theirs, with a single modality it returns ``xs[0]`` itself
+    (no 1 prepended; the functional op, which follows DESIGN.md, returns ``[1, x_1]``).
+    Modalities may have any shared leading shape.
 
     ``TensorFusion(input_dims, output_dim)`` owns ``weight (O, K)`` and ``bias (O,)``,
     initialised as ``nn.Linear(K, O)`` would be, and returns ``Z Wᵀ + b`` of shape
@@ -108,6 +109,10 @@ class TensorFusion(nn.Module):
                     f"TensorFusion: the layer was built for input_dims {self.input_dims}, "
                     f"got modalities of widths {dims}"
                 )
+        elif isinstance(xs, (list, tuple)) and len(xs) == 1:
+            # MultiBench / Michaels et al. return a lone modality unchanged: drop the 1 column
+            # (the op still checks the arguments and applies the mask)
+            return tensor_fusion(xs, mask=mask)[..., 1:]
         return tensor_fusion(xs, self.weight, self.bias, mask=mask)
 
     def extra_repr(self) -> str:

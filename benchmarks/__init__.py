@@ -1,0 +1,1 @@
+"""Benchmarks of fusionops: pytest-benchmark suites and ``python -m benchmarks.report``."""

@@ -1,0 +1,24 @@
+// The schemas of every op implemented in C++ (DESIGN.md, Architecture): declared once here,
+// implemented per device in csrc/cpu/*.cpp (and csrc/cuda/*). The public ops of the package
+// (torch.ops.fusionops.tensor_fusion_*) are defined in Python and call these kernels.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import fusionops._C` loads this shared library, which runs the registrations below; the
+// Python module itself is empty (pattern of pytorch/extension-cpp).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fusionops, m) {
+  // Tensor fusion (DESIGN.md section 1); contract in fusionops/ops/_kernels.py.
+  m.def("_tf_features_fwd_cpu(Tensor[] xs, Tensor? mask) -> Tensor");
+  m.def("_tf_features_bwd_cpu(Tensor grad, Tensor[] xs, Tensor? mask) -> Tensor[]");
+  m.def("_tf_projected_fwd_cpu(Tensor[] xs, Tensor weight, Tensor? bias, Tensor? mask) -> Tensor");
+  m.def(
+      "_tf_projected_bwd_cpu(Tensor grad, Tensor[] xs, Tensor weight, Tensor? mask, bool need_dx, "
+      "bool need_dw, bool need_db) -> (Tensor[], Tensor?, Tensor?)");
+}

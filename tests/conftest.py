@@ -1,0 +1,83 @@
+"""Shared fixtures: which kernel backends to test, poisoned allocations, tolerances."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Triton runs on CPU tensors only under its interpreter, chosen when triton is first imported.
+assert "triton" not in sys.modules, "conftest must run before triton is imported"
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fusionops.ops.tensor_fusion import _reasons  # noqa: E402
+
+KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Backends that must be usable (CI sets FUSIONOPS_REQUIRE_BACKENDS=cpu,triton): for these a
+# missing build fails the run instead of silently skipping every kernel test.
+REQUIRED = {b for b in os.environ.get("FUSIONOPS_REQUIRE_BACKENDS", "").split(",") if b}
+
+
+def skip_unless_usable(backend: str, device: str, dtype: torch.dtype = torch.float32) -> None:
+    why = _reasons(backend, torch.device(device), dtype)
+    if not why:
+        return
+    device_match = {"cpu": "cpu", "cuda": "cuda"}.get(backend, device) == device
+    if backend in REQUIRED and device_match:
+        pytest.fail(f"backend {backend!r} is required (FUSIONOPS_REQUIRE_BACKENDS) but: {why}")
+    pytest.skip(f"backend {backend!r} on {device}: " + "; ".join(why))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request, device) -> str:
+    """A fused backend usable on ``device`` (skips the others, with their reasons)."""
+    skip_unless_usable(request.param, device)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def poisoned_memory():
+    """Every fresh allocation (torch.empty, at::empty) is NaN-filled during each test, so an
+    output or scratch element a kernel forgets to write shows up as NaN."""
+    import torch.utils.deterministic as det
+
+    previous = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    det.fill_uninitialized_memory = previous[1]
+
+
+# Relative tolerance of a kernel against the float64 reference on the same inputs. float32
+# sums of up to a few thousand products; half precisions round the inputs' products (Z tile)
+# and the output once each: 4 eps.
+TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 4 * torch.finfo(torch.float16).eps,
+    torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps,
+}
+
+
+def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """``actual`` (any dtype) against a float64 ``expected``: elementwise within
+    ``tol * (|expected| + max|expected|)`` and no NaN where ``expected`` has none."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    assert not torch.isnan(a).any(), f"{what}: NaN in the result (an element left unwritten?)"
+    tol = TOL[dtype]
+    scale = e.abs().max().item() if e.numel() else 0.0
+    torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale + 1e-300, msg=lambda m: f"{what}: {m}")

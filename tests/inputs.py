@@ -1,0 +1,69 @@
+"""Random test inputs in every layout a kernel must honour (never zeros or ones)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LAYOUTS = ("contiguous", "strided", "transposed", "broadcast")
+
+
+def _rand(shape, dtype, device, gen) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+
+def make_x(lead, d, dtype, device, layout, gen) -> torch.Tensor:
+    """A random ``(*lead, d)`` tensor laid out as ``layout`` that requires grad; its
+    ``.grad`` is kept even when it is a view."""
+    lead = tuple(lead)
+    if layout == "contiguous":
+        return _rand((*lead, d), dtype, device, gen).requires_grad_(True)
+    if layout == "strided":  # every other column of a wider tensor
+        x = _rand((*lead, 2 * d + 1), dtype, device, gen).requires_grad_(True)[..., 1::2]
+    elif layout == "transposed":  # feature dim slowest in memory
+        x = _rand((d, *lead), dtype, device, gen).requires_grad_(True).movedim(0, -1)
+    elif layout == "broadcast":  # stride 0 over the rows
+        x = _rand((d,), dtype, device, gen).requires_grad_(True).expand(*lead, d)
+    else:
+        raise ValueError(layout)
+    x.retain_grad()
+    return x
+
+
+def make_xs(lead, dims, dtype=torch.float32, device="cpu", layout="contiguous", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [make_x(lead, d, dtype, device, layout, gen) for d in dims]
+
+
+def make_weight(dims, o, dtype=torch.float32, device="cpu", transposed=False, seed=1):
+    """``weight (O, K)`` (a transposed view when asked) and ``bias (O,)``, both requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    k = math.prod(d + 1 for d in dims)
+    shape = (k, o) if transposed else (o, k)
+    w = (_rand(shape, dtype, device, gen) / math.sqrt(k)).to(dtype).requires_grad_(True)
+    if transposed:
+        w = w.t()
+        w.retain_grad()
+    b = _rand((o,), dtype, device, gen).requires_grad_(True)
+    return w, b
+
+
+def make_mask(lead, m, device="cpu", seed=2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(*lead, m, generator=gen) > 0.35).to(device)
+
+
+def make_grad(shape, dtype, device, layout="contiguous", seed=3) -> torch.Tensor:
+    """An upstream gradient: random, non-contiguous, or stride-0 (what ``y.sum()`` gives)."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "broadcast":
+        return _rand((), dtype, device, gen).expand(*shape)
+    if layout == "transposed":
+        return _rand(tuple(reversed(shape)), dtype, device, gen).permute(*reversed(range(len(shape))))
+    return _rand(shape, dtype, device, gen)
+
+
+def detached64(ts):
+    """float64 copies requiring grad, for the reference."""
+    return [None if t is None else t.detach().to(torch.float64).requires_grad_(True) for t in ts]

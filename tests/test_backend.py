@@ -1,0 +1,91 @@
+"""Backend choice: forced by context or environment, automatic otherwise, explained."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusionops
+from fusionops import _backend, _extension
+from fusionops.info import report
+
+
+def _xs():
+    return [torch.randn(3, 2), torch.randn(3, 4)]
+
+
+def test_unknown_backend_names_the_choices(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'; expected one of \('reference', 'cpu', 'triton', 'cuda'\)"):
+        with fusionops.backend("fast"):
+            pass
+    monkeypatch.setenv("FUSIONOPS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FUSIONOPS_BACKEND: unknown backend 'fast'"):
+        fusionops.tensor_fusion(_xs())
+
+
+def test_forced_backend_that_cannot_serve_lists_reasons():
+    with fusionops.backend("cuda"), pytest.raises(fusionops.BackendUnavailableError) as info:
+        fusionops.tensor_fusion(_xs())
+    msg = str(info.value)
+    assert "forced backend 'cuda' cannot serve" in msg
+    assert "serves CUDA tensors, got device cpu" in msg
+    assert "Backends that could: reference" in msg
+
+
+def test_missing_extension_reasons(monkeypatch):
+    monkeypatch.setattr(_extension, "_load_error", "ImportError: simulated")
+    with fusionops.backend("cpu"), pytest.raises(fusionops.BackendUnavailableError, match="extension is not built.*simulated"):
+        fusionops.tensor_fusion(_xs())
+    assert _backend.choose("op", torch.device("cpu"), lambda b: _backend.common_reasons(b, torch.device("cpu"), torch.float32)) == "reference"
+
+
+def test_env_and_context(monkeypatch):
+    monkeypatch.setenv("FUSIONOPS_BACKEND", "reference")
+    assert _backend.forced_backend() == "reference"
+    with fusionops.backend("cpu"):
+        assert _backend.forced_backend() == "cpu"
+        with fusionops.backend("triton"):
+            assert _backend.forced_backend() == "triton"
+        assert _backend.forced_backend() == "cpu"
+    assert _backend.forced_backend() == "reference"
+
+
+def test_automatic_choice_prefers_compiled_cpu():
+    expected = "cpu" if _extension.extension_loaded() else "reference"
+    got = _backend.choose("op", torch.device("cpu"), lambda b: _backend.common_reasons(b, torch.device("cpu"), torch.float32))
+    assert got == expected
+
+
+def test_non_float_dtype_reason():
+    reasons = _backend.common_reasons("cpu", torch.device("cpu"), torch.int32)
+    assert any("dtype torch.int32" in r for r in reasons)
+
+
+def test_info_lists_every_backend():
+    text = report()
+    for name in _backend.BACKENDS:
+        assert f"  {name} " in text
+    assert "compiled extension fusionops._C:" in text
+    out = subprocess.run([sys.executable, "-m", "fusionops.info"], capture_output=True, text=True, check=True)
+    assert "tensor_fusion on cpu" in out.stdout
+
+
+def test_import_without_extension_warns_once_and_works():
+    """A missing build never breaks ``import fusionops``: one warning, reference serves."""
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['fusionops._C'] = None  # make the import fail as a missing build would\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    import fusionops, torch\n"
+        "    import fusionops.ops\n"
+        "    y = fusionops.tensor_fusion([torch.randn(2, 3), torch.randn(2, 1)])\n"
+        "print(len([x for x in w if 'fusionops._C' in str(x.message)]), tuple(y.shape))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FUSIONOPS_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "1 (2, 8)", out.stdout + out.stderr
