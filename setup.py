@@ -39,8 +39,13 @@ def _extensions() -> tuple[list, dict]:
         return [], {}
 
     rel = lambda paths: sorted(os.path.relpath(p, HERE) for p in paths)  # noqa: E731
-    sources = rel([os.path.join(HERE, "csrc", "ops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-    cuda_sources = rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
+    sources = rel(
+        [os.path.join(HERE, "csrc", "ops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))
+    )
+    cuda_sources = rel(
+        glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
+        + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp"))
+    )
 
     want_cuda = _flag("FUSIONOPS_WITH_CUDA")
     can_cuda = torch.version.cuda is not None and CUDA_HOME is not None and bool(cuda_sources)
@@ -64,7 +69,9 @@ def _extensions() -> tuple[list, dict]:
             extra_link_args=["-fopenmp"],
         )
     else:
-        ext = CppExtension("fusionops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        ext = CppExtension(
+            "fusionops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

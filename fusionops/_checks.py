@@ -13,8 +13,7 @@ def check_modalities(op: str, xs: Sequence[Tensor], name: str = "xs") -> tuple[t
     """Check the modality list ``xs``; return the shared leading shape and the widths."""
     if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
         raise TypeError(
-            f"{op}: {name} must be a list or tuple of tensors (one per modality), "
-            f"got {type(xs).__name__}"
+            f"{op}: {name} must be a list or tuple of tensors (one per modality), got {type(xs).__name__}"
         )
     if len(xs) == 0:
         raise ValueError(f"{op}: {name} is empty; expected at least one modality tensor")
@@ -60,9 +59,7 @@ def check_like(op: str, name: str, t: Tensor, ref: Tensor) -> None:
 
 def check_shape(op: str, name: str, t: Tensor, expected: tuple[int, ...], why: str = "") -> None:
     if tuple(t.shape) != tuple(expected):
-        raise ValueError(
-            f"{op}: {name} must have shape {tuple(expected)}{why}, got {tuple(t.shape)}"
-        )
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}{why}, got {tuple(t.shape)}")
 
 
 def check_mask(op: str, mask: Tensor | None, lead: torch.Size, m: int, device: torch.device) -> None:

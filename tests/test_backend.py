@@ -19,7 +19,9 @@ def _xs():
 
 
 def test_unknown_backend_names_the_choices(monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown backend 'fast'; expected one of \('reference', 'cpu', 'triton', 'cuda'\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown backend 'fast'; expected one of \('reference', 'cpu', 'triton', 'cuda'\)"
+    ):
         with fusionops.backend("fast"):
             pass
     monkeypatch.setenv("FUSIONOPS_BACKEND", "fast")
@@ -38,9 +40,19 @@ def test_forced_backend_that_cannot_serve_lists_reasons():
 
 def test_missing_extension_reasons(monkeypatch):
     monkeypatch.setattr(_extension, "_load_error", "ImportError: simulated")
-    with fusionops.backend("cpu"), pytest.raises(fusionops.BackendUnavailableError, match="extension is not built.*simulated"):
+    with (
+        fusionops.backend("cpu"),
+        pytest.raises(fusionops.BackendUnavailableError, match="extension is not built.*simulated"),
+    ):
         fusionops.tensor_fusion(_xs())
-    assert _backend.choose("op", torch.device("cpu"), lambda b: _backend.common_reasons(b, torch.device("cpu"), torch.float32)) == "reference"
+    assert (
+        _backend.choose(
+            "op",
+            torch.device("cpu"),
+            lambda b: _backend.common_reasons(b, torch.device("cpu"), torch.float32),
+        )
+        == "reference"
+    )
 
 
 def test_env_and_context(monkeypatch):
@@ -56,7 +68,9 @@ def test_env_and_context(monkeypatch):
 
 def test_automatic_choice_prefers_compiled_cpu():
     expected = "cpu" if _extension.extension_loaded() else "reference"
-    got = _backend.choose("op", torch.device("cpu"), lambda b: _backend.common_reasons(b, torch.device("cpu"), torch.float32))
+    got = _backend.choose(
+        "op", torch.device("cpu"), lambda b: _backend.common_reasons(b, torch.device("cpu"), torch.float32)
+    )
     assert got == expected
 
 

@@ -38,7 +38,7 @@ def check_against_reference(backend, xs, w, b, mask, dtype, grad_layout="contigu
     g = make_grad(tuple(y.shape), dtype, y.device, grad_layout)
     y.backward(g)
     yr.backward(g.to(torch.float64))
-    for m, (x, x64) in enumerate(zip(xs, xr)):
+    for m, (x, x64) in enumerate(zip(xs, xr, strict=True)):
         assert_close_to(x.grad, x64.grad, dtype, f"grad of xs[{m}]")
     if w is not None:
         assert_close_to(w.grad, wr.grad, dtype, "grad of weight")
@@ -93,7 +93,9 @@ def test_strides(kernel_backend, device, mode, layout, grad_layout):
     that are non-contiguous or stride-0 (the gradient of ``y.sum()``)."""
     dims = (3, 2, 4)
     xs = make_xs((6,), dims, torch.float32, device, layout=layout)
-    w, b = (None, None) if mode == "features" else make_weight(dims, 6, torch.float32, device, transposed=True)
+    w, b = (
+        (None, None) if mode == "features" else make_weight(dims, 6, torch.float32, device, transposed=True)
+    )
     check_against_reference(kernel_backend, xs, w, b, None, torch.float32, grad_layout)
 
 
@@ -122,8 +124,13 @@ def test_mask(kernel_backend, device, dims, mode):
     for m, x in enumerate(xs):
         assert not torch.isnan(x.grad).any()
         assert torch.equal(x.grad[~mask[:, m]], torch.zeros_like(x.grad[~mask[:, m]]))
-    check_against_reference(kernel_backend, make_xs(lead, dims, torch.float64, device, seed=5),
-                            *_params(mode, dims, torch.float64, device), mask, torch.float64)
+    check_against_reference(
+        kernel_backend,
+        make_xs(lead, dims, torch.float64, device, seed=5),
+        *_params(mode, dims, torch.float64, device),
+        mask,
+        torch.float64,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -152,7 +159,7 @@ def test_gradcheck(kernel_backend, device, mode, masked):
     params = [p.detach().requires_grad_(True) for p in (w, b) if p is not None]
 
     def f(*args):
-        xs_, rest = list(args[: len(dims)]), list(args[len(dims):])
+        xs_, rest = list(args[: len(dims)]), list(args[len(dims) :])
         w_ = rest[0] if w is not None else None
         b_ = rest[1] if b is not None else None
         with fusionops.backend(kernel_backend):
@@ -179,8 +186,9 @@ def test_opcheck(kernel_backend, device, dtype, masked):
     gy = make_grad((5, 4), dtype, device)
     torch.library.opcheck(ops.tensor_fusion_features_backward, (gz, plain, mask, kernel_backend))
     for needs in [(True, True, True), (True, False, False), (False, True, False)]:
-        torch.library.opcheck(ops.tensor_fusion_projected_backward,
-                              (gy, plain, w.detach(), mask, *needs, kernel_backend))
+        torch.library.opcheck(
+            ops.tensor_fusion_projected_backward, (gy, plain, w.detach(), mask, *needs, kernel_backend)
+        )
 
 
 def test_projected_saves_no_feature_sized_tensor(kernel_backend, device):
@@ -209,7 +217,9 @@ def test_cpu_tiles_and_row_blocks(device):
     xs = make_xs((300,), dims, torch.float32, device)
     w, b = make_weight(dims, 7, torch.float32, device)
     check_against_reference("cpu", xs, w, b, make_mask((300,), 3, device), torch.float32)
-    check_against_reference("cpu", make_xs((300,), (70, 3), torch.float32, device), None, None, None, torch.float32)
+    check_against_reference(
+        "cpu", make_xs((300,), (70, 3), torch.float32, device), None, None, None, torch.float32
+    )
 
 
 def test_repeated_calls_are_identical(kernel_backend, device):

@@ -65,8 +65,12 @@ def test_projected_layer_equals_features_then_linear(device):
     xs = [x.detach() for x in make_xs((5,), dims, torch.float32, device)]
     assert_close_to(layer(xs), linear(peers_tensor_fusion(xs)).to(torch.float64), torch.float32, "layer")
     adopted = TensorFusion.from_linear(dims, linear)
-    assert torch.equal(adopted.weight, linear.weight) and adopted.weight.data_ptr() != linear.weight.data_ptr()
-    assert_close_to(adopted(xs), linear(peers_tensor_fusion(xs)).to(torch.float64), torch.float32, "from_linear")
+    assert (
+        torch.equal(adopted.weight, linear.weight) and adopted.weight.data_ptr() != linear.weight.data_ptr()
+    )
+    assert_close_to(
+        adopted(xs), linear(peers_tensor_fusion(xs)).to(torch.float64), torch.float32, "from_linear"
+    )
     assert TensorFusion(dims, 7, bias=False).bias is None
 
 
@@ -105,7 +109,7 @@ class SmallModel(nn.Module):
         self.head = nn.Linear(8 if fused else k, 2)
 
     def forward(self, xs):
-        return self.head(torch.relu(self.fusion([e(x) for e, x in zip(self.enc, xs)])))
+        return self.head(torch.relu(self.fusion([e(x) for e, x in zip(self.enc, xs, strict=True)])))
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -127,5 +131,5 @@ def test_compile_fullgraph(backend, fused):
         expected = model(xs)
         expected.sum().backward()
     assert_close_to(out, expected.to(torch.float64), torch.float32, "compiled forward")
-    for g, p in zip(grads, model.parameters()):
+    for g, p in zip(grads, model.parameters(), strict=True):
         assert_close_to(g, p.grad.to(torch.float64), torch.float32, "compiled grad")

@@ -86,7 +86,9 @@ class TensorFusion(nn.Module):
         The parameters are copied (the new layer does not share storage with ``linear``).
         """
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"TensorFusion.from_linear: linear must be nn.Linear, got {type(linear).__name__}")
+            raise TypeError(
+                f"TensorFusion.from_linear: linear must be nn.Linear, got {type(linear).__name__}"
+            )
         k = feature_count(input_dims)
         if linear.in_features != k:
             raise ValueError(
@@ -94,7 +96,9 @@ class TensorFusion(nn.Module):
                 f"for input_dims {tuple(input_dims)}, got {linear.in_features}"
             )
         w = linear.weight
-        layer = cls(input_dims, linear.out_features, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+        layer = cls(
+            input_dims, linear.out_features, bias=linear.bias is not None, device=w.device, dtype=w.dtype
+        )
         with torch.no_grad():
             layer.weight.copy_(w)
             if linear.bias is not None:

@@ -101,9 +101,7 @@ def _features_fake(xs: list[Tensor], mask: Tensor | None, backend: str) -> Tenso
 
 
 @torch.library.custom_op("fusionops::tensor_fusion_features_backward", mutates_args=())
-def _features_backward(
-    grad: Tensor, xs: list[Tensor], mask: Tensor | None, backend: str
-) -> list[Tensor]:
+def _features_backward(grad: Tensor, xs: list[Tensor], mask: Tensor | None, backend: str) -> list[Tensor]:
     return [d.contiguous() for d in _kernels(backend).features_backward(grad, xs, mask)]
 
 
@@ -159,9 +157,7 @@ def _projected_backward(
     need_db: bool,
     backend: str,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    dxs, dw, db = _kernels(backend).projected_backward(
-        grad, xs, weight, mask, need_dx, need_dw, need_db
-    )
+    dxs, dw, db = _kernels(backend).projected_backward(grad, xs, weight, mask, need_dx, need_dw, need_db)
     dxs = [d.contiguous() for d in dxs] if need_dx else []
     dw = dw.contiguous() if need_dw else _empty(weight)
     db = db.contiguous() if need_db else _empty(weight)
@@ -197,7 +193,11 @@ def _projected_grad(ctx, grad: Tensor):
     saved = ctx.saved_tensors
     n = ctx.n_xs
     xs, weight, mask = list(saved[:n]), saved[n], saved[n + 1]
-    need_dx = any(ctx.needs_input_grad[0]) if isinstance(ctx.needs_input_grad[0], (list, tuple)) else bool(ctx.needs_input_grad[0])
+    need_dx = (
+        any(ctx.needs_input_grad[0])
+        if isinstance(ctx.needs_input_grad[0], (list, tuple))
+        else bool(ctx.needs_input_grad[0])
+    )
     need_dw = bool(ctx.needs_input_grad[1])
     need_db = ctx.has_bias and bool(ctx.needs_input_grad[2])
     dxs, dw, db = torch.ops.fusionops.tensor_fusion_projected_backward(
