@@ -193,18 +193,14 @@ def _projected_grad(ctx, grad: Tensor):
     saved = ctx.saved_tensors
     n = ctx.n_xs
     xs, weight, mask = list(saved[:n]), saved[n], saved[n + 1]
-    need_dx = (
-        any(ctx.needs_input_grad[0])
-        if isinstance(ctx.needs_input_grad[0], (list, tuple))
-        else bool(ctx.needs_input_grad[0])
-    )
+    need_dx = any(ctx.needs_input_grad[0])  # a list: one flag per modality
     need_dw = bool(ctx.needs_input_grad[1])
     need_db = ctx.has_bias and bool(ctx.needs_input_grad[2])
     dxs, dw, db = torch.ops.fusionops.tensor_fusion_projected_backward(
         grad, xs, weight, mask, need_dx, need_dw, need_db, ctx.backend
     )
     return (
-        list(dxs) if need_dx else None,
+        list(dxs) if need_dx else [None] * n,
         dw if need_dw else None,
         db if need_db else None,
         None,
