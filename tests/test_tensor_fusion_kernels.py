@@ -231,3 +231,27 @@ def test_repeated_calls_are_identical(kernel_backend, device):
         y1 = fusionops.tensor_fusion(xs, w, b)
         y2 = fusionops.tensor_fusion(xs, w, b)
     assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("needs", ["inputs_only", "weight_only", "bias_only", "one_modality"])
+def test_partial_gradients(kernel_backend, device, needs):
+    """Only what requires grad gets one, and it still matches the reference."""
+    dims = (3, 2, 4)
+    xs = [x.detach() for x in make_xs((5,), dims, torch.float64, device)]
+    w, b = (p.detach() for p in make_weight(dims, 4, torch.float64, device))
+    wants = {
+        "inputs_only": [*xs],
+        "weight_only": [w],
+        "bias_only": [b],
+        "one_modality": [xs[1]],
+    }[needs]
+    for t in wants:
+        t.requires_grad_(True)
+    with fusionops.backend(kernel_backend):
+        y = fusionops.tensor_fusion(xs, w, b)
+    g = make_grad(tuple(y.shape), torch.float64, device)
+    got = torch.autograd.grad(y, wants, g)
+    yr = reference.tensor_fusion(xs, w, b)
+    expected = torch.autograd.grad(yr, wants, g)
+    for a, e in zip(got, expected, strict=True):
+        assert_close_to(a, e, torch.float64, needs)
