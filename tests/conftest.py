@@ -16,8 +16,9 @@ import pytest  # noqa: E402
 
 from fusionops.ops.tensor_fusion import _reasons  # noqa: E402
 
-KERNEL_BACKENDS = ("cpu", "triton", "cuda")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The fused backends that serve each device type (whether built here or not).
+KERNEL_BACKENDS = {"cpu": ("cpu", "triton"), "cuda": ("cuda", "triton")}
 
 # Backends that must be usable (CI sets FUSIONOPS_REQUIRE_BACKENDS=cpu,triton): for these a
 # missing build fails the run instead of silently skipping every kernel test.
@@ -34,14 +35,24 @@ def skip_unless_usable(backend: str, device: str, dtype: torch.dtype = torch.flo
     pytest.skip(f"backend {backend!r} on {device}: " + "; ".join(why))
 
 
-@pytest.fixture(params=DEVICES)
+def pytest_generate_tests(metafunc) -> None:
+    """``device`` runs over DEVICES; ``kernel_backend`` over the fused backends of each."""
+    if "kernel_backend" in metafunc.fixturenames:
+        pairs = [(d, b) for d in DEVICES for b in KERNEL_BACKENDS[d]]
+        ids = [f"{b}-{d}" for d, b in pairs]
+        metafunc.parametrize(("device", "kernel_backend"), pairs, ids=ids, indirect=True)
+    elif "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", DEVICES, indirect=True)
+
+
+@pytest.fixture
 def device(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=KERNEL_BACKENDS)
+@pytest.fixture
 def kernel_backend(request, device) -> str:
-    """A fused backend usable on ``device`` (skips the others, with their reasons)."""
+    """A fused backend for ``device``; skipped, with its reasons, when not usable here."""
     skip_unless_usable(request.param, device)
     return request.param
 
