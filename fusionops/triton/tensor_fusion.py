@@ -17,17 +17,21 @@ features gradient, over one modality fewer; the recursion ends at modality 1 (``
 In the projected op the first level computes ``dZ`` tiles as ``G W[:, cols]`` on chip, so
 the largest buffer is ``dP`` of ``(N, K / D_M)`` in float32: a factor ``D_M`` below ``Z``.
 
+Memory beyond inputs and outputs: ``zcat``; for dW with few (O, K) tiles, float32 partials
+of ``(splits, O, K)``; per split level, float32 ``dz`` partials ``(chunks, N, D_s)`` and
+``dP`` of ``(N, H)`` (times ``ceil(D_s / 64)`` when ``D_s > 64``). Never ``(N, K)``.
+
 Compute precision: float32 (float64 for float64 inputs); ``tl.dot`` takes operands of the
 input dtype (tensor cores for float16/bfloat16) with ``input_precision="ieee"``, so float32
-is not rounded to tf32. No atomics: partial sums go to small buffers summed by torch, so
-results are bitwise reproducible.
+is not rounded to tf32 (and runs on FMA units). No atomics: partial sums go to small buffers
+summed by torch, so results are bitwise reproducible.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -73,6 +77,13 @@ def _z_tile(
     return tile
 
 
+@triton.jit
+def _rounded(z, zcat_ptr, DOT: tl.constexpr):
+    """A Z tile as a tl.dot operand: rounded to the input dtype first, so that a float32 DOT
+    standing in for bfloat16 (see _dot_dtype) rounds like the GPU does."""
+    return z.to(zcat_ptr.dtype.element_ty).to(DOT)
+
+
 # --- kernels -----------------------------------------------------------------------------------
 
 
@@ -97,8 +108,9 @@ def _features_fwd_kernel(
     ks = (pid % n_kb) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < N
     k_ok = ks < K
-    tile = _z_tile(zcat_ptr, stride_zn, rows, row_ok, ks, k_ok, widths_ptr, offsets_ptr,
-                   NMOD, ACC, BLOCK_N, BLOCK_K)
+    tile = _z_tile(
+        zcat_ptr, stride_zn, rows, row_ok, ks, k_ok, widths_ptr, offsets_ptr, NMOD, ACC, BLOCK_N, BLOCK_K
+    )
     ptrs = out_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :]
     tl.store(ptrs, tile, mask=row_ok[:, None] & k_ok[None, :])
 
@@ -121,6 +133,7 @@ def _projected_fwd_kernel(
     NMOD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
+    DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_O: tl.constexpr,
@@ -139,11 +152,13 @@ def _projected_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        w = tl.load(w_rows + ks[:, None] * stride_wk, mask=k_ok[:, None] & out_ok[None, :],
-                    other=0.0)
-        z = _z_tile(zcat_ptr, stride_zn, rows, row_ok, ks, k_ok, widths_ptr, offsets_ptr,
-                    NMOD, ACC, BLOCK_N, BLOCK_K)
-        acc = tl.dot(z.to(w.dtype), w, acc, input_precision=PRECISION, out_dtype=ACC)
+        w = tl.load(
+            w_rows + ks.to(tl.int64)[:, None] * stride_wk, mask=k_ok[:, None] & out_ok[None, :], other=0.0
+        )
+        z = _z_tile(
+            zcat_ptr, stride_zn, rows, row_ok, ks, k_ok, widths_ptr, offsets_ptr, NMOD, ACC, BLOCK_N, BLOCK_K
+        )
+        acc = tl.dot(_rounded(z, zcat_ptr, DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + outs * stride_b, mask=out_ok, other=0.0).to(ACC)[None, :]
     ptrs = out_ptr + rows.to(tl.int64)[:, None] * O + outs[None, :]
@@ -166,6 +181,7 @@ def _weight_grad_kernel(
     BLOCKS_PER_SPLIT,
     NMOD: tl.constexpr,
     ACC: tl.constexpr,
+    DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -188,13 +204,16 @@ def _weight_grad_kernel(
     for rb in range(first, last):
         rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        g_t = tl.load(g_ptr + rows.to(tl.int64)[None, :] * stride_gn + outs[:, None] * stride_go,
-                      mask=out_ok[:, None] & row_ok[None, :], other=0.0)
-        z = _z_tile(zcat_ptr, stride_zn, rows, row_ok, ks, k_ok, widths_ptr, offsets_ptr,
-                    NMOD, ACC, BLOCK_N, BLOCK_K)
-        acc = tl.dot(g_t, z.to(g_t.dtype), acc, input_precision=PRECISION, out_dtype=ACC)
-    ptrs = (out_ptr + split.to(tl.int64) * O * K + outs.to(tl.int64)[:, None] * K
-            + ks[None, :])
+        g_t = tl.load(
+            g_ptr + rows.to(tl.int64)[None, :] * stride_gn + outs.to(tl.int64)[:, None] * stride_go,
+            mask=out_ok[:, None] & row_ok[None, :],
+            other=0.0,
+        )
+        z = _z_tile(
+            zcat_ptr, stride_zn, rows, row_ok, ks, k_ok, widths_ptr, offsets_ptr, NMOD, ACC, BLOCK_N, BLOCK_K
+        )
+        acc = tl.dot(g_t.to(DOT), _rounded(z, zcat_ptr, DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+    ptrs = out_ptr + split.to(tl.int64) * O * K + outs.to(tl.int64)[:, None] * K + ks[None, :]
     tl.store(ptrs, acc, mask=out_ok[:, None] & k_ok[None, :])
 
 
@@ -220,6 +239,7 @@ def _split_grad_kernel(
     SPLIT: tl.constexpr,
     FROM_MEMORY: tl.constexpr,
     ACC: tl.constexpr,
+    DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -244,8 +264,11 @@ def _split_grad_kernel(
     rows64 = rows.to(tl.int64)
     js = jb * BLOCK_J + tl.arange(0, BLOCK_J)
     j_ok = js < D
-    z_s = tl.load(zcat_ptr + rows64[:, None] * stride_zn + tl.load(offsets_ptr + SPLIT)
-                  + js[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0).to(ACC)
+    z_s = tl.load(
+        zcat_ptr + rows64[:, None] * stride_zn + tl.load(offsets_ptr + SPLIT) + js[None, :],
+        mask=row_ok[:, None] & j_ok[None, :],
+        other=0.0,
+    ).to(ACC)
     c = tl.arange(0, BLOCK_H * BLOCK_J)
     dz_acc = tl.zeros((BLOCK_N, BLOCK_J), ACC)
     first = chunk * TILES_PER_CHUNK
@@ -258,28 +281,365 @@ def _split_grad_kernel(
         c_ok = (c_h < H) & (c_j < D)
         ks = c_h * D + c_j
         if FROM_MEMORY:
-            dz = tl.load(src_ptr + rows64[:, None] * stride_sn + ks[None, :] * stride_sc,
-                         mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+            dz = tl.load(
+                src_ptr + rows64[:, None] * stride_sn + ks.to(tl.int64)[None, :] * stride_sc,
+                mask=row_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            ).to(ACC)
         else:
             dz = tl.zeros((BLOCK_N, BLOCK_H * BLOCK_J), ACC)
             for o0 in range(0, O, BLOCK_O):
                 outs = o0 + tl.arange(0, BLOCK_O)
                 out_ok = outs < O
-                g = tl.load(src_ptr + rows64[:, None] * stride_sn + outs[None, :] * stride_sc,
-                            mask=row_ok[:, None] & out_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + outs.to(tl.int64)[:, None] * stride_wo
-                            + ks[None, :] * stride_wk,
-                            mask=out_ok[:, None] & c_ok[None, :], other=0.0)
-                dz = tl.dot(g, w, dz, input_precision=PRECISION, out_dtype=ACC)
+                g = tl.load(
+                    src_ptr + rows64[:, None] * stride_sn + outs.to(tl.int64)[None, :] * stride_sc,
+                    mask=row_ok[:, None] & out_ok[None, :],
+                    other=0.0,
+                )
+                w = tl.load(
+                    w_ptr + outs.to(tl.int64)[:, None] * stride_wo + ks.to(tl.int64)[None, :] * stride_wk,
+                    mask=out_ok[:, None] & c_ok[None, :],
+                    other=0.0,
+                )
+                dz = tl.dot(g.to(DOT), w.to(DOT), dz, input_precision=PRECISION, out_dtype=ACC)
         dz3 = tl.reshape(dz, (BLOCK_N, BLOCK_H, BLOCK_J))
-        p = _z_tile(zcat_ptr, stride_zn, rows, row_ok, hs, h_ok, widths_ptr, offsets_ptr,
-                    SPLIT, ACC, BLOCK_N, BLOCK_H)
+        p = _z_tile(
+            zcat_ptr, stride_zn, rows, row_ok, hs, h_ok, widths_ptr, offsets_ptr, SPLIT, ACC, BLOCK_N, BLOCK_H
+        )
         dz_acc += tl.sum(dz3 * p[:, :, None], axis=1)
         if SPLIT > 0:
             dp = tl.sum(dz3 * z_s[:, None, :], axis=2)
-            tl.store(dp_ptr + jb.to(tl.int64) * N * H + rows64[:, None] * H + hs[None, :], dp,
-                     mask=row_ok[:, None] & h_ok[None, :])
-    tl.store(dz_ptr + chunk.to(tl.int64) * N * D + rows64[:, None] * D + js[None, :], dz_acc,
-             mask=row_ok[:, None] & j_ok[None, :])
+            tl.store(
+                dp_ptr + jb.to(tl.int64) * N * H + rows64[:, None] * H + hs[None, :],
+                dp,
+                mask=row_ok[:, None] & h_ok[None, :],
+            )
+    tl.store(
+        dz_ptr + chunk.to(tl.int64) * N * D + rows64[:, None] * D + js[None, :],
+        dz_acc,
+        mask=row_ok[:, None] & j_ok[None, :],
+    )
 
 
+# --- host side -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """``zcat (N, Σ D_m)`` and each modality's width ``D_m`` and column offset in it."""
+
+    zcat: Tensor
+    dims: tuple[int, ...]
+    widths: Tensor
+    offsets: Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(dims: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """int32 device arrays of the widths and offsets (cached: no host-to-device copy per call)."""
+    offsets = [0, *itertools.accumulate(dims)][:-1]
+    return (
+        torch.tensor(dims, dtype=torch.int32, device=device),
+        torch.tensor(offsets, dtype=torch.int32, device=device),
+    )
+
+
+def _pack(xs: list[Tensor], mask: Tensor | None) -> _Packed:
+    """Pack the ``z_m`` into one small buffer. Any strides of xs and mask are read as they
+    are; masked rows are selected away (never multiplied), so their NaN cannot leak."""
+    x0 = xs[0]
+    dims = tuple(int(x.shape[1]) + 1 for x in xs)
+    zcat = torch.empty(x0.shape[0], sum(dims), dtype=x0.dtype, device=x0.device)
+    zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
+    start = 0
+    for m, x in enumerate(xs):
+        zcat[:, start] = 1
+        zcat[:, start + 1 : start + dims[m]] = x if mask is None else torch.where(mask[:, m, None], x, zero)
+        start += dims[m]
+    return _Packed(zcat, dims, *_layout(dims, x0.device))
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _dot_dtype(dtype: torch.dtype, device: torch.device) -> tl.dtype:
+    """Operand dtype of tl.dot: the input's (tensor cores for 16-bit), except bfloat16 under
+    the interpreter, whose tl.dot multiplies the raw bits (triton-lang/triton#11584). float32
+    holds bfloat16 values and their products exactly, so the result is the same."""
+    return tl.float32 if dtype == torch.bfloat16 and device.type == "cpu" else _TL[dtype]
+
+
+def _block(n: int, lo: int, hi: int) -> int:
+    """A power of two covering ``n`` clamped to ``[lo, hi]`` (lo = 16 where tl.dot uses it)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _reduce_hi(dtype: torch.dtype) -> int:
+    """Largest block along a tl.dot reduction: 16-bit dots run on tensor cores; ieee float32
+    and float64 ones on FMA units with their operands in registers, which spill beyond 16."""
+    return 32 if dtype in _HALF else 16
+
+
+def _row_block(n: int, other_blocks: int, hi: int, programs: int) -> int:
+    """The largest row block up to ``hi`` (more reuse of each W tile) that still gives
+    ``programs`` programs with ``other_blocks`` blocks per row block."""
+    b = _block(n, 16, hi)
+    while b > 16 and triton.cdiv(n, b) * other_blocks < programs:
+        b //= 2
+    return b
+
+
+def _projected_blocks(n: int, o: int, k: int, dtype: torch.dtype, programs: int) -> tuple[int, int, int, int]:
+    """BLOCK_N, BLOCK_O, BLOCK_K and num_warps of the projected forward (16-bit: up to
+    128 x 128 tiles, as in a tensor-core GEMM)."""
+    hi = 128 if dtype in _HALF else 64
+    bo = _block(o, 16, hi)
+    bn = _row_block(n, triton.cdiv(o, bo), hi, programs)
+    return bn, bo, _block(k, 16, _reduce_hi(dtype)), 8 if bn * bo >= 64 * 128 else 4
+
+
+def _weight_grad_blocks(n: int, o: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """BLOCK_O, BLOCK_N (the reduction), BLOCK_K and num_warps of dW (8 warps for a full
+    64 x 64 tile, whose Z-tile gathers and accumulator spill registers with 4)."""
+    bo, bk = _block(o, 16, 64), _block(k, 16, 64)
+    return bo, _block(n, 16, _reduce_hi(dtype)), bk, 8 if bo * bk >= 64 * 64 else 4
+
+
+def _split_blocks(
+    n: int, o: int, h: int, d: int, dtype: torch.dtype, programs: int
+) -> tuple[int, int, int, int, int]:
+    """BLOCK_N, BLOCK_H, BLOCK_J, BLOCK_O and num_warps of one split level: (h, j) tiles of
+    16 to 64 columns (16: tl.dot's minimum), j padded to a power of two; 8 warps for full
+    tiles, whose 3-D epilogue spills registers with 4."""
+    bj = _block(d, 1, 64)
+    bh = max(min(64 // bj, _block(h, 1, 64)), triton.cdiv(16, bj))
+    bn = _row_block(n, 1, 64 if dtype in _HALF else 32, programs)
+    return bn, bh, bj, _block(o, 16, _reduce_hi(dtype)), 8 if bn * bh * bj >= 2048 else 4
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    """How many programs fill the device; reductions are split across programs up to this."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter: small, so that small test shapes take the split paths too.
+    return 4
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the tensors' GPU, not the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _weight_grad(grad: Tensor, packed: _Packed, o: int) -> Tensor:
+    """``dW = Gᵀ Z`` (O, K); row blocks are split over programs when (O, K) has few tiles."""
+    zcat, dims = packed.zcat, packed.dims
+    n, k, dtype = zcat.shape[0], math.prod(dims), zcat.dtype
+    bo, bn, bk, warps = _weight_grad_blocks(n, o, k, dtype)
+    tiles = triton.cdiv(o, bo) * triton.cdiv(k, bk)
+    row_blocks = triton.cdiv(n, bn)
+    per_split = triton.cdiv(row_blocks, min(row_blocks, triton.cdiv(_target_programs(zcat.device), tiles)))
+    splits = triton.cdiv(row_blocks, per_split)
+    # One split stores dW directly; several store float32 partials summed below.
+    out = torch.empty(splits, o, k, dtype=dtype if splits == 1 else _acc(dtype), device=zcat.device)
+    with _on(zcat.device):
+        _weight_grad_kernel[(splits * tiles,)](
+            grad,
+            grad.stride(0),
+            grad.stride(1),
+            zcat,
+            zcat.stride(0),
+            packed.widths,
+            packed.offsets,
+            out,
+            n,
+            o,
+            k,
+            per_split,
+            NMOD=len(dims),
+            ACC=_TL[_acc(dtype)],
+            DOT=_dot_dtype(dtype, zcat.device),
+            PRECISION=_PRECISION,
+            BLOCK_O=bo,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            num_warps=warps,
+        )
+    return out[0] if splits == 1 else out.sum(0).to(dtype)
+
+
+def _split_grads(src: Tensor, weight: Tensor | None, packed: _Packed) -> list[Tensor]:
+    """``dz_m`` (N, D_m) for every modality, in compute precision, by the split recursion.
+
+    ``src`` is ``dZ (N, K)`` when ``weight`` is None, else ``G (N, O)`` (dZ = G W, formed on
+    chip). Each level peels off the last remaining modality and hands ``dP`` to the next.
+    """
+    zcat, dims = packed.zcat, packed.dims
+    n, device = zcat.shape[0], zcat.device
+    acc, programs = _acc(zcat.dtype), _target_programs(device)
+    dzs: list[Tensor] = []
+    for s in reversed(range(len(dims))):
+        d, h = dims[s], math.prod(dims[:s])
+        o = 0 if weight is None else weight.shape[0]
+        bn, bh, bj, bo, warps = _split_blocks(n, o, h, d, zcat.dtype, programs)
+        n_jb, n_ht, row_blocks = triton.cdiv(d, bj), triton.cdiv(h, bh), triton.cdiv(n, bn)
+        per_chunk = triton.cdiv(n_ht, min(n_ht, triton.cdiv(programs, row_blocks * n_jb)))
+        chunks = triton.cdiv(n_ht, per_chunk)
+        dz = torch.empty(chunks, n, d, dtype=acc, device=device)
+        dp = torch.empty(n_jb, n, h, dtype=acc, device=device) if s > 0 else dz
+        w = src if weight is None else weight
+        with _on(device):
+            _split_grad_kernel[(row_blocks * chunks * n_jb,)](
+                src,
+                src.stride(0),
+                src.stride(1),
+                w,
+                w.stride(0),
+                w.stride(1),
+                zcat,
+                zcat.stride(0),
+                packed.widths,
+                packed.offsets,
+                dz,
+                dp,
+                n,
+                o,
+                h,
+                d,
+                per_chunk,
+                SPLIT=s,
+                FROM_MEMORY=weight is None,
+                ACC=_TL[acc],
+                DOT=_dot_dtype(zcat.dtype, device),
+                PRECISION=_PRECISION,
+                BLOCK_N=bn,
+                BLOCK_H=bh,
+                BLOCK_J=bj,
+                BLOCK_O=bo,
+                num_warps=warps,
+            )
+        dzs.append(dz[0] if chunks == 1 else dz.sum(0))
+        src, weight = (dp[0] if n_jb == 1 else dp.sum(0)), None
+    return dzs[::-1]
+
+
+def _input_grads(dzs: list[Tensor], xs: list[Tensor], mask: Tensor | None) -> list[Tensor]:
+    """``dx_m = dz_m[:, 1:]`` with masked rows zeroed, in the input dtype."""
+    out = []
+    for m, (dz, x) in enumerate(zip(dzs, xs, strict=True)):
+        g = dz[:, 1:]
+        if mask is not None:
+            g = torch.where(mask[:, m, None], g, 0.0)
+        out.append(g.to(x.dtype).contiguous())
+    return out
+
+
+def _zeros_like_inputs(xs: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in xs]
+
+
+# --- the kernel contract (fusionops.ops._kernels) ------------------------------------------
+
+
+def features_forward(xs: list[Tensor], mask: Tensor | None) -> Tensor:
+    """``Z`` of shape (N, K), contiguous."""
+    packed = _pack(xs, mask)
+    zcat, dims = packed.zcat, packed.dims
+    n, k = zcat.shape[0], math.prod(dims)
+    out = torch.empty(n, k, dtype=zcat.dtype, device=zcat.device)
+    if n == 0:
+        return out
+    bn, bk = _block(n, 1, 32), _block(k, 16, 128)
+    with _on(zcat.device):
+        _features_fwd_kernel[(triton.cdiv(n, bn) * triton.cdiv(k, bk),)](
+            zcat,
+            zcat.stride(0),
+            packed.widths,
+            packed.offsets,
+            out,
+            n,
+            k,
+            NMOD=len(dims),
+            ACC=_TL[_acc(zcat.dtype)],
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+        )
+    return out
+
+
+def features_backward(grad: Tensor, xs: list[Tensor], mask: Tensor | None) -> list[Tensor]:
+    """``dL/dx_m`` (N, d_m) for every m, given ``grad = dL/dZ`` (N, K)."""
+    if xs[0].shape[0] == 0:
+        return _zeros_like_inputs(xs)
+    return _input_grads(_split_grads(grad, None, _pack(xs, mask)), xs, mask)
+
+
+def projected_forward(xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None) -> Tensor:
+    """``y = Z Wᵀ + b`` of shape (N, O), without holding Z."""
+    n, (o, k) = xs[0].shape[0], weight.shape
+    out = torch.empty(n, o, dtype=weight.dtype, device=weight.device)
+    if n == 0 or o == 0:
+        return out
+    packed = _pack(xs, mask)
+    zcat = packed.zcat
+    bn, bo, bk, warps = _projected_blocks(n, o, k, zcat.dtype, _target_programs(zcat.device))
+    with _on(zcat.device):
+        _projected_fwd_kernel[(triton.cdiv(n, bn) * triton.cdiv(o, bo),)](
+            zcat,
+            zcat.stride(0),
+            packed.widths,
+            packed.offsets,
+            weight,
+            weight.stride(0),
+            weight.stride(1),
+            weight if bias is None else bias,
+            0 if bias is None else bias.stride(0),
+            out,
+            n,
+            o,
+            k,
+            NMOD=len(packed.dims),
+            HAS_BIAS=bias is not None,
+            ACC=_TL[_acc(zcat.dtype)],
+            DOT=_dot_dtype(zcat.dtype, zcat.device),
+            PRECISION=_PRECISION,
+            BLOCK_N=bn,
+            BLOCK_O=bo,
+            BLOCK_K=bk,
+            num_warps=warps,
+        )
+    return out
+
+
+def projected_backward(
+    grad: Tensor,
+    xs: list[Tensor],
+    weight: Tensor,
+    mask: Tensor | None,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
+    """``(dxs, dW (O, K), db (O,))`` given ``grad = dL/dy`` (N, O); parts not needed are
+    None (dxs: an empty list)."""
+    n, (o, k), dtype = xs[0].shape[0], weight.shape, weight.dtype
+    db = grad.sum(0, dtype=_acc(dtype)).to(dtype) if need_db else None
+    if n == 0 or o == 0:
+        dw = torch.zeros(o, k, dtype=dtype, device=weight.device) if need_dw else None
+        return (_zeros_like_inputs(xs) if need_dx else []), dw, db
+    if not (need_dx or need_dw):
+        return [], None, db
+    packed = _pack(xs, mask)
+    dw = _weight_grad(grad, packed, o) if need_dw else None
+    dxs = _input_grads(_split_grads(grad, weight, packed), xs, mask) if need_dx else []
+    return dxs, dw, db
