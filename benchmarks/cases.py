@@ -16,6 +16,7 @@ Ways to compute ``y = Z Wᵀ + b``:
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
 from collections.abc import Callable
@@ -26,7 +27,9 @@ from torch import Tensor
 
 import fusionops
 from fusionops import reference
-from fusionops.ops import tensor_fusion as tf_op
+
+# The op's module (the package re-exports the function under the same name).
+tf_op = importlib.import_module("fusionops.ops.tensor_fusion")
 
 MODES = ("forward", "backward", "fwd+bwd")
 FUSED_BACKENDS = ("cpu", "triton", "cuda")
@@ -59,6 +62,12 @@ class Case:
     def z_bytes(self) -> int:
         """Bytes of the (N, K) tensor Z that the reference materialises."""
         return self.n * self.k * self.torch_dtype.itemsize
+
+    @property
+    def out_bytes(self) -> int:
+        """Bytes any fwd+bwd must allocate: y, dx_m, dW (O×K) and db."""
+        elems = self.n * self.out + self.n * sum(self.dims) + self.out * self.k + self.out
+        return elems * self.torch_dtype.itemsize
 
     def flops(self, mode: str) -> int:
         """Model FLOPs of the projection: fwd ``2NOK``; bwd ``4NOK`` (dW = gᵀZ and dZ = gW).
@@ -237,11 +246,6 @@ def way_by_name(name: str) -> Way:
     if name != f"fused[{backend}]" or backend not in FUSED_BACKENDS:
         raise ValueError(f"unknown way {name!r}; expected one of {all_way_names()}")
     return Way(name, _fused_fn(backend), backend)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def make_step(way: Way, inp: Inputs, mode: str) -> Callable[[], Callable[[], object]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -63,4 +64,6 @@ def describe(device: str) -> dict[str, str]:
         "triton": triton_version(),
         "cuda": torch.version.cuda or "none",
         "fusionops_C": "built" if _extension.extension_loaded() else "missing",
+        "threads": str(torch.get_num_threads()),
+        "loadavg_1min": f"{os.getloadavg()[0]:.2f}",  # other work on the machine skews times
     }

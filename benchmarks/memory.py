@@ -13,17 +13,21 @@ CPU (Linux), in the child:
    measured call cannot silently reuse pages the warm-up left resident (that would hide part
    of its peak);
 3. reset the resident-set high-water mark by writing ``5`` to ``/proc/self/clear_refs``
-   (Linux >= 4.0: VmHWM := current RSS). This is why ``ru_maxrss`` alone will not do: it is
-   a high-water mark that never goes down, so after the warm-up it already holds the
-   warm-up's peak (and right after fork+exec it can even start at the parent's), and a
-   baseline read after the warm-up would sit under a mark the measured call never passes;
+   (Linux >= 4.0: VmHWM := current RSS). A high-water mark never goes down on its own, so
+   without the reset it would still hold the warm-up's peak, and a baseline read after the
+   warm-up would sit under a mark the measured call may never pass;
 4. baseline = VmRSS (``/proc/self/statm``), run the measured fwd+bwd, keep its results,
-   read the mark (``ru_maxrss``, the same counter as VmHWM, now counting from the reset):
-   extra = mark - baseline.
+   read VmHWM (``/proc/self/status``): extra = VmHWM - baseline.
+
+Why VmHWM and not ``ru_maxrss``: on Linux ``ru_maxrss`` is max(VmHWM, the peak carried over
+from before ``exec``), and a child started by fork/vfork + exec carries the *parent's* peak
+RSS. After the report process has grown (a compiled model, a big case), every child's
+``ru_maxrss`` would read the parent's size: we saw +204 MB charged to a 0.2 MB case. VmHWM
+belongs to the child's own address space and is what ``clear_refs`` resets.
 
 If ``clear_refs`` cannot be written, the child skips the warm-up and reports
-``ru_maxrss - baseline`` for the first call (method ``ru_maxrss-first-call``): an upper
-bound that includes first-call overhead.
+VmHWM - baseline for the first call (method ``hwm-first-call``): an upper bound that
+includes first-call overhead (about 45 MB of library pages for the reference here).
 
 What it counts: every page the call touches above the baseline: Z and whatever autograd
 saves, temporaries, the output y and the gradients (dx_m, dW of O×K, db). Gradients count
@@ -43,7 +47,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -63,6 +66,15 @@ class Peak:
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE
+
+
+def _hwm_bytes() -> int:
+    """VmHWM of this process (the peak RSS since start or since the last reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 def _reset_high_water_mark() -> bool:
@@ -111,13 +123,13 @@ def _child(spec: dict) -> Peak:
         call()
         method = "rss-hwm-reset-after-warmup"
     else:
-        method = "ru_maxrss-first-call"
+        method = "hwm-first-call"
     gc.collect()
     _malloc_trim()
     _reset_high_water_mark()
     before = _rss_bytes()
     kept = call()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    peak = _hwm_bytes()
     del kept
     return Peak(max(peak - before, 0), before, method)
 

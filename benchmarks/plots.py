@@ -23,6 +23,7 @@ def plot(rows: list[Row], csv_path: Path) -> list[Path]:
 
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         print("plots: matplotlib is not installed (pip install matplotlib); no plots written")
         return []
@@ -48,14 +49,18 @@ def plot(rows: list[Row], csv_path: Path) -> list[Path]:
                 ax_m.plot(*zip(*mem, strict=True), marker="o", label=way)
         z = sorted({(int(r["n"]), float(r["z_mb"])) for r in srows})  # type: ignore[call-overload]
         ax_m.plot(*zip(*z, strict=True), "k--", label="bytes of Z")
-        ax_t.axhline(1.0, color="grey", lw=0.8)
+        ax_t.axhline(1.0, color="grey", lw=0.8, label="reference (1x)")
         ax_t.set(xscale="log", xlabel="N (rows)", ylabel="speed-up vs materialise+Linear (×)",
                  title=f"fwd+bwd time, {sweep}")
         ax_m.set(xscale="log", yscale="log", xlabel="N (rows)", ylabel="peak extra memory (MB)",
                  title=f"fwd+bwd peak memory, {sweep}")
         for ax in (ax_t, ax_m):
+            ax.set_xticks(ns, [str(n) for n in ns])  # label the measured N, not decades
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+        ax_m.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_m.yaxis.set_minor_formatter(NullFormatter())
         fig.suptitle(f"tensor fusion on {rows[0]['device_name']}", fontsize=9)
         fig.tight_layout()
         slug = re.sub(r"[^A-Za-z0-9]+", "-", sweep).strip("-")
