@@ -8,7 +8,8 @@ Backends, by name:
 ``cuda``       CUDA C++ kernels of the compiled extension, CUDA tensors.
 
 ``fusionops.backend(name)`` (a context manager) or the environment variable
-``FUSIONOPS_BACKEND`` forces one; a forced backend that cannot serve a call raises
+``FUSIONOPS_BACKEND`` (read once, when fusionops is imported, so that eager calls and
+compiled graphs see the same value) forces one; a forced backend that cannot serve a call raises
 :class:`BackendUnavailableError` with the reasons of every backend. Otherwise the first
 backend of :data:`DEFAULT_ORDER` for the device that can serve the call is used.
 """
@@ -36,6 +37,8 @@ DEFAULT_ORDER = {
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _forced: str | None = None
+# Read at import: torch.compile guards on module globals, not on later environment changes.
+_env_forced: str = os.environ.get("FUSIONOPS_BACKEND", "")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -70,8 +73,7 @@ def forced_backend() -> str | None:
     """The backend forced by a ``fusionops.backend`` block or ``FUSIONOPS_BACKEND``."""
     if _forced is not None:
         return _forced
-    env = os.environ.get("FUSIONOPS_BACKEND", "")
-    return _check_name(env, "FUSIONOPS_BACKEND") if env else None
+    return _check_name(_env_forced, "FUSIONOPS_BACKEND") if _env_forced else None
 
 
 def triton_unsupported_reason(device: torch.device) -> str | None:

@@ -24,7 +24,7 @@ def test_unknown_backend_names_the_choices(monkeypatch):
     ):
         with fusionops.backend("fast"):
             pass
-    monkeypatch.setenv("FUSIONOPS_BACKEND", "fast")
+    monkeypatch.setattr(_backend, "_env_forced", "fast")
     with pytest.raises(ValueError, match="FUSIONOPS_BACKEND: unknown backend 'fast'"):
         fusionops.tensor_fusion(_xs())
 
@@ -56,7 +56,7 @@ def test_missing_extension_reasons(monkeypatch):
 
 
 def test_env_and_context(monkeypatch):
-    monkeypatch.setenv("FUSIONOPS_BACKEND", "reference")
+    monkeypatch.setattr(_backend, "_env_forced", "reference")
     assert _backend.forced_backend() == "reference"
     with fusionops.backend("cpu"):
         assert _backend.forced_backend() == "cpu"
@@ -103,3 +103,19 @@ def test_import_without_extension_warns_once_and_works():
     env = {k: v for k, v in os.environ.items() if k != "FUSIONOPS_BACKEND"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "1 (2, 8)", out.stdout + out.stderr
+
+
+def test_env_variable_is_read_at_import():
+    code = (
+        "import torch, fusionops\n"
+        "from fusionops import _backend\n"
+        "print(_backend.forced_backend())\n"
+        "with fusionops.backend('cuda'):\n"
+        "    try:\n"
+        "        fusionops.tensor_fusion([torch.randn(2, 3)])\n"
+        "    except fusionops.BackendUnavailableError:\n"
+        "        print('cuda refused')\n"
+    )
+    env = dict(os.environ, FUSIONOPS_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["reference", "cuda", "refused"], out.stdout + out.stderr
