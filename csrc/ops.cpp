@@ -8,7 +8,8 @@ extern "C" {
 // `import fusionops._C` loads this shared library, which runs the registrations below; the
 // Python module itself is empty (pattern of pytorch/extension-cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }
