@@ -15,6 +15,14 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusionops, m) {
+  // Whether this build carries CUDA kernels (read by fusionops._extension).
+  m.def("_built_with_cuda() -> bool", []() -> bool {
+#ifdef FUSIONOPS_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
   // Tensor fusion (DESIGN.md section 1); contract in fusionops/ops/_kernels.py.
   m.def("_tf_features_fwd_cpu(Tensor[] xs, Tensor? mask) -> Tensor");
   m.def("_tf_features_bwd_cpu(Tensor grad, Tensor[] xs, Tensor? mask) -> Tensor[]");

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import warnings
 
+import torch  # first: loads libc10/libtorch, which fusionops._C links against
+
 _load_error: str | None = None
 _warned = False
 
@@ -31,11 +33,7 @@ def extension_error() -> str | None:
 
 def extension_built_with_cuda() -> bool:
     """True when the loaded extension carries CUDA kernels."""
-    if _load_error is not None:
-        return False
-    import torch
-
-    return hasattr(torch.ops.fusionops, "_cuda_build_marker")
+    return _load_error is None and bool(torch.ops.fusionops._built_with_cuda())
 
 
 def warn_if_missing() -> None:

@@ -119,3 +119,10 @@ def test_env_variable_is_read_at_import():
     env = dict(os.environ, FUSIONOPS_BACKEND="reference")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["reference", "cuda", "refused"], out.stdout + out.stderr
+
+
+def test_extension_loads_when_fusionops_is_imported_first():
+    """``import fusionops`` alone (torch not imported before it) finds the built extension."""
+    code = "import fusionops._extension as e; print(e.extension_loaded())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(_extension.extension_loaded()), out.stderr
