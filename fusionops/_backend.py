@@ -123,10 +123,11 @@ def common_reasons(name: str, device: torch.device, dtype: torch.dtype) -> list[
 ReasonFn = Callable[[str], list[str]]
 
 
-def choose(op: str, device: torch.device, reasons: ReasonFn) -> str:
+def choose(op: str, device: torch.device, reasons: ReasonFn, order: tuple[str, ...] | None = None) -> str:
     """Pick the backend for one call of ``op``.
 
     ``reasons(name)`` lists why backend ``name`` cannot serve this call (empty: it can).
+    ``order`` replaces :data:`DEFAULT_ORDER` for this call (an op's shape-aware preference).
     """
     forced = forced_backend()
     if forced is not None:
@@ -139,7 +140,7 @@ def choose(op: str, device: torch.device, reasons: ReasonFn) -> str:
             + "\nBackends that could: "
             + (", ".join(n for n in BACKENDS if not reasons(n)) or "none")
         )
-    for name in DEFAULT_ORDER.get(device.type, ("reference",)):
+    for name in order or DEFAULT_ORDER.get(device.type, ("reference",)):
         if not reasons(name):
             return name
     return "reference"

@@ -126,3 +126,26 @@ def test_extension_loads_when_fusionops_is_imported_first():
     code = "import fusionops._extension as e; print(e.extension_loaded())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(_extension.extension_loaded()), out.stderr
+
+
+def test_automatic_choice_depends_on_size(monkeypatch):
+    """On CPU, small problems go to the reference (measured faster there), large ones to the
+    fused kernels; forcing a backend bypasses the rule."""
+    from fusionops.ops.tensor_fusion import CPU_FUSED_MIN_ELEMENTS
+
+    served = []
+    real = fusionops.reference.tensor_fusion
+    monkeypatch.setattr(
+        fusionops.reference, "tensor_fusion", lambda *a: served.append("reference") or real(*a)
+    )
+    small = [torch.randn(4, 3), torch.randn(4, 2)]
+    fusionops.tensor_fusion(small)
+    assert served == ["reference"]
+    d = 127  # N * K = 64 * 128**2 = CPU_FUSED_MIN_ELEMENTS
+    big = [torch.randn(64, d), torch.randn(64, d)]
+    assert 64 * (d + 1) ** 2 >= CPU_FUSED_MIN_ELEMENTS
+    fusionops.tensor_fusion(big)
+    assert served == ["reference"] + ([] if _extension.extension_loaded() else ["reference"])
+    with fusionops.backend("reference"):
+        fusionops.tensor_fusion(big)
+    assert served[-1] == "reference" and len(served) >= 2

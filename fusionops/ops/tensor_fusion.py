@@ -31,6 +31,12 @@ from fusionops.ops._kernels import TensorFusionKernels
 
 OP = "tensor_fusion"
 
+# Automatic choice on CPU: below this many elements of Z (N * K) the reference (materialise,
+# then one GEMM) was measured faster than the fused C++ kernels, whose per-block overhead
+# then dominates; Z is at most a few MB there. Forcing a backend bypasses this.
+# Measured with benchmarks/crossover.py: see benchmarks/results/.
+CPU_FUSED_MIN_ELEMENTS = 1 << 20
+
 
 class _CppKernels:
     """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
@@ -80,6 +86,13 @@ def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str
     if backend == "cuda" and device.type == "cuda":
         reasons.append("CUDA C++ kernels for tensor_fusion are not implemented yet")
     return reasons
+
+
+def _order(device: torch.device, z_elements: int) -> tuple[str, ...] | None:
+    """Shape-aware automatic order (None: the device's default order)."""
+    if device.type == "cpu" and z_elements < CPU_FUSED_MIN_ELEMENTS:
+        return ("reference", "cpu")
+    return None
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -258,11 +271,13 @@ def tensor_fusion(
             check_shape(OP, "bias", bias, (weight.shape[0],), " (O, the rows of weight)")
     check_mask(OP, mask, lead, len(xs), first.device)
 
-    backend = choose(OP, first.device, lambda b: _reasons(b, first.device, first.dtype))
+    n = math.prod(lead)
+    backend = choose(
+        OP, first.device, lambda b: _reasons(b, first.device, first.dtype), _order(first.device, n * k)
+    )
     if backend == "reference":
         return reference.tensor_fusion(xs, weight, bias, mask)
 
-    n = math.prod(lead)
     xs2 = [x.reshape(n, x.shape[-1]) for x in xs]
     mask2 = None if mask is None else mask.reshape(n, len(xs))
     if weight is None:
