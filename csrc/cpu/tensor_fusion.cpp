@@ -36,6 +36,9 @@ constexpr int64_t kMinBlockRows = 16;
 constexpr int64_t kBlockElems = int64_t{1} << 20;
 constexpr int64_t kTileElems = int64_t{1} << 17;
 constexpr int64_t kMinDirectCols = 256;
+// When the tail is all of Z (K <= kTailCols), a block is sized by kWholeElems elements of Z
+// instead (1 MB in float32, whatever N is): few, large GEMMs when K is small.
+constexpr int64_t kWholeElems = int64_t{1} << 18;
 // Elements of work below which a parallel_for chunk is not worth a thread.
 constexpr int64_t kGrainElems = int64_t{1} << 15;
 
@@ -90,6 +93,32 @@ Features make_features(at::TensorList xs, const std::optional<at::Tensor>& mask,
   Features f;
   f.N = xs[0].size(0);
   for (size_t m = 0; m < xs.size(); ++m) {
+    if (!mask && xs[m].scalar_type() == acc) {
+      // z_m = [1, x_m] in one pass over x_m, whatever its strides.
+      const at::Tensor& x = xs[m];
+      const int64_t d = x.size(1), D = d + 1, s0 = x.stride(0), s1 = x.stride(1);
+      at::Tensor z = at::empty({f.N, D}, x.options());
+      AT_DISPATCH_FLOATING_TYPES(acc, "_tf_make_features_cpu", [&] {
+        const scalar_t* src = x.const_data_ptr<scalar_t>();
+        scalar_t* dst = z.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, f.N, grain_rows(D), [&](int64_t begin, int64_t end) {
+          for (int64_t n = begin; n < end; ++n) {
+            scalar_t* row = dst + n * D;
+            const scalar_t* xr = src + n * s0;
+            row[0] = scalar_t(1);
+            if (s1 == 1) {
+              std::copy(xr, xr + d, row + 1);
+            } else {
+              for (int64_t j = 0; j < d; ++j) row[1 + j] = xr[j * s1];
+            }
+          }
+        });
+      });
+      f.z.push_back(std::move(z));
+      f.D.push_back(D);
+      f.K *= D;
+      continue;
+    }
     at::Tensor x = xs[m].to(acc);
     if (mask) {
       // select, never multiply: a masked NaN must not reach the product
@@ -155,6 +184,15 @@ FUSIONOPS_SIMD_CLONES void scale(T* dst, const T* src, T s, int64_t len) {
 template <typename T>
 FUSIONOPS_SIMD_CLONES T dot_axpy(const T* __restrict a, const T* __restrict b, T s, T* __restrict c, int64_t len) {
   constexpr int kLanes = 64;
+  if (len < kLanes) {  // short rows (small d_m): skip the partial sums' set-up and reduction
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < len; ++i) {
+      acc += a[i] * b[i];
+      c[i] += s * a[i];
+    }
+    return acc;
+  }
   T part[kLanes] = {};
   int64_t r = 0;
   for (; r + kLanes <= len; r += kLanes) {
@@ -321,7 +359,8 @@ Plan make_plan(const std::vector<int64_t>& D, int64_t N, int64_t O, int64_t max_
   p.Kt = D.back();
   while (p.split > 0 && p.Kt * D[p.split - 1] <= kTailCols) p.Kt *= D[--p.split];
   for (int j = 0; j < p.split; ++j) p.H *= D[j];
-  p.rows = std::clamp(kBlockElems / (p.H + p.Kt), kMinBlockRows, max_rows);
+  p.rows = p.split == 0 ? std::max(kWholeElems / p.Kt, kMinBlockRows)
+                        : std::clamp(kBlockElems / (p.H + p.Kt), kMinBlockRows, max_rows);
   p.rows = std::max<int64_t>(1, std::min(p.rows, N));
   p.direct = p.Kt >= kMinDirectCols && p.Kt > O;
   const int64_t tile_cols = std::max<int64_t>(1, kTileElems / p.rows);
@@ -356,7 +395,7 @@ struct Block {
 
   Block(const Features& f_, const Plan& p_, const at::TensorOptions& opts)
       : f(f_), p(p_), zp(base_pointers<T>(f_.z)) {
-    if (p.split != 1) P_buf = at::empty({p.rows, p.H}, opts);
+    if (p.split > 1) P_buf = at::empty({p.rows, p.H}, opts);
     if (p.M - p.split != 1) T_buf = at::empty({p.rows, p.Kt}, opts);
   }
 
@@ -365,7 +404,12 @@ struct Block {
   void load(int64_t first, int64_t count) {
     r0 = first;
     nr = count;
-    P = P_buf.defined() ? P_buf.narrow(0, 0, nr) : f.z[0].narrow(0, r0, nr);
+    // An empty head (split == 0) has no P: Z = T, and the whole-row paths never read P.
+    if (p.split > 1) {
+      P = P_buf.narrow(0, 0, nr);
+    } else if (p.split == 1) {
+      P = f.z[0].narrow(0, r0, nr);
+    }
     Tt = T_buf.defined() ? T_buf.narrow(0, 0, nr) : f.z[p.split].narrow(0, r0, nr);
     if (!P_buf.defined() && !T_buf.defined()) return;
     T* P_ = P_buf.defined() ? P.mutable_data_ptr<T>() : nullptr;
@@ -406,7 +450,9 @@ void projected_forward_kernel(const Features& f, const at::Tensor& w, const Plan
   for (int64_t r0 = 0; r0 < f.N; r0 += p.rows) {
     block.load(r0, std::min(p.rows, f.N - r0));
     at::Tensor yb = y.narrow(0, r0, block.nr);
-    if (p.direct) {
+    if (p.split == 0) {
+      at::mm_out(yb, block.Tt, w.t());  // Z = T: one GEMM per block
+    } else if (p.direct) {
       at::Tensor ub = u.narrow(0, 0, block.nr);
       for (int64_t h = 0; h < p.H; ++h) {
         at::mm_out(ub, block.Tt, w.narrow(1, h * p.Kt, p.Kt).t());
@@ -447,7 +493,7 @@ void block_dx(const Block<T>& b, const at::Tensor& dP, const at::Tensor& dT, con
   const Features& f = b.f;
   const int64_t scratch = std::max(outer_backward_scratch(f.D.data(), p.split),
                                    outer_backward_scratch(f.D.data() + p.split, p.M - p.split));
-  const T* dP_ = dP.const_data_ptr<T>();
+  const T* dP_ = p.split > 0 ? dP.const_data_ptr<T>() : nullptr;
   const T* dT_ = dT.const_data_ptr<T>();
   at::parallel_for(0, b.nr, grain_rows(p.H + p.Kt), [&](int64_t begin, int64_t end) {
     std::vector<const T*> zr(p.M);
@@ -509,6 +555,25 @@ void projected_dx_kernel(const Features& f, const at::Tensor& g, const at::Tenso
       reduce_tile(block, t, dZt, dP, dT);
     }
     block_dx(block, dP, dT, dxp);
+  }
+}
+
+// Backward when Z = T (empty head): dW += Gᵀ T and dT = dZ = G W, block by block, T built once.
+template <typename T>
+void projected_whole_bwd_kernel(const Features& f, const at::Tensor& g, const at::Tensor& w, const Plan& p,
+                                bool need_dw, bool need_dx, at::Tensor& dw, std::vector<at::Tensor>& dx) {
+  Block<T> block(f, p, w.options());
+  const at::Tensor dZ = need_dx ? at::empty({p.rows, p.Kt}, w.options()) : at::Tensor();
+  const auto dxp = need_dx ? mutable_pointers<T>(dx) : std::vector<T*>{};
+  for (int64_t r0 = 0; r0 < f.N; r0 += p.rows) {
+    block.load(r0, std::min(p.rows, f.N - r0));
+    const at::Tensor gb = g.narrow(0, r0, block.nr);
+    if (need_dw) dw.addmm_(gb.t(), block.Tt);
+    if (need_dx) {
+      at::Tensor dZb = dZ.narrow(0, 0, block.nr);
+      at::mm_out(dZb, gb, w);
+      block_dx(block, at::Tensor(), dZb, dxp);
+    }
   }
 }
 
@@ -589,6 +654,11 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at:
   at::Tensor dw = need_dw ? at::zeros(w.sizes(), w.options()) : at::Tensor();
   if (f.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "_tf_projected_bwd_cpu", [&] {
+      const Plan whole = make_plan(f.D, f.N, w.size(0), kBlockRows);
+      if (whole.split == 0) {
+        if (need_dw || need_dx) projected_whole_bwd_kernel<scalar_t>(f, g, w, whole, need_dw, need_dx, dw, dx);
+        return;
+      }
       if (need_dw) projected_dw_kernel<scalar_t>(f, g, make_plan(f.D, f.N, w.size(0), kBlockRows), dw);
       if (need_dx) projected_dx_kernel<scalar_t>(f, g, w, make_plan(f.D, f.N, w.size(0), kDxBlockRows), dx);
     });
