@@ -10,6 +10,7 @@ import torch
 
 from fusionops import _extension
 from fusionops._backend import BACKENDS, DEFAULT_ORDER, forced_backend
+from fusionops.ops.tensor_fusion import CPU_FUSED_MIN_ELEMENTS
 from fusionops.ops.tensor_fusion import _reasons as tensor_fusion_reasons
 
 # Every op's reason function, by op name (later ops add theirs here).
@@ -42,6 +43,10 @@ def report() -> str:
             for name in BACKENDS:
                 why = reasons_fn(name, device, torch.float32)
                 lines.append(f"  {name:<10} " + ("usable" if not why else "unusable: " + "; ".join(why)))
+    lines.append(
+        f"tensor_fusion on cpu: calls with N*K < {CPU_FUSED_MIN_ELEMENTS} go to the reference "
+        "unless a backend is forced (measured faster there: python -m benchmarks.crossover)"
+    )
     return "\n".join(lines)
 
 
