@@ -32,9 +32,10 @@ from fusionops.ops._kernels import TensorFusionKernels
 OP = "tensor_fusion"
 
 # Automatic choice on CPU: below this many elements of Z (N * K) the reference (materialise,
-# then one GEMM) was measured faster than the fused C++ kernels, whose per-block overhead
-# then dominates; Z is at most a few MB there. Forcing a backend bypasses this.
-# Measured with benchmarks/crossover.py: see benchmarks/results/.
+# then one GEMM) was measured faster than the fused path, whose fixed per-call cost (about
+# 0.3 ms, mostly torch.library's Python autograd wrapper, not the kernels) then dominates;
+# Z is at most 4 MB there. Forcing a backend bypasses this. Measured by
+# `python -m benchmarks.crossover` (CSV in benchmarks/results/).
 CPU_FUSED_MIN_ELEMENTS = 1 << 20
 
 
