@@ -255,3 +255,10 @@ def test_partial_gradients(kernel_backend, device, needs):
     expected = torch.autograd.grad(yr, wants, g)
     for a, e in zip(got, expected, strict=True):
         assert_close_to(a, e, torch.float64, needs)
+
+
+def test_poisoning_is_active():
+    """The autouse fixture really NaN-fills fresh allocations (else the NaN checks above
+    could not catch an unwritten element)."""
+    assert torch.isnan(torch.empty(64)).all()
+    assert torch.isnan(torch.empty(3, 5).new_empty(7)).all()
