@@ -93,40 +93,33 @@ Features make_features(at::TensorList xs, const std::optional<at::Tensor>& mask,
   Features f;
   f.N = xs[0].size(0);
   for (size_t m = 0; m < xs.size(); ++m) {
-    if (!mask && xs[m].scalar_type() == acc) {
-      // z_m = [1, x_m] in one pass over x_m, whatever its strides.
-      const at::Tensor& x = xs[m];
-      const int64_t d = x.size(1), D = d + 1, s0 = x.stride(0), s1 = x.stride(1);
-      at::Tensor z = at::empty({f.N, D}, x.options());
-      AT_DISPATCH_FLOATING_TYPES(acc, "_tf_make_features_cpu", [&] {
-        const scalar_t* src = x.const_data_ptr<scalar_t>();
-        scalar_t* dst = z.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, f.N, grain_rows(D), [&](int64_t begin, int64_t end) {
-          for (int64_t n = begin; n < end; ++n) {
-            scalar_t* row = dst + n * D;
-            const scalar_t* xr = src + n * s0;
-            row[0] = scalar_t(1);
-            if (s1 == 1) {
-              std::copy(xr, xr + d, row + 1);
-            } else {
-              for (int64_t j = 0; j < d; ++j) row[1 + j] = xr[j * s1];
-            }
-          }
-        });
-      });
-      f.z.push_back(std::move(z));
-      f.D.push_back(D);
-      f.K *= D;
-      continue;
-    }
-    at::Tensor x = xs[m].to(acc);
+    at::Tensor x = xs[m].to(acc);  // no copy when already in the compute dtype
     if (mask) {
       // select, never multiply: a masked NaN must not reach the product
       x = at::where(mask->select(1, static_cast<int64_t>(m)).unsqueeze(1), x, at::Scalar(0));
     }
-    f.z.push_back(at::cat({at::ones({f.N, 1}, x.options()), x}, 1).contiguous());
-    f.D.push_back(x.size(1) + 1);
-    f.K *= f.D.back();
+    // z_m = [1, x_m] in one pass over x_m, whatever its strides.
+    const int64_t d = x.size(1), D = d + 1, s0 = x.stride(0), s1 = x.stride(1);
+    at::Tensor z = at::empty({f.N, D}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(acc, "_tf_make_features_cpu", [&] {
+      const scalar_t* src = x.const_data_ptr<scalar_t>();
+      scalar_t* dst = z.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, f.N, grain_rows(D), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          scalar_t* row = dst + n * D;
+          const scalar_t* xr = src + n * s0;
+          row[0] = scalar_t(1);
+          if (s1 == 1) {
+            std::copy(xr, xr + d, row + 1);
+          } else {
+            for (int64_t j = 0; j < d; ++j) row[1 + j] = xr[j * s1];
+          }
+        }
+      });
+    });
+    f.z.push_back(std::move(z));
+    f.D.push_back(D);
+    f.K *= D;
   }
   return f;
 }
