@@ -10,11 +10,19 @@ import torch
 
 from fusionops import _extension
 from fusionops._backend import BACKENDS, DEFAULT_ORDER, forced_backend
-from fusionops.ops.tensor_fusion import CPU_FUSED_MIN_ELEMENTS
-from fusionops.ops.tensor_fusion import _reasons as tensor_fusion_reasons
+from fusionops.ops.low_rank_fusion import CPU_FUSED_MIN_ELEMENTS as LMF_MIN
+from fusionops.ops.low_rank_fusion import _reasons as lmf_reasons
+from fusionops.ops.product_fusion import CPU_FUSED_MIN_ELEMENTS as PRODUCT_MIN
+from fusionops.ops.product_fusion import _reasons as product_reasons
+from fusionops.ops.tensor_fusion import CPU_FUSED_MIN_ELEMENTS as TF_MIN
+from fusionops.ops.tensor_fusion import _reasons as tf_reasons
 
-# Every op's reason function, by op name (later ops add theirs here).
-OPS = {"tensor_fusion": tensor_fusion_reasons}
+# Every op: its reason function and its CPU size rule (what is counted, the threshold).
+OPS = {
+    "tensor_fusion": (tf_reasons, "N*K", TF_MIN),
+    "low_rank_fusion": (lmf_reasons, "N*R*O*M", LMF_MIN),
+    "product_fusion": (product_reasons, "N*d", PRODUCT_MIN),
+}
 
 
 def _version(module: str) -> str:
@@ -37,16 +45,17 @@ def report() -> str:
         "",
     ]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    for op, reasons_fn in OPS.items():
+    for op, (reasons_fn, _, _) in OPS.items():
         for device in devices:
             lines.append(f"{op} on {device.type} (float32); automatic order {DEFAULT_ORDER[device.type]}:")
             for name in BACKENDS:
                 why = reasons_fn(name, device, torch.float32)
                 lines.append(f"  {name:<10} " + ("usable" if not why else "unusable: " + "; ".join(why)))
-    lines.append(
-        f"tensor_fusion on cpu: calls with N*K < {CPU_FUSED_MIN_ELEMENTS} go to the reference "
-        "unless a backend is forced (measured faster there: python -m benchmarks.crossover)"
-    )
+    for op, (_, size, threshold) in OPS.items():
+        lines.append(
+            f"{op} on cpu: calls with {size} < {threshold} go to the reference unless a backend "
+            "is forced (measured faster there: python -m benchmarks.crossover)"
+        )
     return "\n".join(lines)
 
 

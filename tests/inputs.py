@@ -67,3 +67,42 @@ def make_grad(shape, dtype, device, layout="contiguous", seed=3) -> torch.Tensor
 def detached64(ts):
     """float64 copies requiring grad, for the reference."""
     return [None if t is None else t.detach().to(torch.float64).requires_grad_(True) for t in ts]
+
+
+FACTOR_LAYOUTS = ("contiguous", "permuted", "broadcast")
+
+
+def make_factors(dims, rank, o, dtype=torch.float32, device="cpu", layout="contiguous", seed=4):
+    """Low-rank fusion parameters, all requiring grad (views keep their ``.grad``):
+    ``factors[m] (R, d_m + 1, O)``, ``rank_weight (R,)`` and ``bias (O,)``.
+
+    ``permuted``: factors stored as ``(O, d + 1, R)`` and rank weights every other element;
+    ``broadcast``: factors stride 0 over R and rank weights stride 0."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def leaf(shape, scale=1.0):
+        return (_rand(shape, dtype, device, gen) * scale).to(dtype).requires_grad_(True)
+
+    factors = []
+    for d in dims:
+        scale = 1 / math.sqrt(d + 1)
+        if layout == "contiguous":
+            f = leaf((rank, d + 1, o), scale)
+        elif layout == "permuted":
+            f = leaf((o, d + 1, rank), scale).permute(2, 1, 0)
+        elif layout == "broadcast":
+            f = leaf((1, d + 1, o), scale).expand(rank, d + 1, o)
+        else:
+            raise ValueError(layout)
+        if not f.is_leaf:
+            f.retain_grad()
+        factors.append(f)
+    if layout == "permuted":
+        w = leaf((2 * rank,))[::2]
+    elif layout == "broadcast":
+        w = leaf(()).expand(rank)
+    else:
+        w = leaf((rank,))
+    if not w.is_leaf:
+        w.retain_grad()
+    return factors, w, leaf((o,))

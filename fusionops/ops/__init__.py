@@ -1,5 +1,7 @@
 """One module per operator: argument checks, autograd, fake kernels, backend choice."""
 
+from fusionops.ops.low_rank_fusion import low_rank_fusion
+from fusionops.ops.product_fusion import product_fusion
 from fusionops.ops.tensor_fusion import tensor_fusion
 
-__all__ = ["tensor_fusion"]
+__all__ = ["low_rank_fusion", "product_fusion", "tensor_fusion"]

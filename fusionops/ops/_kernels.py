@@ -47,3 +47,51 @@ class TensorFusionKernels(Protocol):
     ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
         """``(dxs, dW (O, K), db (O,))`` given ``grad = dL/dy`` (N, O); parts not needed
         may be returned as None (dxs as an empty list)."""
+
+
+class LowRankFusionKernels(Protocol):
+    """Low-rank fusion (DESIGN.md section 2): ``y = Σ_r w_r Π_m (z_m F_m[r]) + b``.
+
+    Beyond the guarantees above: ``factors[m]`` is ``(R, d_m + 1, O)`` with one R >= 1 and one
+    O >= 1 for every m, ``rank_weight`` is ``(R,)``, ``bias`` None or ``(O,)``; all any strides.
+    Missing modalities (mask False) contribute ``z_m = [1, 0…0]``, so ``z_m F_m[r] = F_m[r, 0]``;
+    their ``dx`` rows are 0 and they add only to ``dF_m[:, 0, :]``.
+    """
+
+    def forward(
+        self,
+        xs: list[Tensor],
+        factors: list[Tensor],
+        rank_weight: Tensor,
+        bias: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """``y`` of shape (N, O), contiguous, never holding the (N, R, O) projections of
+        all rows at once."""
+
+    def backward(
+        self,
+        grad: Tensor,
+        xs: list[Tensor],
+        factors: list[Tensor],
+        rank_weight: Tensor,
+        mask: Tensor | None,
+        need_dx: bool,
+        need_dfactors: bool,
+        need_dw: bool,
+        need_db: bool,
+    ) -> tuple[list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
+        """``(dxs (N, d_m), dfactors (R, d_m + 1, O), d rank_weight (R,), db (O,))`` given
+        ``grad = dL/dy`` (N, O); lists not needed are empty, tensors not needed None."""
+
+
+class ProductFusionKernels(Protocol):
+    """Product fusion (DESIGN.md section 3): ``p = x_1 ⊙ … ⊙ x_M``, every ``x_m`` ``(N, d)``
+    with one width d (any strides, stride 0 included); no mask."""
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        """``p`` of shape (N, d), contiguous."""
+
+    def backward(self, grad: Tensor, xs: list[Tensor]) -> list[Tensor]:
+        """``dx_m = grad ⊙ Π_{k≠m} x_k`` (N, d) for every m, computed without division
+        (zeros in the inputs are fine)."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fusionops import reference
-from fusionops._backend import choose, common_reasons
+from fusionops._backend import choose
 from fusionops._checks import (
     check_like,
     check_mask,
@@ -27,6 +27,7 @@ from fusionops._checks import (
     check_shape,
     feature_count,
 )
+from fusionops.ops._dispatch import empty_grad, kernel_reasons
 from fusionops.ops._kernels import TensorFusionKernels
 
 OP = "tensor_fusion"
@@ -83,10 +84,7 @@ def _kernels(backend: str) -> TensorFusionKernels:
 
 
 def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    reasons = common_reasons(backend, device, dtype)
-    if backend == "cuda" and device.type == "cuda":
-        reasons.append("CUDA C++ kernels for tensor_fusion are not implemented yet")
-    return reasons
+    return kernel_reasons(OP, backend, device, dtype)
 
 
 def _order(device: torch.device, z_elements: int) -> tuple[str, ...] | None:
@@ -94,11 +92,6 @@ def _order(device: torch.device, z_elements: int) -> tuple[str, ...] | None:
     if device.type == "cpu" and z_elements < CPU_FUSED_MIN_ELEMENTS:
         return ("reference", "cpu")
     return None
-
-
-def _empty(like: Tensor) -> Tensor:
-    """Stand-in for a gradient that was not asked for (custom ops cannot return None)."""
-    return like.new_empty(0)
 
 
 # --- features: Z = flatten(z_1 ⊗ … ⊗ z_M) ------------------------------------------------
@@ -173,8 +166,8 @@ def _projected_backward(
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     dxs, dw, db = _kernels(backend).projected_backward(grad, xs, weight, mask, need_dx, need_dw, need_db)
     dxs = [d.contiguous() for d in dxs] if need_dx else []
-    dw = dw.contiguous() if need_dw else _empty(weight)
-    db = db.contiguous() if need_db else _empty(weight)
+    dw = dw.contiguous() if need_dw else empty_grad(weight)
+    db = db.contiguous() if need_db else empty_grad(weight)
     return dxs, dw, db
 
 
@@ -190,8 +183,8 @@ def _projected_backward_fake(
     backend: str,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     dxs = [x.new_empty(x.shape) for x in xs] if need_dx else []
-    dw = weight.new_empty(weight.shape) if need_dw else _empty(weight)
-    db = weight.new_empty(weight.shape[0]) if need_db else _empty(weight)
+    dw = weight.new_empty(weight.shape) if need_dw else empty_grad(weight)
+    db = weight.new_empty(weight.shape[0]) if need_db else empty_grad(weight)
     return dxs, dw, db
 
 

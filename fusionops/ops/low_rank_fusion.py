@@ -1,0 +1,274 @@
+"""Low-rank fusion op (DESIGN.md section 2): checks, backend choice, autograd, fake kernels.
+
+``fusionops::low_rank_fusion(xs, factors, rank_weight, bias, mask, backend) -> y`` and its
+backward op carry the fused implementations; the ``reference`` backend is served by
+``fusionops.reference`` directly, with PyTorch's own autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fusionops import reference
+from fusionops._backend import choose
+from fusionops._checks import check_like, check_mask, check_modalities, check_shape
+from fusionops.ops._dispatch import empty_grad, kernel_reasons
+from fusionops.ops._kernels import LowRankFusionKernels
+
+OP = "low_rank_fusion"
+
+# Automatic choice on CPU: below this many elements of the projections (N * R * O * M) the
+# reference was measured faster (the fused call's fixed cost, mostly torch.library's Python
+# autograd wrapper, dominates). `python -m benchmarks.crossover --op low_rank_fusion`.
+CPU_FUSED_MIN_ELEMENTS = 1 << 16
+
+
+class _CppKernels:
+    """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
+
+    def forward(
+        self,
+        xs: list[Tensor],
+        factors: list[Tensor],
+        rank_weight: Tensor,
+        bias: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        return torch.ops.fusionops._lmf_fwd_cpu(xs, factors, rank_weight, bias, mask)
+
+    def backward(
+        self,
+        grad: Tensor,
+        xs: list[Tensor],
+        factors: list[Tensor],
+        rank_weight: Tensor,
+        mask: Tensor | None,
+        need_dx: bool,
+        need_dfactors: bool,
+        need_dw: bool,
+        need_db: bool,
+    ) -> tuple[list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
+        dxs, dfs, dw, db = torch.ops.fusionops._lmf_bwd_cpu(
+            grad, xs, factors, rank_weight, mask, need_dx, need_dfactors, need_dw, need_db
+        )
+        return list(dxs), list(dfs), dw, db
+
+
+def _kernels(backend: str) -> LowRankFusionKernels:
+    if backend == "cpu":
+        return _CppKernels()
+    if backend == "triton":
+        from fusionops.triton import low_rank_fusion as triton_lmf
+
+        return triton_lmf
+    raise ValueError(
+        f"{OP}: backend {backend!r} has no fused kernels for this op "
+        "(the reference is served by fusionops.reference; expected 'cpu' or 'triton')"
+    )
+
+
+def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    return kernel_reasons(OP, backend, device, dtype)
+
+
+def _order(device: torch.device, projection_elements: int) -> tuple[str, ...] | None:
+    """Shape-aware automatic order (None: the device's default order)."""
+    if device.type == "cpu" and projection_elements < CPU_FUSED_MIN_ELEMENTS:
+        return ("reference", "cpu")
+    return None
+
+
+@torch.library.custom_op("fusionops::low_rank_fusion", mutates_args=())
+def _fused(
+    xs: list[Tensor],
+    factors: list[Tensor],
+    rank_weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    backend: str,
+) -> Tensor:
+    return _kernels(backend).forward(xs, factors, rank_weight, bias, mask).contiguous()
+
+
+@_fused.register_fake
+def _fused_fake(
+    xs: list[Tensor],
+    factors: list[Tensor],
+    rank_weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    backend: str,
+) -> Tensor:
+    return xs[0].new_empty(xs[0].shape[0], factors[0].shape[2])
+
+
+@torch.library.custom_op("fusionops::low_rank_fusion_backward", mutates_args=())
+def _fused_backward(
+    grad: Tensor,
+    xs: list[Tensor],
+    factors: list[Tensor],
+    rank_weight: Tensor,
+    mask: Tensor | None,
+    need_dx: bool,
+    need_dfactors: bool,
+    need_dw: bool,
+    need_db: bool,
+    backend: str,
+) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    dxs, dfs, dw, db = _kernels(backend).backward(
+        grad, xs, factors, rank_weight, mask, need_dx, need_dfactors, need_dw, need_db
+    )
+    return (
+        [d.contiguous() for d in dxs] if need_dx else [],
+        [d.contiguous() for d in dfs] if need_dfactors else [],
+        dw.contiguous() if need_dw else empty_grad(rank_weight),
+        db.contiguous() if need_db else empty_grad(rank_weight),
+    )
+
+
+@_fused_backward.register_fake
+def _fused_backward_fake(
+    grad: Tensor,
+    xs: list[Tensor],
+    factors: list[Tensor],
+    rank_weight: Tensor,
+    mask: Tensor | None,
+    need_dx: bool,
+    need_dfactors: bool,
+    need_dw: bool,
+    need_db: bool,
+    backend: str,
+) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    return (
+        [x.new_empty(x.shape) for x in xs] if need_dx else [],
+        [f.new_empty(f.shape) for f in factors] if need_dfactors else [],
+        rank_weight.new_empty(rank_weight.shape) if need_dw else empty_grad(rank_weight),
+        rank_weight.new_empty(factors[0].shape[2]) if need_db else empty_grad(rank_weight),
+    )
+
+
+def _setup(ctx, inputs, output) -> None:
+    xs, factors, rank_weight, bias, mask, backend = inputs
+    ctx.n_xs = len(xs)
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+    # The inputs only: the kernels recompute the projections in backward.
+    ctx.save_for_backward(*xs, *factors, rank_weight, mask)
+
+
+def _grad(ctx, grad: Tensor):
+    saved = ctx.saved_tensors
+    m = ctx.n_xs
+    xs, factors = list(saved[:m]), list(saved[m : 2 * m])
+    rank_weight, mask = saved[2 * m], saved[2 * m + 1]
+    need_dx = any(ctx.needs_input_grad[0])  # lists: one flag per tensor
+    need_df = any(ctx.needs_input_grad[1])
+    need_dw = bool(ctx.needs_input_grad[2])
+    need_db = ctx.has_bias and bool(ctx.needs_input_grad[3])
+    dxs, dfs, dw, db = torch.ops.fusionops.low_rank_fusion_backward(
+        grad, xs, factors, rank_weight, mask, need_dx, need_df, need_dw, need_db, ctx.backend
+    )
+    return (
+        list(dxs) if need_dx else [None] * m,
+        list(dfs) if need_df else [None] * m,
+        dw if need_dw else None,
+        db if need_db else None,
+        None,
+        None,
+    )
+
+
+_fused.register_autograd(_grad, setup_context=_setup)
+
+
+def check_factors(op: str, factors: Sequence[Tensor], dims: Sequence[int], like: Tensor) -> tuple[int, int]:
+    """``factors[m]`` must be ``(R, d_m + 1, O)`` with one R and one O; returns ``(R, O)``."""
+    if isinstance(factors, Tensor) or not isinstance(factors, (list, tuple)):
+        raise TypeError(
+            f"{op}: factors must be a list or tuple of tensors (one (R, d_m + 1, O) per modality), "
+            f"got {type(factors).__name__}"
+        )
+    if len(factors) != len(dims):
+        raise ValueError(
+            f"{op}: factors has {len(factors)} tensors but xs has {len(dims)} modalities; "
+            "expected one factor (R, d_m + 1, O) per modality"
+        )
+    rank = out = None
+    for m, (factor, d) in enumerate(zip(factors, dims, strict=True)):
+        name = f"factors[{m}]"
+        check_like(op, name, factor, like)
+        if factor.dim() != 3 or factor.shape[1] != d + 1:
+            raise ValueError(
+                f"{op}: {name} must have shape (R, d_{m} + 1, O) = (R, {d + 1}, O) for xs[{m}] of "
+                f"width {d}, got {tuple(factor.shape)}"
+            )
+        if rank is None:
+            rank, out = int(factor.shape[0]), int(factor.shape[2])
+            if rank < 1 or out < 1:
+                raise ValueError(
+                    f"{op}: factors[0] must have rank R >= 1 and output O >= 1, got {tuple(factor.shape)}"
+                )
+        elif factor.shape[0] != rank or factor.shape[2] != out:
+            raise ValueError(
+                f"{op}: {name} has shape {tuple(factor.shape)}, so rank {factor.shape[0]} and output "
+                f"{factor.shape[2]}, but factors[0] has rank {rank} and output {out}; every factor "
+                "must share R and O"
+            )
+    assert rank is not None and out is not None
+    return rank, out
+
+
+def low_rank_fusion(
+    xs: Sequence[Tensor],
+    factors: Sequence[Tensor],
+    rank_weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Low-rank multimodal fusion of M modalities (Liu et al. 2018; DESIGN.md section 2).
+
+    ``y = Σ_r w_r · Π_m (z_m F_m[r]) + b`` with ``z_m = [1, x_m]`` and ``Π`` elementwise: the
+    tensor-fusion projection whose weight is the rank-R CP tensor ``Σ_r w_r ⊗_m F_m[r]``.
+
+    Args:
+        xs: M >= 1 tensors ``x_m`` of shape ``(*, d_m)`` sharing the leading shape, dtype and
+            device.
+        factors: M tensors ``F_m`` of shape ``(R, d_m + 1, O)`` (the original LMF layout; row
+            0 of the middle dim multiplies the prepended 1).
+        rank_weight: ``(R,)``, the weights ``w_r`` of the rank-1 terms.
+        bias: optional ``(O,)``.
+        mask: optional bool ``(*, M)``; False marks a missing modality, which contributes
+            ``[1, 0…0]`` (its values are ignored, NaN included) and gets zero gradient.
+
+    Returns:
+        ``(*, O)``. The fused kernels never hold every row's projections ``(*, R, O)``: they
+        work on blocks of rows and recompute in backward.
+    """
+    lead, dims = check_modalities(OP, xs)
+    first = xs[0]
+    rank, out = check_factors(OP, factors, dims, first)
+    check_like(OP, "rank_weight", rank_weight, first)
+    check_shape(OP, "rank_weight", rank_weight, (rank,), " (R, the rank of the factors)")
+    if bias is not None:
+        check_like(OP, "bias", bias, first)
+        check_shape(OP, "bias", bias, (out,), " (O, the last dim of the factors)")
+    check_mask(OP, mask, lead, len(xs), first.device)
+
+    n = math.prod(lead)
+    backend = choose(
+        OP,
+        first.device,
+        lambda b: _reasons(b, first.device, first.dtype),
+        _order(first.device, n * rank * out * len(xs)),
+    )
+    if backend == "reference":
+        return reference.low_rank_fusion(xs, factors, rank_weight, bias, mask)
+    xs2 = [x.reshape(n, x.shape[-1]) for x in xs]
+    mask2 = None if mask is None else mask.reshape(n, len(xs))
+    y = torch.ops.fusionops.low_rank_fusion(xs2, list(factors), rank_weight, bias, mask2, backend)
+    return y.reshape(*lead, out)

@@ -1,0 +1,118 @@
+"""Product fusion op (DESIGN.md section 3): checks, backend choice, autograd, fake kernels.
+
+``fusionops::product_fusion(xs, backend) -> p`` and its backward op carry the fused
+implementations (one kernel per direction for any M); the ``reference`` backend is served by
+``fusionops.reference`` directly, with PyTorch's own autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fusionops import reference
+from fusionops._backend import choose
+from fusionops._checks import check_modalities
+from fusionops.ops._dispatch import kernel_reasons
+from fusionops.ops._kernels import ProductFusionKernels
+
+OP = "product_fusion"
+
+# Automatic choice on CPU: below this many output elements (N * d) the reference was measured
+# faster (fixed per-call cost of the custom op). `python -m benchmarks.crossover --op product_fusion`.
+CPU_FUSED_MIN_ELEMENTS = 1 << 16
+
+
+class _CppKernels:
+    """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        return torch.ops.fusionops._product_fwd_cpu(xs)
+
+    def backward(self, grad: Tensor, xs: list[Tensor]) -> list[Tensor]:
+        return list(torch.ops.fusionops._product_bwd_cpu(grad, xs))
+
+
+def _kernels(backend: str) -> ProductFusionKernels:
+    if backend == "cpu":
+        return _CppKernels()
+    if backend == "triton":
+        from fusionops.triton import product_fusion as triton_product
+
+        return triton_product
+    raise ValueError(
+        f"{OP}: backend {backend!r} has no fused kernels for this op "
+        "(the reference is served by fusionops.reference; expected 'cpu' or 'triton')"
+    )
+
+
+def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    return kernel_reasons(OP, backend, device, dtype)
+
+
+def _order(device: torch.device, elements: int) -> tuple[str, ...] | None:
+    if device.type == "cpu" and elements < CPU_FUSED_MIN_ELEMENTS:
+        return ("reference", "cpu")
+    return None
+
+
+@torch.library.custom_op("fusionops::product_fusion", mutates_args=())
+def _fused(xs: list[Tensor], backend: str) -> Tensor:
+    return _kernels(backend).forward(xs).contiguous()
+
+
+@_fused.register_fake
+def _fused_fake(xs: list[Tensor], backend: str) -> Tensor:
+    return xs[0].new_empty(xs[0].shape)
+
+
+@torch.library.custom_op("fusionops::product_fusion_backward", mutates_args=())
+def _fused_backward(grad: Tensor, xs: list[Tensor], backend: str) -> list[Tensor]:
+    return [d.contiguous() for d in _kernels(backend).backward(grad, xs)]
+
+
+@_fused_backward.register_fake
+def _fused_backward_fake(grad: Tensor, xs: list[Tensor], backend: str) -> list[Tensor]:
+    return [x.new_empty(x.shape) for x in xs]
+
+
+def _setup(ctx, inputs, output) -> None:
+    xs, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(*xs)
+
+
+def _grad(ctx, grad: Tensor):
+    dxs = torch.ops.fusionops.product_fusion_backward(grad, list(ctx.saved_tensors), ctx.backend)
+    return list(dxs), None
+
+
+_fused.register_autograd(_grad, setup_context=_setup)
+
+
+def product_fusion(xs: Sequence[Tensor]) -> Tensor:
+    """Elementwise product of M modalities of one width (DESIGN.md section 3).
+
+    ``p = x_1 ⊙ x_2 ⊙ … ⊙ x_M``; every ``x_m`` has the same shape ``(*, d)`` (nothing is
+    broadcast), dtype and device. Gradients are computed without division, so zeros in the
+    inputs are fine.
+    """
+    lead, dims = check_modalities(OP, xs)
+    for m, d in enumerate(dims[1:], start=1):
+        if d != dims[0]:
+            raise ValueError(
+                f"{OP}: xs[{m}] has width {d} but xs[0] has {dims[0]}; product fusion multiplies "
+                "modalities of one width elementwise (project them to a common width first)"
+            )
+    first = xs[0]
+    n = math.prod(lead)
+    backend = choose(
+        OP, first.device, lambda b: _reasons(b, first.device, first.dtype), _order(first.device, n * dims[0])
+    )
+    if backend == "reference":
+        return reference.product_fusion(xs)
+    xs2 = [x.reshape(n, dims[0]) for x in xs]
+    return torch.ops.fusionops.product_fusion(xs2, backend).reshape(first.shape)
