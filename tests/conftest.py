@@ -92,3 +92,23 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.d
     tol = TOL[dtype]
     scale = e.abs().max().item() if e.numel() else 0.0
     torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale + 1e-300, msg=lambda m: f"{what}: {m}")
+
+
+def assert_compiled_matches_reference(model: torch.nn.Module, xs: list[torch.Tensor], backend: str) -> None:
+    """``torch.compile(model, fullgraph=True)`` run with ``backend`` forced gives the eager
+    reference's output and parameter gradients (float32 tolerance)."""
+    import fusionops
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with fusionops.backend(backend):
+        out = compiled(xs)
+        out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with fusionops.backend("reference"):
+        expected = model(xs)
+        expected.sum().backward()
+    assert_close_to(out, expected.to(torch.float64), torch.float32, "compiled forward")
+    for g, p in zip(grads, model.parameters(), strict=True):
+        assert_close_to(g, p.grad.to(torch.float64), torch.float32, "compiled grad")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_to, skip_unless_usable
+from conftest import assert_close_to, assert_compiled_matches_reference, skip_unless_usable
 from inputs import make_mask, make_xs
 from torch import nn
 
@@ -197,19 +197,7 @@ def test_compile_fullgraph(backend):
     torch.manual_seed(0)
     model = SmallModel(dims)
     xs = [x.detach() for x in make_xs((6,), dims, torch.float32, "cpu")]
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with fusionops.backend(backend):
-        out = compiled(xs)
-        out.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    with fusionops.backend("reference"):
-        expected = model(xs)
-        expected.sum().backward()
-    assert_close_to(out, expected.to(torch.float64), torch.float32, "compiled forward")
-    for g, p in zip(grads, model.parameters(), strict=True):
-        assert_close_to(g, p.grad.to(torch.float64), torch.float32, "compiled grad")
+    assert_compiled_matches_reference(model, xs, backend)
 
 
 def test_reference_is_the_definition():

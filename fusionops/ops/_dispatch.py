@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -23,3 +25,24 @@ def kernel_reasons(op: str, backend: str, device: torch.device, dtype: torch.dty
 def empty_grad(like: Tensor) -> Tensor:
     """Stand-in for a gradient that was not asked for (custom ops cannot return None)."""
     return like.new_empty(0)
+
+
+def fused_kernels(op: str, backend: str, cpu: object, triton_module: str) -> object:
+    """The kernels serving ``backend``: ``cpu`` (the C++ wrappers) or the Triton module
+    ``fusionops.triton.<triton_module>`` (imported on first use: triton is optional)."""
+    if backend == "cpu":
+        return cpu
+    if backend == "triton":
+        return importlib.import_module(f"fusionops.triton.{triton_module}")
+    raise ValueError(
+        f"{op}: backend {backend!r} has no fused kernels for this op "
+        "(the reference is served by fusionops.reference; expected 'cpu' or 'triton')"
+    )
+
+
+def size_order(device: torch.device, elements: int, cpu_min_elements: int) -> tuple[str, ...] | None:
+    """Shape-aware automatic order: on CPU, problems below ``cpu_min_elements`` go to the
+    reference first (measured faster there); None keeps the device's default order."""
+    if device.type == "cpu" and elements < cpu_min_elements:
+        return ("reference", "cpu")
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from torch import Tensor
 from fusionops import reference
 from fusionops._backend import choose
 from fusionops._checks import check_like, check_mask, check_modalities, check_shape
-from fusionops.ops._dispatch import empty_grad, kernel_reasons
+from fusionops.ops._dispatch import empty_grad, fused_kernels, kernel_reasons, size_order
 from fusionops.ops._kernels import LowRankFusionKernels
 
 OP = "low_rank_fusion"
@@ -59,16 +60,7 @@ class _CppKernels:
 
 
 def _kernels(backend: str) -> LowRankFusionKernels:
-    if backend == "cpu":
-        return _CppKernels()
-    if backend == "triton":
-        from fusionops.triton import low_rank_fusion as triton_lmf
-
-        return triton_lmf
-    raise ValueError(
-        f"{OP}: backend {backend!r} has no fused kernels for this op "
-        "(the reference is served by fusionops.reference; expected 'cpu' or 'triton')"
-    )
+    return cast(LowRankFusionKernels, fused_kernels(OP, backend, _CppKernels(), "low_rank_fusion"))
 
 
 def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -76,10 +68,7 @@ def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str
 
 
 def _order(device: torch.device, projection_elements: int) -> tuple[str, ...] | None:
-    """Shape-aware automatic order (None: the device's default order)."""
-    if device.type == "cpu" and projection_elements < CPU_FUSED_MIN_ELEMENTS:
-        return ("reference", "cpu")
-    return None
+    return size_order(device, projection_elements, CPU_FUSED_MIN_ELEMENTS)
 
 
 @torch.library.custom_op("fusionops::low_rank_fusion", mutates_args=())

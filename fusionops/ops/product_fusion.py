@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from torch import Tensor
 from fusionops import reference
 from fusionops._backend import choose
 from fusionops._checks import check_modalities
-from fusionops.ops._dispatch import kernel_reasons
+from fusionops.ops._dispatch import fused_kernels, kernel_reasons, size_order
 from fusionops.ops._kernels import ProductFusionKernels
 
 OP = "product_fusion"
@@ -37,16 +38,7 @@ class _CppKernels:
 
 
 def _kernels(backend: str) -> ProductFusionKernels:
-    if backend == "cpu":
-        return _CppKernels()
-    if backend == "triton":
-        from fusionops.triton import product_fusion as triton_product
-
-        return triton_product
-    raise ValueError(
-        f"{OP}: backend {backend!r} has no fused kernels for this op "
-        "(the reference is served by fusionops.reference; expected 'cpu' or 'triton')"
-    )
+    return cast(ProductFusionKernels, fused_kernels(OP, backend, _CppKernels(), "product_fusion"))
 
 
 def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -54,9 +46,7 @@ def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str
 
 
 def _order(device: torch.device, elements: int) -> tuple[str, ...] | None:
-    if device.type == "cpu" and elements < CPU_FUSED_MIN_ELEMENTS:
-        return ("reference", "cpu")
-    return None
+    return size_order(device, elements, CPU_FUSED_MIN_ELEMENTS)
 
 
 @torch.library.custom_op("fusionops::product_fusion", mutates_args=())

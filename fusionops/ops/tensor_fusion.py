@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ from fusionops._checks import (
     check_shape,
     feature_count,
 )
-from fusionops.ops._dispatch import empty_grad, kernel_reasons
+from fusionops.ops._dispatch import empty_grad, fused_kernels, kernel_reasons, size_order
 from fusionops.ops._kernels import TensorFusionKernels
 
 OP = "tensor_fusion"
@@ -71,16 +72,7 @@ class _CppKernels:
 
 
 def _kernels(backend: str) -> TensorFusionKernels:
-    if backend == "cpu":
-        return _CppKernels()
-    if backend == "triton":
-        from fusionops.triton import tensor_fusion as triton_tf
-
-        return triton_tf
-    raise ValueError(
-        f"{OP}: backend {backend!r} has no fused kernels for this op "
-        "(the reference is served by fusionops.reference; expected 'cpu' or 'triton')"
-    )
+    return cast(TensorFusionKernels, fused_kernels(OP, backend, _CppKernels(), "tensor_fusion"))
 
 
 def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -88,10 +80,7 @@ def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str
 
 
 def _order(device: torch.device, z_elements: int) -> tuple[str, ...] | None:
-    """Shape-aware automatic order (None: the device's default order)."""
-    if device.type == "cpu" and z_elements < CPU_FUSED_MIN_ELEMENTS:
-        return ("reference", "cpu")
-    return None
+    return size_order(device, z_elements, CPU_FUSED_MIN_ELEMENTS)
 
 
 # --- features: Z = flatten(z_1 ⊗ … ⊗ z_M) ------------------------------------------------
