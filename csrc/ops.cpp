@@ -1,6 +1,7 @@
 // The schemas of every op implemented in C++ (DESIGN.md, Architecture): declared once here,
 // implemented per device in csrc/cpu/*.cpp (and csrc/cuda/*). The public ops of the package
-// (torch.ops.fusionops.tensor_fusion_*) are defined in Python and call these kernels.
+// (torch.ops.fusionops.tensor_fusion_*, low_rank_fusion, product_fusion) are defined in Python
+// and call these kernels.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -30,4 +31,15 @@ TORCH_LIBRARY(fusionops, m) {
   m.def(
       "_tf_projected_bwd_cpu(Tensor grad, Tensor[] xs, Tensor weight, Tensor? mask, bool need_dx, "
       "bool need_dw, bool need_db) -> (Tensor[], Tensor?, Tensor?)");
+  // Low-rank fusion (DESIGN.md section 2); contract in fusionops/ops/_kernels.py.
+  m.def(
+      "_lmf_fwd_cpu(Tensor[] xs, Tensor[] factors, Tensor rank_weight, Tensor? bias, Tensor? mask) "
+      "-> Tensor");
+  m.def(
+      "_lmf_bwd_cpu(Tensor grad, Tensor[] xs, Tensor[] factors, Tensor rank_weight, Tensor? mask, "
+      "bool need_dx, bool need_dfactors, bool need_dw, bool need_db) "
+      "-> (Tensor[], Tensor[], Tensor?, Tensor?)");
+  // Product fusion (DESIGN.md section 3); contract in fusionops/ops/_kernels.py.
+  m.def("_product_fwd_cpu(Tensor[] xs) -> Tensor");
+  m.def("_product_bwd_cpu(Tensor grad, Tensor[] xs) -> Tensor[]");
 }

@@ -15,10 +15,11 @@
 
 #include <algorithm>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "common.h"
 
 namespace fusionops::cpu {
 namespace {
@@ -39,131 +40,8 @@ constexpr int64_t kMinDirectCols = 256;
 // When the tail is all of Z (K <= kTailCols), a block is sized by kWholeElems elements of Z
 // instead (1 MB in float32, whatever N is): few, large GEMMs when K is small.
 constexpr int64_t kWholeElems = int64_t{1} << 18;
-// Elements of work below which a parallel_for chunk is not worth a thread.
-constexpr int64_t kGrainElems = int64_t{1} << 15;
-
-int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, cols)); }
-
-// ---- argument checks (the Python op layer guarantees all of these) --------------------
-
-void check_modalities(at::TensorList xs, const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(!xs.empty(), "fusionops::_tf_*_cpu: xs is empty; expected M >= 1 modalities");
-  const at::Tensor& x0 = xs[0];
-  TORCH_CHECK(x0.dim() == 2, "fusionops::_tf_*_cpu: xs[0] must be (N, d), got shape ", x0.sizes());
-  const auto dtype = x0.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      "fusionops::_tf_*_cpu: expected float16, bfloat16, float32 or float64 inputs, got ", dtype);
-  for (size_t m = 0; m < xs.size(); ++m) {
-    const at::Tensor& x = xs[m];
-    TORCH_CHECK(x.device().is_cpu(), "fusionops::_tf_*_cpu: xs[", m, "] is on ", x.device(), ", expected cpu");
-    TORCH_CHECK(x.scalar_type() == dtype, "fusionops::_tf_*_cpu: xs[", m, "] has dtype ", x.scalar_type(),
-                " but xs[0] has ", dtype);
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == x0.size(0) && x.size(1) >= 1, "fusionops::_tf_*_cpu: xs[", m,
-                "] must be (N, d) with N = ", x0.size(0), " and d >= 1, got shape ", x.sizes());
-  }
-  if (mask) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->device().is_cpu() && mask->dim() == 2 &&
-                    mask->size(0) == x0.size(0) && mask->size(1) == static_cast<int64_t>(xs.size()),
-                "fusionops::_tf_*_cpu: mask must be a bool cpu tensor of shape (N, M) = (", x0.size(0), ", ",
-                xs.size(), "), got ", mask->scalar_type(), " of shape ", mask->sizes());
-  }
-}
-
-void check_2d(const char* name, const at::Tensor& t, int64_t rows, int64_t cols, at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2 &&
-                  (rows < 0 || t.size(0) == rows) && t.size(1) == cols,
-              "fusionops::_tf_*_cpu: ", name, " must be a ", dtype, " cpu tensor of shape (",
-              rows < 0 ? "*" : std::to_string(rows), ", ", cols, "), got ", t.scalar_type(), " on ", t.device(),
-              " of shape ", t.sizes());
-}
-
-// ---- z_m = [1, where(mask, x_m, 0)] ------------------------------------------------------
-
-// Every z_m as a contiguous (N, D_m) tensor of the compute dtype: inputs of any strides and
-// dtype meet the kernels in one layout, at the cost of a copy as small as the inputs.
-struct Features {
-  std::vector<at::Tensor> z;
-  std::vector<int64_t> D;
-  int64_t N = 0;
-  int64_t K = 1;
-};
-
-Features make_features(at::TensorList xs, const std::optional<at::Tensor>& mask, at::ScalarType acc) {
-  Features f;
-  f.N = xs[0].size(0);
-  for (size_t m = 0; m < xs.size(); ++m) {
-    at::Tensor x = xs[m].to(acc);  // no copy when already in the compute dtype
-    if (mask) {
-      // select, never multiply: a masked NaN must not reach the product
-      x = at::where(mask->select(1, static_cast<int64_t>(m)).unsqueeze(1), x, at::Scalar(0));
-    }
-    // z_m = [1, x_m] in one pass over x_m, whatever its strides.
-    const int64_t d = x.size(1), D = d + 1, s0 = x.stride(0), s1 = x.stride(1);
-    at::Tensor z = at::empty({f.N, D}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(acc, "_tf_make_features_cpu", [&] {
-      const scalar_t* src = x.const_data_ptr<scalar_t>();
-      scalar_t* dst = z.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, f.N, grain_rows(D), [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          scalar_t* row = dst + n * D;
-          const scalar_t* xr = src + n * s0;
-          row[0] = scalar_t(1);
-          if (s1 == 1) {
-            std::copy(xr, xr + d, row + 1);
-          } else {
-            for (int64_t j = 0; j < d; ++j) row[1 + j] = xr[j * s1];
-          }
-        }
-      });
-    });
-    f.z.push_back(std::move(z));
-    f.D.push_back(D);
-    f.K *= D;
-  }
-  return f;
-}
-
-template <typename T>
-std::vector<const T*> base_pointers(const std::vector<at::Tensor>& ts) {
-  std::vector<const T*> out;
-  for (const auto& t : ts) out.push_back(t.const_data_ptr<T>());
-  return out;
-}
-
-template <typename T>
-std::vector<T*> mutable_pointers(std::vector<at::Tensor>& ts) {
-  std::vector<T*> out;
-  for (auto& t : ts) out.push_back(t.mutable_data_ptr<T>());
-  return out;
-}
-
-// rows[m] = pointer to row n of the (N, width(m)) contiguous buffer starting at base[m].
-template <typename P, typename Width>
-void rows_at(const std::vector<P>& base, int64_t n, Width width, std::vector<P>& rows) {
-  for (size_t m = 0; m < base.size(); ++m) rows[m] = base[m] + n * width(m);
-}
-
-// dx_m in the input dtype, zero on masked rows whatever the kernel computed there.
-std::vector<at::Tensor> finish_dx(std::vector<at::Tensor> dx, const std::optional<at::Tensor>& mask,
-                                  at::ScalarType dtype) {
-  for (size_t m = 0; m < dx.size(); ++m) {
-    if (mask) dx[m] = at::where(mask->select(1, static_cast<int64_t>(m)).unsqueeze(1), dx[m], at::Scalar(0));
-    dx[m] = dx[m].to(dtype).contiguous();
-  }
-  return dx;
-}
 
 // ---- one row of an outer product, forward and backward ---------------------------------
-
-// The inner loops below run over every element of Z (tiles, reductions). The extension is
-// built for the baseline ISA, so on x86-64 they are also compiled for AVX2 and AVX-512 and
-// picked at load time: 4x to 8x wider than the SSE2 baseline.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FUSIONOPS_SIMD_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define FUSIONOPS_SIMD_CLONES
-#endif
 
 // dst = s * src; dst may be src.
 template <typename T>
@@ -579,16 +457,11 @@ at::Tensor blas_weight(const at::Tensor& weight, at::ScalarType acc) {
   return row_major || col_major ? w : w.contiguous();
 }
 
-std::vector<at::Tensor> empty_dx(const Features& f, at::ScalarType acc) {
-  std::vector<at::Tensor> dx;
-  for (int64_t D : f.D) dx.push_back(at::empty({f.N, D - 1}, f.z[0].options().dtype(acc)));
-  return dx;
-}
-
 // ---- the ops ------------------------------------------------------------------------------
 
 at::Tensor tf_features_fwd(at::TensorList xs, const std::optional<at::Tensor>& mask) {
-  check_modalities(xs, mask);
+  constexpr const char* kOp = "_tf_features_fwd_cpu";
+  check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
   const Features f = make_features(xs, mask, at::toOpMathType(dtype));
   at::Tensor out = at::empty({f.N, f.K}, xs[0].options());
@@ -599,11 +472,12 @@ at::Tensor tf_features_fwd(at::TensorList xs, const std::optional<at::Tensor>& m
 
 std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList xs,
                                         const std::optional<at::Tensor>& mask) {
-  check_modalities(xs, mask);
+  constexpr const char* kOp = "_tf_features_bwd_cpu";
+  check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
   const auto acc = at::toOpMathType(dtype);
   const Features f = make_features(xs, mask, acc);
-  check_2d("grad", grad, f.N, f.K, dtype);
+  check_2d(kOp, "grad", grad, f.N, f.K, dtype);
   std::vector<at::Tensor> dx = empty_dx(f, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "_tf_features_bwd_cpu",
                                   [&] { features_backward_kernel<scalar_t>(grad, f, dx); });
@@ -612,11 +486,12 @@ std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList x
 
 at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& mask) {
-  check_modalities(xs, mask);
+  constexpr const char* kOp = "_tf_projected_fwd_cpu";
+  check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
   const auto acc = at::toOpMathType(dtype);
   const Features f = make_features(xs, mask, acc);
-  check_2d("weight", weight, -1, f.K, dtype);
+  check_2d(kOp, "weight", weight, -1, f.K, dtype);
   const at::Tensor w = blas_weight(weight, acc);
   at::Tensor y = at::zeros({f.N, w.size(0)}, w.options());
   if (f.N > 0) {
@@ -635,12 +510,13 @@ at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const s
 std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> tf_projected_bwd(
     const at::Tensor& grad, at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& mask,
     bool need_dx, bool need_dw, bool need_db) {
-  check_modalities(xs, mask);
+  constexpr const char* kOp = "_tf_projected_bwd_cpu";
+  check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
   const auto acc = at::toOpMathType(dtype);
   const Features f = make_features(xs, mask, acc);
-  check_2d("weight", weight, -1, f.K, dtype);
-  check_2d("grad", grad, f.N, weight.size(0), dtype);
+  check_2d(kOp, "weight", weight, -1, f.K, dtype);
+  check_2d(kOp, "grad", grad, f.N, weight.size(0), dtype);
   const at::Tensor w = blas_weight(weight, acc);
   const at::Tensor g = grad.to(acc).contiguous();  // (N, O): small, and stride 0 is common here
   std::vector<at::Tensor> dx = need_dx ? empty_dx(f, acc) : std::vector<at::Tensor>{};

@@ -1,0 +1,125 @@
+// Helpers shared by the CPU kernels (tensor, low-rank and product fusion): argument checks,
+// the z_m = [1, x_m] features the fusions start from, the finishing of dx, and vectorized
+// conversions between the input dtype and the compute dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace fusionops::cpu {
+
+// Elements of work below which a parallel_for chunk is not worth a thread.
+constexpr int64_t kGrainElems = int64_t{1} << 15;
+
+// Rows of `cols` elements that make one parallel_for grain.
+int64_t grain_rows(int64_t cols);
+
+// The inner loops of the kernels run over every element of their largest buffers. The
+// extension is built for the baseline ISA, so on x86-64 these loops are also compiled for
+// AVX2 and AVX-512 and picked at load time: 4x to 8x wider than the SSE2 baseline. The clones
+// name ISA levels, not CPUs: a clone for arch=<cpu> is picked by CPU model, so on a model the
+// compiler does not know (GCC 12 on a 5th-generation Xeon) the SSE2 default ran instead.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define FUSIONOPS_X86_DISPATCH 1
+#define FUSIONOPS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FUSIONOPS_SIMD_CLONES
+#endif
+
+// ---- argument checks (the Python op layer guarantees all of these) --------------------
+// `op` names the op in the messages, e.g. "_tf_features_fwd_cpu".
+
+// xs: M >= 1 cpu tensors (N, d_m), d_m >= 1, one floating dtype; mask: None or bool (N, M).
+void check_modalities(const char* op, at::TensorList xs, const std::optional<at::Tensor>& mask);
+
+// t: a cpu tensor of `dtype` and shape (rows, cols); rows < 0 accepts any number of rows.
+void check_2d(const char* op, const char* name, const at::Tensor& t, int64_t rows, int64_t cols,
+              at::ScalarType dtype);
+
+// ---- z_m = [1, where(mask, x_m, 0)] ------------------------------------------------------
+
+// Every z_m as a contiguous (N, D_m) tensor of the compute dtype: inputs of any strides and
+// dtype meet the kernels in one layout, at the cost of a copy as small as the inputs.
+struct Features {
+  std::vector<at::Tensor> z;
+  std::vector<int64_t> D;
+  int64_t N = 0;
+  int64_t K = 1;  // prod D_m
+};
+
+// acc: the compute dtype of xs, at::toOpMathType(dtype).
+Features make_features(at::TensorList xs, const std::optional<at::Tensor>& mask, at::ScalarType acc);
+
+// Rows [first, first + count) of z_m (modality m, input x = xs[m]) into out, a contiguous buffer
+// of the compute dtype with room for (count, D_m): the block-sized make_features, for kernels
+// that never hold z_m of all rows. Runs in parallel over the rows unless called from a
+// parallel region.
+void fill_features(const at::Tensor& x, const std::optional<at::Tensor>& mask, int64_t m, int64_t first,
+                   int64_t count, const at::Tensor& out);
+
+// Uninitialised dx_m (N, D_m - 1) of dtype acc, one per modality of f.
+std::vector<at::Tensor> empty_dx(const Features& f, at::ScalarType acc);
+
+// dx_m in the input dtype, contiguous, zero on masked rows whatever the kernel computed there.
+std::vector<at::Tensor> finish_dx(std::vector<at::Tensor> dx, const std::optional<at::Tensor>& mask,
+                                  at::ScalarType dtype);
+
+// ---- conversions to and from the compute dtype -------------------------------------------
+
+// bfloat16 / float16 <-> float32 with the rounding of c10 (to nearest even), vectorized: c10's
+// own conversions convert one element at a time. bfloat16 as bit operations the compiler
+// vectorizes, float16 with the F16C instructions where the CPU has them.
+void bfloat16_to_float(const c10::BFloat16* src, float* dst, int64_t n);
+void float_to_bfloat16(const float* src, c10::BFloat16* dst, int64_t n);
+void half_to_float(const c10::Half* src, float* dst, int64_t n);
+void float_to_half(const float* src, c10::Half* dst, int64_t n);
+
+// dst[0, n) = src[0 : n·stride : stride] in the compute dtype acc_t.
+template <typename scalar_t, typename acc_t>
+void load_n(const scalar_t* src, int64_t stride, acc_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (stride == 1) return bfloat16_to_float(src, dst, n);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    if (stride == 1) return half_to_float(src, dst, n);
+  }
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j * stride]);
+}
+
+// dst[0, n) = src[0, n) rounded to scalar_t (once, from the compute dtype).
+template <typename acc_t, typename scalar_t>
+void store_n(const acc_t* src, scalar_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    return float_to_bfloat16(src, dst, n);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    return float_to_half(src, dst, n);
+  }
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+}
+
+// ---- raw pointers -------------------------------------------------------------------------
+
+template <typename T>
+std::vector<const T*> base_pointers(const std::vector<at::Tensor>& ts) {
+  std::vector<const T*> out;
+  for (const auto& t : ts) out.push_back(t.const_data_ptr<T>());
+  return out;
+}
+
+template <typename T>
+std::vector<T*> mutable_pointers(std::vector<at::Tensor>& ts) {
+  std::vector<T*> out;
+  for (auto& t : ts) out.push_back(t.mutable_data_ptr<T>());
+  return out;
+}
+
+// rows[m] = pointer to row n of the (N, width(m)) contiguous buffer starting at base[m].
+template <typename P, typename Width>
+void rows_at(const std::vector<P>& base, int64_t n, Width width, std::vector<P>& rows) {
+  for (size_t m = 0; m < base.size(); ++m) rows[m] = base[m] + n * width(m);
+}
+
+}  // namespace fusionops::cpu
