@@ -1,82 +1,127 @@
-"""Where the fused C++ kernels start beating the reference on CPU (the evidence behind
-``fusionops.ops.tensor_fusion.CPU_FUSED_MIN_ELEMENTS``, the automatic choice's threshold).
+"""Where the fused C++ kernels start beating the reference on CPU, per op (the evidence behind
+each op's ``CPU_FUSED_MIN_ELEMENTS`` in ``fusionops/ops/<op>.py``, the automatic choice's threshold).
 
-    python -m benchmarks.crossover [--out DIR]
+    python -m benchmarks.crossover [--op NAME ...] [--out DIR]
 
-Times fused[cpu] against the reference (materialise Z, then one GEMM) in forward and
-fwd+bwd over a sweep of small shapes, prints speed-ups against N * K, and writes a CSV. The
-threshold should sit where fused[cpu] stops losing in both modes.
+Times ``fused[cpu]`` against the op's reference in forward and fwd+bwd over its sweep of
+small shapes (``crossover_cases`` in ``benchmarks/ops/<op>.py``), prints speed-ups against the
+size the op's rule compares (tensor fusion N·K, low-rank fusion N·R·O·M, product fusion N·d),
+and writes ``crossover_<op>_cpu_<date>.csv``. The threshold should sit where fused[cpu] stops
+losing in both modes; the summary line gives the smallest size from which it never loses.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 from pathlib import Path
 
-from benchmarks import cases, env, timing
-from benchmarks.cases import REFERENCE, Case
+from benchmarks import csvfile, env, ops, timing, ways
+from benchmarks.spec import OpSpec, Row
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SHAPES = [
-    ((4, 4, 4), 16),
-    ((8, 8, 8), 32),
-    ((16, 16), 32),
-    ((32, 32), 64),
-    ((16, 16, 16), 64),
-    ((64, 64), 64),
-    ((8, 8, 8, 8), 32),
-]
-NS = (16, 64, 256, 1024, 4096)
-MAX_Z_ELEMENTS = 1 << 24  # larger shapes are the report's business, not the crossover's
+MODES = ("forward", "fwd+bwd")
+
+
+def measure(spec: OpSpec, info: dict[str, str]) -> list[Row]:
+    fused, ref = ways.way_by_name(spec, "fused[cpu]"), ways.way_by_name(spec, spec.reference)
+    rows: list[Row] = []
+    print(f"{'case':<28}{spec.crossover_metric:>12}  fwd speed-up  fwd+bwd speed-up")
+    for case in spec.crossover_cases:
+        inp = spec.make_inputs(case, "cpu", True)
+        speedup = {}
+        for mode in MODES:
+            steps = {w.name: ways.make_step(w, inp, mode) for w in (fused, ref)}
+            t = timing.measure(steps, "cpu", target_s=0.2, min_repeats=15)
+            bad = [f"{name}: {r}" for name, r in t.items() if isinstance(r, Exception)]
+            if bad:
+                raise RuntimeError(f"{case.name} {mode}: {'; '.join(bad)}")
+            speedup[mode] = t[ref.name].median_ms / t[fused.name].median_ms  # type: ignore[union-attr]
+        rows.append(
+            {
+                **info,
+                "op": spec.name,
+                "case": case.name,
+                "sweep": case.sweep,
+                "n": case.n,
+                **case.columns(),
+                "metric": spec.crossover_metric,
+                "elements": case.crossover_elements,
+                "speedup_forward": round(speedup["forward"], 3),
+                "speedup_fwd_bwd": round(speedup["fwd+bwd"], 3),
+            }
+        )
+        print(
+            f"{case.name:<28}{case.crossover_elements:>12}  {speedup['forward']:>12.2f}"
+            f"  {speedup['fwd+bwd']:>16.2f}",
+            flush=True,
+        )
+    return rows
+
+
+def never_loses_from(rows: list[Row], keys: tuple[str, ...]) -> int | None:
+    """The smallest size from which fused[cpu] is at least as fast in every measured case and
+    every mode of ``keys`` (None: it loses even at the largest size measured)."""
+    sizes = sorted({int(r["elements"]) for r in rows}, reverse=True)  # type: ignore[call-overload]
+    threshold = None
+    for size in sizes:
+        if any(float(r[k]) < 1.0 for r in rows if r["elements"] == size for k in keys):  # type: ignore[arg-type]
+            break
+        threshold = size
+    return threshold
+
+
+def summary(spec: OpSpec, rows: list[Row]) -> list[str]:
+    """Per shape (sweep) and over all shapes: from which size fused[cpu] never loses."""
+    both = ("speedup_forward", "speedup_fwd_bwd")
+
+    def line(label: str, subset: list[Row]) -> str:
+        parts = []
+        for mode, keys in (("forward", both[:1]), ("fwd+bwd", both[1:]), ("both", both)):
+            t = never_loses_from(subset, keys)
+            parts.append(f"{mode} {'never' if t is None else f'>= {t}'}")
+        return f"  {label:<34} " + ", ".join(parts)
+
+    sweeps: dict[str, list[Row]] = {}
+    for r in rows:
+        sweeps.setdefault(str(r["sweep"]), []).append(r)
+    out = [f"{spec.name}: fused[cpu] never slower than {spec.reference} from {spec.crossover_metric} ="]
+    out += [line(sweep, subset) for sweep, subset in sweeps.items()]
+    out.append(line("all shapes (the rule's threshold)", rows))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.crossover", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--op",
+        action="append",
+        metavar="NAME",
+        help=f"ops, repeatable or a comma list (default: all of {', '.join(ops.OPS)})",
+    )
+    p.add_argument("--out", type=Path, default=csvfile.RESULTS)
     args = p.parse_args(argv)
-    fused, ref = cases.way_by_name("fused[cpu]"), cases.way_by_name(REFERENCE)
+    try:
+        specs = ops.parse(args.op)
+    except ValueError as exc:
+        p.error(f"--op: {exc}")
     info = env.describe("cpu")
-    rows = []
-    print(f"{'dims':<14}{'O':>4}{'N':>6}{'N*K':>11}  fwd speed-up  fwd+bwd speed-up")
-    for dims, out in SHAPES:
-        for n in NS:
-            case = Case(f"x{n}", n, dims, out)
-            if n * case.k > MAX_Z_ELEMENTS:
-                continue
-            inp = cases.make_inputs(case, "cpu", requires_grad=True)
-            speedup = {}
-            for mode in ("forward", "fwd+bwd"):
-                t = timing.measure(
-                    {w.name: cases.make_step(w, inp, mode) for w in (fused, ref)},
-                    "cpu",
-                    target_s=0.2,
-                    min_repeats=15,
-                )
-                speedup[mode] = t[ref.name].median_ms / t[fused.name].median_ms
-            rows.append(
-                {
-                    **info,
-                    "dims": "x".join(map(str, dims)),
-                    "out": out,
-                    "n": n,
-                    "z_elements": n * case.k,
-                    "speedup_forward": round(speedup["forward"], 3),
-                    "speedup_fwd_bwd": round(speedup["fwd+bwd"], 3),
-                }
-            )
-            print(
-                f"{str(dims):<14}{out:>4}{n:>6}{n * case.k:>11}  {speedup['forward']:>12.2f}"
-                f"  {speedup['fwd+bwd']:>16.2f}"
-            )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"crossover_cpu_{datetime.date.today().isoformat()}.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"CSV: {path}")
+    lines = []
+    for spec in specs:
+        print(
+            f"\n{spec.title} ({spec.name}): fused[cpu] vs {spec.reference}, fp32, {info['threads']} threads"
+        )
+        why = ways.fused_reasons(spec, "cpu", "cpu", "fp32")
+        if why:
+            print(f"  skipped: fused[cpu] cannot run here: {'; '.join(why)}")
+            lines.append(f"{spec.name}: skipped (fused[cpu] unavailable)")
+            continue
+        rows = measure(spec, info)
+        path = csvfile.result_path(args.out, f"crossover_{spec.name}", "cpu", "")
+        csvfile.write_csv(rows, path)
+        print(f"CSV: {path}")
+        lines += summary(spec, rows)
+    print()
+    for line in lines:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
 """Peak extra memory of ONE forward+backward call, each measured in a fresh child process.
 
-A fresh process per (case, way) keeps one measurement from inheriting another's allocator
-state, compiled kernels or thread pools. The parent runs ``python -m benchmarks.memory
---child SPEC`` and reads one JSON line back.
+A fresh process per (op, case, way) keeps one measurement from inheriting another's allocator
+state, compiled kernels or thread pools. The report starts ``python -m benchmarks.memory
+--server`` processes (``--memory-jobs`` of them); each imports torch, ``torch._dynamo`` and
+fusionops once, runs no torch op itself, and forks one child per measurement, which measures
+and exits. A child thus starts as a new interpreter would after those imports, without
+paying ~2-3 s for them. Children side by side do not disturb one another's numbers: each
+reads its own counters. On CUDA each measurement gets a new interpreter instead
+(``python -m benchmarks.memory --child JSON``; on CPU that gives the same numbers, within the
+allocator noise, only slower): a child forked after anything touched the CUDA driver could
+not use CUDA.
 
 CPU (Linux), in the child:
 
@@ -29,10 +36,10 @@ If ``clear_refs`` cannot be written, the child skips the warm-up and reports
 VmHWM - baseline for the first call (method ``hwm-first-call``): an upper bound that
 includes first-call overhead (about 45 MB of library pages for the reference here).
 
-What it counts: every page the call touches above the baseline: Z and whatever autograd
-saves, temporaries, the output y and the gradients (dx_m, dW of O×K, db). Gradients count
-because the call makes them; the report's ``out_mb`` column says how much any
-implementation must allocate. Resolution is a page; allocator noise is about 1 MB.
+What it counts: every page the call touches above the baseline: what the way materialises
+and autograd saves (tensor fusion's Z, LMF's projections), temporaries, the output and every
+gradient. Gradients count because the call makes them; the report's ``out_mb`` column says how
+much any implementation must allocate. Resolution is a page; allocator noise is about 1 MB.
 
 CUDA: after the warm-up, ``synchronize``, ``empty_cache``, ``reset_peak_memory_stats``;
 extra = ``max_memory_allocated()`` after the call minus ``memory_allocated()`` before it.
@@ -47,10 +54,17 @@ import ctypes
 import gc
 import json
 import os
+import queue
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from benchmarks.spec import CaseBase
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -96,15 +110,16 @@ def _malloc_trim() -> None:
 def _child(spec: dict) -> Peak:
     import torch
 
-    from benchmarks import cases
+    from benchmarks import ops, ways
 
-    case = cases.Case(**{**spec["case"], "dims": tuple(spec["case"]["dims"])})
-    way = cases.way_by_name(spec["way"])
+    op = ops.get(spec["op"])
+    case = op.case_type.from_dict(spec["case"])
+    way = ways.way_by_name(op, spec["way"])
     device = spec["device"]
-    inp = cases.make_inputs(case, device, requires_grad=True)
+    inp = op.make_inputs(case, device, True)
 
     def call() -> object:
-        y = way.fn(inp.xs, inp.weight, inp.bias)
+        y = way.fn(*inp.args)
         return y, torch.autograd.grad(y, inp.leaves, inp.grad_out)
 
     if device.startswith("cuda"):
@@ -134,28 +149,194 @@ def _child(spec: dict) -> Peak:
     return Peak(max(peak - before, 0), before, method)
 
 
-def peak_extra(case: object, way: str, device: str, timeout_s: float = 900) -> Peak:
-    """Measure one fwd+bwd of ``way`` on ``case`` in a fresh child; raises on failure."""
-    spec = {"case": asdict(case), "way": way, "device": device}  # type: ignore[call-overload]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", "--child", json.dumps(spec)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s,
-    )
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        err = proc.stderr.strip().splitlines() or ["(no output)"]
-        tail = next((ln for ln in reversed(err) if "Error" in ln), err[-1]).strip()
-        raise RuntimeError(f"memory child failed (exit {proc.returncode}): {tail}")
-    return Peak(**json.loads(lines[-1]))
+def _job_spec(op: str, case: CaseBase, way: str, device: str) -> dict:
+    return {"op": op, "case": case.to_dict(), "way": way, "device": device}
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _fork_one(spec: dict) -> dict:
+    """Fork a child that measures ``spec`` and exits; its result as ``{"ok": Peak}`` or ``{"error"}``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, write the result, exit without running any cleanup
+        os.close(r)
+        os.dup2(2, 1)  # stdout is the server's reply channel; the child's prints go to stderr
+        try:
+            result = {"ok": asdict(_child(spec))}
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            result = {"error": _first_line(exc)}
+        data = json.dumps(result).encode()
+        while data:
+            data = data[os.write(w, data) :]
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 1 << 16):
+        chunks.append(chunk)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        code = os.waitstatus_to_exitcode(status)
+        return {"error": f"memory child died ({f'signal {-code}' if code < 0 else f'exit {code}'})"}
+    return json.loads(b"".join(chunks))
+
+
+def _serve() -> None:
+    """``--server``: import once, then for each JSON job on stdin fork a fresh child to measure
+    it, and answer one JSON line on stdout. The server itself never runs a torch op, so a
+    child starts as a new process does after these imports: no threads pools, no CUDA
+    context, no allocator state of an earlier call (each child measures one job only)."""
+    import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401 - the first custom-op call imports it (~1 s)
+
+    import fusionops  # noqa: F401
+    from benchmarks import ops, ways  # noqa: F401
+
+    for line in sys.stdin:
+        print(json.dumps(_fork_one(json.loads(line))), flush=True)
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def _tail(stderr: str) -> str:
+    err = [ln for ln in stderr.strip().splitlines() if ln.strip()] or ["(no output)"]
+    return next((ln for ln in reversed(err) if "Error" in ln), err[-1]).strip()
+
+
+class _Exec:
+    """One new interpreter per measurement (``python -m benchmarks.memory --child``).
+
+    Used on CUDA: there a child forked from a process that has touched the CUDA driver
+    (``torch.cuda.is_available()`` in some import) could not use CUDA, and start-up time
+    matters less on a GPU machine.
+    """
+
+    alive = True
+
+    def measure(self, spec: dict, timeout_s: float) -> Peak:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.memory", "--child", json.dumps(spec)],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"memory child failed (exit {proc.returncode}): {_tail(proc.stderr)}")
+        return Peak(**json.loads(lines[-1]))
+
+    def close(self, kill: bool = False) -> None:
+        pass
+
+
+class _Server:
+    """A ``python -m benchmarks.memory --server`` process, as seen from the report."""
+
+    def __init__(self) -> None:
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.memory", "--server"],
+            cwd=REPO,
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            start_new_session=True,  # its own process group, so a timeout can end it with its child
+        )
+
+    def measure(self, spec: dict, timeout_s: float) -> Peak:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        reply = self.proc.stdout.readline() if ready else ""
+        if not reply:
+            self.close(kill=True)
+            why = f"timed out after {timeout_s:.0f} s" if not ready else f"exit {self.proc.returncode}"
+            self.stderr.seek(0)
+            raise RuntimeError(f"memory server failed ({why}): {_tail(self.stderr.read())}")
+        result = json.loads(reply)
+        if "error" in result:
+            raise RuntimeError(f"memory child failed: {result['error']}")
+        return Peak(**result["ok"])
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self, kill: bool = False) -> None:
+        if kill and self.alive:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait()
+        self.stderr.close()
+
+
+Job = tuple[str, CaseBase, str]  # (op, case, way)
+
+
+def peak_extra_many(
+    jobs: list[Job], device: str, workers: int, timeout_s: float = 900
+) -> dict[Job, Peak | Exception]:
+    """Peak extra memory of one fwd+bwd for each ``(op, case, way)``, each in a fresh child.
+
+    ``workers`` measure side by side. That is only for speed: each child reads its own VmHWM
+    (or its own CUDA caching allocator's counters), so one child's pages never count in
+    another's peak. CPU: forked by ``--server`` processes; CUDA: one interpreter each.
+    """
+    make = _Exec if device.startswith("cuda") else _Server
+    pool: queue.Queue[_Server | _Exec] = queue.Queue()
+
+    def one(job: Job) -> Peak | Exception:
+        server = pool.get()
+        try:
+            if not server.alive:
+                server = make()
+            return server.measure(_job_spec(*job, device), timeout_s)
+        except Exception as exc:  # noqa: BLE001 - reported per job, the others go on
+            return exc
+        finally:
+            pool.put(server)
+
+    n = max(1, min(workers, len(jobs)))
+    for _ in range(n):
+        pool.put(make())
+    try:
+        with ThreadPoolExecutor(max_workers=n) as threads:
+            return dict(zip(jobs, threads.map(one, jobs), strict=True))
+    finally:
+        while not pool.empty():
+            pool.get().close()
+
+
+def peak_extra(op: str, case: CaseBase, way: str, device: str, timeout_s: float = 900) -> Peak:
+    """Measure one fwd+bwd of ``way`` on ``case`` of ``op`` in a fresh child; raises on failure."""
+    result = peak_extra_many([(op, case, way)], device, 1, timeout_s)[(op, case, way)]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", required=True, help="JSON: {case, way, device}")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--child", metavar="JSON", help="measure {op, case, way, device} in this process")
+    mode.add_argument("--server", action="store_true", help="fork a child per JSON line on stdin")
     args = parser.parse_args()
-    print(json.dumps(asdict(_child(json.loads(args.child)))))
+    if args.server:
+        _serve()
+    else:
+        print(json.dumps(asdict(_child(json.loads(args.child)))))
 
 
 if __name__ == "__main__":

@@ -51,9 +51,15 @@ def _summary(times: list[float]) -> Timing:
     return Timing(statistics.median(times), min(times), q3 - q1, len(times))
 
 
-def measure(setups: Mapping[str, Setup], device: str, *, warmup: int = 2,
-            target_s: float = 0.5, min_repeats: int = 5,
-            max_repeats: int = 100) -> dict[str, Timing | Exception]:
+def measure(
+    setups: Mapping[str, Setup],
+    device: str,
+    *,
+    warmup: int = 2,
+    target_s: float = 0.5,
+    min_repeats: int = 5,
+    max_repeats: int = 100,
+) -> dict[str, Timing | Exception]:
     """Time ``setup()()`` for each named setup.
 
     ``warmup`` untimed calls each (compilation, autotuning, lazy init; a way that raises

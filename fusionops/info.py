@@ -21,7 +21,7 @@ from fusionops.ops.tensor_fusion import _reasons as tf_reasons
 OPS = {
     "tensor_fusion": (tf_reasons, "N*K", TF_MIN),
     "low_rank_fusion": (lmf_reasons, "N*R*O*M", LMF_MIN),
-    "product_fusion": (product_reasons, "N*d", PRODUCT_MIN),
+    "product_fusion": (product_reasons, "N*d (and all calls with M = 2)", PRODUCT_MIN),
 }
 
 

@@ -149,3 +149,26 @@ def test_automatic_choice_depends_on_size(monkeypatch):
     with fusionops.backend("reference"):
         fusionops.tensor_fusion(big)
     assert served[-1] == "reference" and len(served) >= 2
+
+
+@pytest.mark.parametrize(
+    "op, make, expected",
+    [
+        ("low_rank_fusion", lambda n: ([torch.randn(n, 3)], [torch.randn(8, 4, 64)], torch.randn(8)), None),
+        ("product_fusion", lambda n: ([torch.randn(n, 1024)] * 3,), None),
+        ("product_fusion", lambda n: ([torch.randn(n, 1024)] * 2,), "reference"),
+    ],
+    ids=["low_rank", "product_3", "product_2"],
+)
+def test_automatic_choice_of_the_new_ops(monkeypatch, op, make, expected):
+    """Small calls go to the reference, large ones to the C++ kernels, except product fusion of
+    two modalities, which ATen's one multiply serves as fast (measured)."""
+    served = []
+    real = getattr(fusionops.reference, op)
+    monkeypatch.setattr(fusionops.reference, op, lambda *a: served.append("reference") or real(*a))
+    fn = getattr(fusionops, op)
+    fn(*make(2))
+    assert served == ["reference"]
+    fn(*make(1024))  # above both thresholds
+    big_expected = expected or ("cpu" if _extension.extension_loaded() else "reference")
+    assert (len(served) == 2) == (big_expected == "reference"), (served, big_expected)

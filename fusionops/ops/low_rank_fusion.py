@@ -23,9 +23,10 @@ from fusionops.ops._kernels import LowRankFusionKernels
 OP = "low_rank_fusion"
 
 # Automatic choice on CPU: below this many elements of the projections (N * R * O * M) the
-# reference was measured faster (the fused call's fixed cost, mostly torch.library's Python
-# autograd wrapper, dominates). `python -m benchmarks.crossover --op low_rank_fusion`.
-CPU_FUSED_MIN_ELEMENTS = 1 << 16
+# reference was measured as fast or faster (the fused call's fixed cost, mostly torch.library's
+# Python autograd wrapper, dominates); from 2^17 on the fused path never lost.
+# `python -m benchmarks.crossover --op low_rank_fusion` (CSV in benchmarks/results/).
+CPU_FUSED_MIN_ELEMENTS = 1 << 17
 
 
 class _CppKernels:

@@ -22,9 +22,13 @@ from fusionops.ops._kernels import ProductFusionKernels
 
 OP = "product_fusion"
 
-# Automatic choice on CPU: below this many output elements (N * d) the reference was measured
-# faster (fixed per-call cost of the custom op). `python -m benchmarks.crossover --op product_fusion`.
-CPU_FUSED_MIN_ELEMENTS = 1 << 16
+# Automatic choice on CPU: the fused kernel replaces the reference's M - 1 passes over memory
+# by one, so it wins from three modalities and N * d >= 2^20 elements. With two modalities
+# both are one multiply at memory speed and ATen's was never beaten (best 0.96x), so two
+# modalities always go to the reference unless a backend is forced.
+# `python -m benchmarks.crossover --op product_fusion` (CSV in benchmarks/results/).
+CPU_FUSED_MIN_ELEMENTS = 1 << 20
+CPU_FUSED_MIN_MODALITIES = 3
 
 
 class _CppKernels:
@@ -45,8 +49,9 @@ def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str
     return kernel_reasons(OP, backend, device, dtype)
 
 
-def _order(device: torch.device, elements: int) -> tuple[str, ...] | None:
-    return size_order(device, elements, CPU_FUSED_MIN_ELEMENTS)
+def _order(device: torch.device, elements: int, modalities: int) -> tuple[str, ...] | None:
+    counted = elements if modalities >= CPU_FUSED_MIN_MODALITIES else 0
+    return size_order(device, counted, CPU_FUSED_MIN_ELEMENTS)
 
 
 @torch.library.custom_op("fusionops::product_fusion", mutates_args=())
@@ -100,7 +105,10 @@ def product_fusion(xs: Sequence[Tensor]) -> Tensor:
     first = xs[0]
     n = math.prod(lead)
     backend = choose(
-        OP, first.device, lambda b: _reasons(b, first.device, first.dtype), _order(first.device, n * dims[0])
+        OP,
+        first.device,
+        lambda b: _reasons(b, first.device, first.dtype),
+        _order(first.device, n * dims[0], len(xs)),
     )
     if backend == "reference":
         return reference.product_fusion(xs)

@@ -1,0 +1,108 @@
+"""One report run's measurements as CSV rows: timing per (case, mode), memory per (case, way).
+
+Per (case, mode), all ways are timed side by side (``benchmarks.timing``); the peak of one
+fwd+bwd per (case, way) is measured afterwards in fresh children (``benchmarks.memory``), so
+the children never share the CPU with a timed call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from benchmarks import memory, timing, ways
+from benchmarks.spec import CaseBase, OpSpec, Row, mb
+
+# Time spent per (way, mode) after warm-up, by grid: more for a headline's verdict.
+TIMING = {
+    "quick": {"target_s": 0.1, "min_repeats": 3},
+    "default": {"target_s": 0.3, "min_repeats": 5},
+    "headline": {"target_s": 2.0, "min_repeats": 7},
+}
+
+
+def base_row(spec: OpSpec, case: CaseBase, info: Mapping[str, str]) -> Row:
+    return {**info, "op": spec.name, "case": case.name, "sweep": case.sweep, "n": case.n, **case.columns()}
+
+
+def time_case(
+    spec: OpSpec,
+    case: CaseBase,
+    device: str,
+    modes: Sequence[str],
+    knobs: Mapping[str, float],
+    info: Mapping[str, str],
+) -> list[Row]:
+    """One row per (way, mode) that can run on this device and dtype; failures as ``error``."""
+    available, _ = ways.available_ways(spec, device, case.dtype)
+    inp = spec.make_inputs(case, device, True)
+    base = base_row(spec, case, info)
+    rows: list[Row] = []
+    for mode in modes:
+        # All ways of one mode side by side (interleaved), so load hits them alike.
+        timed = timing.measure({w.name: ways.make_step(w, inp, mode) for w in available}, device, **knobs)
+        for way in available:
+            row: Row = {
+                **base,
+                "way": way.name,
+                "backend": way.backend or "",
+                "mode": mode,
+                "error": "",
+                "peak_extra_mb": "",
+                "mem_method": "",
+            }
+            t = timed[way.name]
+            if isinstance(t, Exception):
+                row["error"] = f"{type(t).__name__}: {str(t).splitlines()[0][:200] if str(t) else ''}"
+                print(f"  ! {case.name} {way.name} {mode}: {row['error']}")
+            else:
+                row.update(
+                    median_ms=round(t.median_ms, 4),
+                    min_ms=round(t.min_ms, 4),
+                    iqr_ms=round(t.iqr_ms, 4),
+                    repeats=t.repeats,
+                )
+                seconds = t.median_ms * 1e-3
+                if (flops := case.flops(mode)) is not None:
+                    row["tflops"] = round(flops / seconds / 1e12, 4)
+                if (moved := case.bytes_moved(mode)) is not None:
+                    row.update(moved_mb=mb(moved), gbps=round(moved / seconds / 1e9, 2))
+            rows.append(row)
+    return rows
+
+
+def add_memory(jobs: Sequence[tuple[OpSpec, CaseBase, list[Row]]], device: str, workers: int) -> None:
+    """Fill ``peak_extra_mb`` and ``mem_method`` of every fwd+bwd row that ran."""
+    wanted: dict[memory.Job, Row] = {}
+    for spec, case, rows in jobs:
+        for row in rows:
+            if row["mode"] == "fwd+bwd" and not row["error"]:
+                wanted[(spec.name, case, str(row["way"]))] = row
+    if not wanted:
+        return
+    print(f"memory: {len(wanted)} fresh child processes, {workers} at a time", flush=True)
+    for job, peak in memory.peak_extra_many(list(wanted), device, workers).items():
+        if isinstance(peak, Exception):
+            print(f"  ! {job[0]} {job[1].name} {job[2]} memory: {peak}")
+        else:
+            wanted[job].update(peak_extra_mb=mb(peak.extra_bytes), mem_method=peak.method)
+
+
+def add_ratios(spec: OpSpec, rows: list[Row]) -> None:
+    """Per baseline: speed-up (its time / this time: > 1 is faster) and memory ratio (its peak /
+    this peak), in columns ``speedup_vs_<column>`` and ``mem_vs_<column>``."""
+    by_key = {(r["case"], r["way"], r["mode"]): r for r in rows if not r["error"]}
+    for r in rows:
+        for b in spec.baselines:
+            base = by_key.get((r["case"], b.name, r["mode"]))
+            ok = base is not None and not r["error"]
+            r[f"speedup_vs_{b.column}"] = (
+                round(float(base["median_ms"]) / float(r["median_ms"]), 3) if ok else ""  # type: ignore[index,arg-type]
+            )
+        for b in spec.baselines:
+            base = by_key.get((r["case"], b.name, r["mode"]))
+            ok = base is not None and r["peak_extra_mb"] != "" and base["peak_extra_mb"] != ""
+            r[f"mem_vs_{b.column}"] = (
+                round(float(base["peak_extra_mb"]) / max(float(r["peak_extra_mb"]), 1e-3), 2)  # type: ignore[index,arg-type]
+                if ok
+                else ""
+            )

@@ -1,0 +1,66 @@
+"""What the pytest-benchmark suites share: one test per (case, way, mode) of an op.
+
+    pytest benchmarks/ --benchmark-only -q
+    pytest benchmarks/test_low_rank_fusion.py --benchmark-only --benchmark-group-by=param:case,param:mode
+
+Ways that cannot run here are skipped with fusionops' reason (shown by ``-ra``). Shapes are
+small so the suites stay quick; ``python -m benchmarks.report`` does the real sweep, memory
+and the headline goals. Not part of the CI test command.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import ways
+from benchmarks.spec import MODES, CaseBase, OpSpec
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parametrize(spec: OpSpec):
+    """Decorator: parametrize a test over the op's small cases, all its ways and every mode.
+
+    The same small shapes on either device: the suites check the ways run and give rough times;
+    the report has per-device grids.
+    """
+    cases = list(spec.pytest_cases)
+
+    def wrap(fn):
+        fn = pytest.mark.parametrize("mode", MODES)(fn)
+        fn = pytest.mark.parametrize("way_name", ways.all_way_names(spec))(fn)
+        return pytest.mark.parametrize("case", cases, ids=[c.name for c in cases])(fn)
+
+    return wrap
+
+
+def _way(spec: OpSpec, name: str, dtype: str) -> ways.Way:
+    available, skipped = ways.available_ways(spec, DEVICE, dtype)
+    for way in available:
+        if way.name == name:
+            return way
+    pytest.skip(f"{name} on {DEVICE}/{dtype}: {dict(skipped).get(name, 'not available')}")
+
+
+def run(benchmark, spec: OpSpec, case: CaseBase, way_name: str, mode: str) -> None:
+    """Time one (case, way, mode) with pytest-benchmark: 2 warm-up rounds, then 15."""
+    way = _way(spec, way_name, case.dtype)
+    inp = spec.make_inputs(case, DEVICE, True)
+    setup = ways.make_step(way, inp, mode)
+    cuda = DEVICE == "cuda"
+
+    def call(thunk) -> None:
+        thunk()
+        if cuda:  # pytest-benchmark reads a host clock: wait for the kernels
+            torch.cuda.synchronize()
+
+    def prepare() -> tuple[tuple[object, ...], dict[str, object]]:
+        thunk = setup()  # untimed: e.g. the forward before a timed backward
+        if cuda:
+            torch.cuda.synchronize()
+        return (thunk,), {}
+
+    benchmark.group = f"{spec.name} {case.name} {mode}"
+    benchmark.extra_info.update(op=spec.name, way=way_name, mode=mode, **case.to_dict())
+    benchmark.pedantic(call, setup=prepare, rounds=15, warmup_rounds=2, iterations=1)
