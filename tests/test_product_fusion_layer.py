@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_to, skip_unless_usable
+from conftest import assert_close_to, assert_compiled_matches_reference, skip_unless_usable
 from inputs import make_xs
 
 import fusionops
@@ -58,3 +58,24 @@ def test_layer_errors():
         ProductConcat()([torch.randn(2, 3), torch.randn(2, 4)])
     with pytest.raises(ValueError, match=r"Concat: xs must be a non-empty list"):
         Concat()(torch.randn(2, 3))
+
+
+class SmallModel(torch.nn.Module):
+    def __init__(self, d: int, m: int):
+        super().__init__()
+        self.enc = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(m))
+        self.fusion = ProductFusion()
+        self.head = torch.nn.Linear(d, 2)
+
+    def forward(self, xs):
+        return self.head(self.fusion([e(x) for e, x in zip(self.enc, xs, strict=True)]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_compile_fullgraph(backend):
+    if backend != "reference":
+        skip_unless_usable(backend, "cpu")
+    torch.manual_seed(0)
+    model = SmallModel(5, 3)
+    xs = [x.detach() for x in make_xs((6,), (5, 5, 5), torch.float32)]
+    assert_compiled_matches_reference(model, xs, backend)
