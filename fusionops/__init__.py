@@ -18,6 +18,7 @@ from fusionops.nn import (
     TensorFusion,
 )
 from fusionops.ops import low_rank_fusion, product_fusion, tensor_fusion
+from fusionops.pairs import skew_pairs
 
 _extension.warn_if_missing()
 
@@ -35,5 +36,6 @@ __all__ = [
     "backend",
     "low_rank_fusion",
     "product_fusion",
+    "skew_pairs",
     "tensor_fusion",
 ]
