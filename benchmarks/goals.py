@@ -49,13 +49,25 @@ def best_fused(
     return None, "; ".join(f"{w}: {skipped.get(w, 'failed or not run')}" for w in wanted)
 
 
-def speedup_line(fused: Row, base: Row | None, base_name: str, need: float | None) -> str:
+def speedup_line(fused: Row, base: Row | None, base_name: str, need: float | None, why: str = "") -> str:
     """``time PASS: speed-up 2.10x >= 2x (fused[triton] 1.00 ms, reference 2.10 ms)``; without
-    ``need``, an informative line with no verdict."""
+    ``need``, an informative line with no verdict. A baseline that did not run (``why``) fails
+    a goal that needs it."""
     if base is None:
-        return f"vs {base_name}: did not run, no ratio"
+        if need is None:
+            return f"vs {base_name}: did not run, no ratio"
+        return f"time FAIL: {base_name} did not run ({why or 'failed'}), no verdict"
     ratio = ms(base) / ms(fused)
     detail = f"{fused['way']} {ms(fused):.2f} ms, {base_name} {ms(base):.2f} ms"
     if need is None:
         return f"vs {base_name}: speed-up {ratio:.2f}x ({detail})"
     return f"time {verdict(ratio >= need)}: speed-up vs {base_name} {ratio:.2f}x >= {need:g}x ({detail})"
+
+
+def no_slower_line(fused: Row, base: Row, base_name: str) -> str:
+    """``time PASS: fused[cpu] 34.60 ms <= multibench 51.80 ms (speed-up 1.50x)``."""
+    t_f, t_b = ms(fused), ms(base)
+    return (
+        f"time {verdict(t_f <= t_b)}: {fused['way']} {t_f:.2f} ms <= {base_name} {t_b:.2f} ms "
+        f"(speed-up {t_b / t_f:.2f}x)"
+    )

@@ -81,3 +81,17 @@ def feature_count(dims: Sequence[int]) -> int:
     for d in dims:  # a plain loop: torch.compile cannot trace math.prod over a generator
         k *= d + 1
     return k
+
+
+def check_layer_widths(layer: str, input_dims: Sequence[int], xs: object) -> None:
+    """A layer built for ``input_dims`` gets modalities of exactly those widths. A malformed
+    ``xs`` (not a list of tensors of at least one dim) is left to the op's own checks, which
+    name what is wrong."""
+    if not isinstance(xs, (list, tuple)) or not all(isinstance(x, Tensor) and x.dim() > 0 for x in xs):
+        return
+    dims = tuple(int(x.shape[-1]) for x in xs)
+    if dims != tuple(input_dims):
+        raise ValueError(
+            f"{layer}: the layer was built for input_dims {tuple(input_dims)}, "
+            f"got modalities of widths {dims}"
+        )

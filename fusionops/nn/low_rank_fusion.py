@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fusionops._checks import check_layer_widths
 from fusionops.ops.low_rank_fusion import low_rank_fusion
 
 # Keys of the factors in the original LMF model (Justin1904/Low-rank-Multimodal-Fusion), in its
@@ -71,13 +72,7 @@ class LowRankFusion(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
-        if isinstance(xs, (list, tuple)):
-            dims = tuple(int(x.shape[-1]) for x in xs if isinstance(x, Tensor))
-            if dims != self.input_dims:
-                raise ValueError(
-                    f"{type(self).__name__}: the layer was built for input_dims {self.input_dims}, "
-                    f"got modalities of widths {dims}"
-                )
+        check_layer_widths(type(self).__name__, self.input_dims, xs)
         return low_rank_fusion(xs, list(self.factors), self.rank_weight, self.bias, mask=mask)
 
     @classmethod

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fusionops._checks import feature_count
+from fusionops._checks import check_layer_widths, feature_count
 from fusionops.ops.tensor_fusion import tensor_fusion
 
 
@@ -107,12 +107,7 @@ class TensorFusion(nn.Module):
 
     def forward(self, xs: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
         if self.input_dims is not None:
-            dims = tuple(int(x.shape[-1]) for x in xs) if isinstance(xs, (list, tuple)) else None
-            if dims is not None and dims != self.input_dims:
-                raise ValueError(
-                    f"TensorFusion: the layer was built for input_dims {self.input_dims}, "
-                    f"got modalities of widths {dims}"
-                )
+            check_layer_widths("TensorFusion", self.input_dims, xs)
         elif isinstance(xs, (list, tuple)) and len(xs) == 1:
             # MultiBench / Michaels et al. return a lone modality unchanged: drop the 1 column
             # (the op still checks the arguments and applies the mask)
