@@ -30,6 +30,12 @@ int64_t grain_rows(int64_t cols);
 #define FUSIONOPS_SIMD_CLONES
 #endif
 
+// Every op of this extension is the bottom of the autograd op layer (fusionops/ops/), which
+// differentiates it itself, so its inner ATen calls skip autograd: its inputs may require grad,
+// views of them taken inside would too, and out= calls such as mm_out refuse those. Each op
+// holds one of these for its whole body.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 // ---- argument checks (the Python op layer guarantees all of these) --------------------
 // `op` names the op in the messages, e.g. "_tf_features_fwd_cpu".
 

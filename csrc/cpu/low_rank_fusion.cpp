@@ -259,8 +259,10 @@ void backward_kernel(const Problem& p, const at::Tensor& g, std::vector<at::Tens
   at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
     const int t = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(t < threads);
-    for (const at::Tensor& F : dFt) part_dFt[t].push_back(t == 0 ? F : at::zeros_like(F));
-    part_dw[t] = t == 0 ? dw : at::zeros_like(dw);
+    if (!part_dw[t].defined()) {  // a thread's first chunk (a backend may give it several)
+      for (const at::Tensor& F : dFt) part_dFt[t].push_back(t == 0 ? F : at::zeros_like(F));
+      part_dw[t] = t == 0 ? dw : at::zeros_like(dw);
+    }
     T* dw_ = part_dw[t].mutable_data_ptr<T>();
     Block<T> block(p);
     std::vector<T*> a(p.M);
@@ -296,15 +298,12 @@ void backward_kernel(const Problem& p, const at::Tensor& g, std::vector<at::Tens
 }
 
 // ---- the ops ------------------------------------------------------------------------------
-//
-// The ops are the bottom of the autograd op layer (fusionops/ops/), which differentiates them
-// itself: their inner ATen calls skip autograd. Their inputs may require grad, and views of
-// them taken here would too, which mm_out and other out= calls refuse.
+// (each skips autograd for its inner ATen calls: see BelowAutograd in common.h)
 
 at::Tensor lmf_fwd(at::TensorList xs, at::TensorList factors, const at::Tensor& rank_weight,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask) {
   constexpr const char* kOp = "_lmf_fwd_cpu";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see the note above the ops
+  const BelowAutograd below_autograd;
   const Problem p = make_problem(kOp, xs, factors, rank_weight, mask);
   const auto dtype = xs[0].scalar_type();
   at::Tensor b;
@@ -327,7 +326,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::optional<at::T
 lmf_bwd(const at::Tensor& grad, at::TensorList xs, at::TensorList factors, const at::Tensor& rank_weight,
         const std::optional<at::Tensor>& mask, bool need_dx, bool need_dfactors, bool need_dw, bool need_db) {
   constexpr const char* kOp = "_lmf_bwd_cpu";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see the note above the ops
+  const BelowAutograd below_autograd;
   const Problem p = make_problem(kOp, xs, factors, rank_weight, mask);
   const auto dtype = xs[0].scalar_type();
   const auto acc = p.w.scalar_type();

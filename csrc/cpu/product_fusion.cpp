@@ -126,7 +126,6 @@ void forward_kernel(const std::vector<at::Tensor>& xs, const Layout& l, bool fla
   std::vector<Operand<scalar_t>> x;
   for (const at::Tensor& t : xs) x.emplace_back(t, flat);
   const Output<scalar_t, acc_t> p{out.mutable_data_ptr<scalar_t>(), l.cols};
-  // Scratch: a loaded input, and p when it is not computed in place.
   // Scratch: two loaded inputs, and p when it is not computed in place.
   for_segments<acc_t>(l, M, 3, [&](int64_t n, int64_t j0, int64_t len, acc_t* scratch, acc_t**) {
     acc_t* in = scratch;
@@ -185,10 +184,7 @@ void backward_kernel(const at::Tensor& grad, const std::vector<at::Tensor>& xs, 
 }
 
 // ---- the ops ------------------------------------------------------------------------------
-//
-// The ops are the bottom of the autograd op layer (fusionops/ops/), which differentiates them
-// itself: their inner ATen calls skip autograd. Their inputs may require grad, and views of
-// them taken here would too, which mm_out and other out= calls refuse.
+// (each skips autograd for its inner ATen calls: see BelowAutograd in common.h)
 
 // Checks xs (every x_m (N, d) with one d) and returns them as the kernels read them.
 std::vector<at::Tensor> operands(const char* op, at::TensorList xs) {
@@ -209,7 +205,7 @@ bool all_contiguous(const std::vector<at::Tensor>& ts) {
 
 at::Tensor product_fwd(at::TensorList inputs) {
   constexpr const char* kOp = "_product_fwd_cpu";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see the note above the ops
+  const BelowAutograd below_autograd;
   const std::vector<at::Tensor> xs = operands(kOp, inputs);
   const int64_t N = xs[0].size(0), d = xs[0].size(1);
   at::Tensor out = at::empty({N, d}, xs[0].options());
@@ -221,7 +217,7 @@ at::Tensor product_fwd(at::TensorList inputs) {
 
 std::vector<at::Tensor> product_bwd(const at::Tensor& grad, at::TensorList inputs) {
   constexpr const char* kOp = "_product_bwd_cpu";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see the note above the ops
+  const BelowAutograd below_autograd;
   const std::vector<at::Tensor> xs = operands(kOp, inputs);
   const int64_t N = xs[0].size(0), d = xs[0].size(1);
   check_2d(kOp, "grad", grad, N, d, xs[0].scalar_type());

@@ -458,14 +458,11 @@ at::Tensor blas_weight(const at::Tensor& weight, at::ScalarType acc) {
 }
 
 // ---- the ops ------------------------------------------------------------------------------
-//
-// The ops are the bottom of the autograd op layer (fusionops/ops/), which differentiates them
-// itself: their inner ATen calls skip autograd (a view of an input that requires grad would
-// require grad too, and out= calls such as mm_out refuse those).
+// (each skips autograd for its inner ATen calls: see BelowAutograd in common.h)
 
 at::Tensor tf_features_fwd(at::TensorList xs, const std::optional<at::Tensor>& mask) {
   constexpr const char* kOp = "_tf_features_fwd_cpu";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see the note above the ops
+  const BelowAutograd below_autograd;
   check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
   const Features f = make_features(xs, mask, at::toOpMathType(dtype));
@@ -478,7 +475,7 @@ at::Tensor tf_features_fwd(at::TensorList xs, const std::optional<at::Tensor>& m
 std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList xs,
                                         const std::optional<at::Tensor>& mask) {
   constexpr const char* kOp = "_tf_features_bwd_cpu";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see the note above the ops
+  const BelowAutograd below_autograd;
   check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
   const auto acc = at::toOpMathType(dtype);
@@ -493,7 +490,7 @@ std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList x
 at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& mask) {
   constexpr const char* kOp = "_tf_projected_fwd_cpu";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see the note above the ops
+  const BelowAutograd below_autograd;
   check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
   const auto acc = at::toOpMathType(dtype);
@@ -518,7 +515,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at:
     const at::Tensor& grad, at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& mask,
     bool need_dx, bool need_dw, bool need_db) {
   constexpr const char* kOp = "_tf_projected_bwd_cpu";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see the note above the ops
+  const BelowAutograd below_autograd;
   check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
   const auto acc = at::toOpMathType(dtype);
