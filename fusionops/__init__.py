@@ -1,8 +1,11 @@
 """fusionops: fused CPU/GPU kernels for multimodal fusion.
 
-Functional ops: :func:`tensor_fusion`, :func:`low_rank_fusion`, :func:`product_fusion`.
+Functional ops: :func:`tensor_fusion`, :func:`low_rank_fusion`, :func:`product_fusion`,
+:func:`skew_pair_attention` (pair sets: :func:`skew_pairs`).
 Layers: :class:`TensorFusion`, :class:`LowRankFusion`, :class:`LowRankTensorFusion`,
-:class:`ProductFusion`, :class:`ProductConcat`, :class:`Concat`.
+:class:`ProductFusion`, :class:`ProductConcat`, :class:`Concat`, :class:`SkewPairFusion`
+(with :class:`EncoderStacks` and :func:`layer_summaries` for ``transformers`` encoders; pair
+sets chosen by :func:`select_skew_pairs`).
 Backend choice: :func:`backend` (context manager) or ``FUSIONOPS_BACKEND``;
 ``python -m fusionops.info`` prints what is built and usable here.
 """
@@ -11,14 +14,18 @@ from fusionops import _extension
 from fusionops._backend import BACKENDS, BackendUnavailableError, backend
 from fusionops.nn import (
     Concat,
+    EncoderStacks,
     LowRankFusion,
     LowRankTensorFusion,
     ProductConcat,
     ProductFusion,
+    SkewPairFusion,
     TensorFusion,
+    layer_summaries,
 )
-from fusionops.ops import low_rank_fusion, product_fusion, tensor_fusion
+from fusionops.ops import low_rank_fusion, product_fusion, skew_pair_attention, tensor_fusion
 from fusionops.pairs import skew_pairs
+from fusionops.selection import SkewPairSelection, select_skew_pairs
 
 _extension.warn_if_missing()
 
@@ -28,14 +35,20 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "Concat",
+    "EncoderStacks",
     "LowRankFusion",
     "LowRankTensorFusion",
     "ProductConcat",
     "ProductFusion",
+    "SkewPairFusion",
+    "SkewPairSelection",
     "TensorFusion",
     "backend",
+    "layer_summaries",
     "low_rank_fusion",
     "product_fusion",
+    "select_skew_pairs",
+    "skew_pair_attention",
     "skew_pairs",
     "tensor_fusion",
 ]

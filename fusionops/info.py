@@ -14,6 +14,8 @@ from fusionops.ops.low_rank_fusion import CPU_FUSED_MIN_ELEMENTS as LMF_MIN
 from fusionops.ops.low_rank_fusion import _reasons as lmf_reasons
 from fusionops.ops.product_fusion import CPU_FUSED_MIN_ELEMENTS as PRODUCT_MIN
 from fusionops.ops.product_fusion import _reasons as product_reasons
+from fusionops.ops.skew_pair import CPU_FUSED_MIN_ELEMENTS as SKEW_MIN
+from fusionops.ops.skew_pair import _reasons as skew_reasons
 from fusionops.ops.tensor_fusion import CPU_FUSED_MIN_ELEMENTS as TF_MIN
 from fusionops.ops.tensor_fusion import _reasons as tf_reasons
 
@@ -22,6 +24,7 @@ OPS = {
     "tensor_fusion": (tf_reasons, "N*K", TF_MIN),
     "low_rank_fusion": (lmf_reasons, "N*R*O*M", LMF_MIN),
     "product_fusion": (product_reasons, "N*d (and all calls with M = 2)", PRODUCT_MIN),
+    "skew_pair_attention": (skew_reasons, "N*P*D", SKEW_MIN),
 }
 
 

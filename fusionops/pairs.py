@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -47,3 +48,54 @@ def skew_pairs(la: int, lb: int, skew: int, density: float) -> Tensor:
             f"possible skews are {-(lb - 1)} to {la - 1}"
         )
     return torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+
+
+PairList = tuple[tuple[int, int], ...]
+
+
+def pair_list(owner: str, pairs: object) -> PairList:
+    """``pairs`` (a ``(P, 2)`` integer tensor or a sequence of ``(i, j)``) as a tuple of int
+    pairs, P >= 1, no negative index. A tuple is what ``torch.compile`` can treat as a constant;
+    a tensor is read back to the host (a graph break under ``torch.compile``)."""
+    if isinstance(pairs, Tensor):
+        if pairs.dtype.is_floating_point or pairs.dtype.is_complex or pairs.dtype == torch.bool:
+            raise TypeError(
+                f"{owner}: pairs must be an integer tensor of (i, j) layer indices, got {pairs.dtype}"
+            )
+        if pairs.dim() != 2 or pairs.shape[1] != 2:
+            raise ValueError(
+                f"{owner}: pairs must have shape (P, 2) of zero-based (i, j), got {tuple(pairs.shape)}"
+            )
+        rows = pairs.tolist()
+    elif isinstance(pairs, Sequence) and not isinstance(pairs, (str, bytes)):
+        rows = [tuple(p) if isinstance(p, Sequence) and not isinstance(p, (str, bytes)) else p for p in pairs]
+        for p, row in enumerate(rows):
+            if not isinstance(row, tuple) or len(row) != 2:
+                raise ValueError(f"{owner}: pairs[{p}] must be an (i, j) pair, got {row!r}")
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in row):
+                raise TypeError(
+                    f"{owner}: pairs[{p}] = {row!r} must hold two ints (zero-based layer indices)"
+                )
+    else:
+        raise TypeError(
+            f"{owner}: pairs must be a (P, 2) tensor or a list of (i, j), got {type(pairs).__name__}"
+        )
+    if not rows:
+        raise ValueError(f"{owner}: pairs is empty; expected at least one (i, j) pair")
+    for p, (i, j) in enumerate(rows):
+        if i < 0 or j < 0:
+            raise ValueError(
+                f"{owner}: pairs[{p}] = ({i}, {j}) has a negative layer index; pairs are zero-based"
+            )
+    return tuple((int(i), int(j)) for i, j in rows)
+
+
+def check_pairs_fit(owner: str, pairs: PairList, la: int, lb: int) -> None:
+    """Every ``(i, j)`` indexes a layer of stacks with ``la`` and ``lb`` layers."""
+    for p, (i, j) in enumerate(pairs):
+        for what, k, depth, stack in (("i", i, la, "ha"), ("j", j, lb, "hb")):
+            if k >= depth:
+                raise ValueError(
+                    f"{owner}: pairs[{p}] = ({i}, {j}): {what} = {k} is out of range for {stack} with "
+                    f"{depth} layers (expected 0 <= {what} < {depth}; pairs are zero-based)"
+                )

@@ -106,3 +106,58 @@ def make_factors(dims, rank, o, dtype=torch.float32, device="cpu", layout="conti
     if not w.is_leaf:
         w.retain_grad()
     return factors, w, leaf((o,))
+
+
+STACK_LAYOUTS = ("contiguous", "transposed", "strided", "broadcast")
+WEIGHT_LAYOUTS = ("contiguous", "transposed", "broadcast")
+
+
+def make_stack(n, depth, d, dtype=torch.float32, device="cpu", layout="contiguous", gen=None):
+    """A random ``(N, L, D)`` layer stack requiring grad (views keep their ``.grad``):
+    ``transposed`` stores it as ``(D, L, N)``; ``strided`` takes every other layer of a deeper
+    stack; ``broadcast`` is stride 0 over the rows."""
+    if layout == "contiguous":
+        return _rand((n, depth, d), dtype, device, gen).requires_grad_(True)
+    if layout == "transposed":
+        h = _rand((d, depth, n), dtype, device, gen).requires_grad_(True).permute(2, 1, 0)
+    elif layout == "strided":
+        h = _rand((n, 2 * depth, d), dtype, device, gen).requires_grad_(True)[:, 1::2]
+    elif layout == "broadcast":
+        h = _rand((1, depth, d), dtype, device, gen).requires_grad_(True).expand(n, depth, d)
+    else:
+        raise ValueError(layout)
+    h.retain_grad()
+    return h
+
+
+def make_skew_pair_inputs(
+    n, la, lb, d, dtype=torch.float32, device="cpu", layout="contiguous", weight_layout="contiguous", seed=0
+):
+    """``ha (N, La, D)``, ``hb (N, Lb, D)``, weights ``[wq, wk, wv, wo]`` (D, D) scaled like
+    nn.Linear and biases ``[bq, bk, bv, bo]`` (D,), all random and requiring grad.
+
+    ``weight_layout``: ``transposed`` weights are ``.t()`` views and biases every other element;
+    ``broadcast`` weights repeat one row (stride 0) and biases are stride 0."""
+    gen = torch.Generator().manual_seed(seed)
+    ha = make_stack(n, la, d, dtype, device, layout, gen)
+    hb = make_stack(n, lb, d, dtype, device, layout, gen)
+
+    def leaf(shape, scale=1.0):
+        return (_rand(shape, dtype, device, gen) * scale).to(dtype).requires_grad_(True)
+
+    ws, bs = [], []
+    for _ in range(4):
+        if weight_layout == "contiguous":
+            w, b = leaf((d, d), 1 / math.sqrt(d)), leaf((d,))
+        elif weight_layout == "transposed":
+            w, b = leaf((d, d), 1 / math.sqrt(d)).t(), leaf((2 * d,))[::2]
+        elif weight_layout == "broadcast":
+            w, b = leaf((1, d), 1 / math.sqrt(d)).expand(d, d), leaf(()).expand(d)
+        else:
+            raise ValueError(weight_layout)
+        for t in (w, b):
+            if not t.is_leaf:
+                t.retain_grad()
+        ws.append(w)
+        bs.append(b)
+    return ha, hb, ws, bs

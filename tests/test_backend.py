@@ -55,6 +55,18 @@ def test_missing_extension_reasons(monkeypatch):
     )
 
 
+def test_extension_without_an_ops_kernels(monkeypatch):
+    """An extension built from older sources (no kernels for a newer op) is not offered for
+    that op, and the reason says to rebuild; the automatic choice falls back to the reference."""
+    from fusionops.ops import _dispatch
+
+    monkeypatch.setitem(_dispatch.CPU_KERNELS, "product_fusion", "_no_such_kernel_cpu")
+    xs = [torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)]
+    with fusionops.backend("cpu"), pytest.raises(fusionops.BackendUnavailableError, match="rebuild it"):
+        fusionops.product_fusion(xs)
+    assert torch.equal(fusionops.product_fusion(xs), xs[0] * xs[1] * xs[2])
+
+
 def test_env_and_context(monkeypatch):
     monkeypatch.setattr(_backend, "_env_forced", "reference")
     assert _backend.forced_backend() == "reference"

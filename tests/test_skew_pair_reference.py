@@ -123,3 +123,15 @@ def test_reference_gradients():
         return reference.skew_pair_attention(ha_, hb_, pairs, *rest, heads=2, window=1)
 
     assert torch.autograd.gradcheck(f, tuple(leaves))
+
+
+@pytest.mark.parametrize("window", [0, 2])
+def test_benchmark_peer_way_computes_the_same(window):
+    """The benchmarks' per-pair nn.MultiheadAttention baseline computes the op (so its times
+    compare like with like)."""
+    from benchmarks.ops.skew_pair import per_pair_mha
+
+    ha, hb, ws, bs = make_problem(n=6, la=5, lb=4, d=12)
+    pairs = ((4, 0), (1, 3), (2, 2))
+    expected = reference.skew_pair_attention(ha, hb, pairs, *ws, *bs, heads=3, window=window)
+    assert_close_to(per_pair_mha(ha, hb, pairs, *ws, *bs, 3, window), expected, torch.float64, "per-pair mha")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from benchmarks.ops import low_rank_fusion, product_fusion, tensor_fusion
+from benchmarks.ops import low_rank_fusion, product_fusion, skew_pair, tensor_fusion
 from benchmarks.spec import OpSpec
 
-OPS: dict[str, OpSpec] = {s.name: s for s in (tensor_fusion.SPEC, low_rank_fusion.SPEC, product_fusion.SPEC)}
+OPS: dict[str, OpSpec] = {
+    s.name: s for s in (tensor_fusion.SPEC, low_rank_fusion.SPEC, product_fusion.SPEC, skew_pair.SPEC)
+}
 
 
 def get(name: str) -> OpSpec:

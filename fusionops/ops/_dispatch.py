@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -14,9 +15,28 @@ from fusionops._backend import common_reasons
 CUDA_KERNEL_OPS: frozenset[str] = frozenset()
 
 
+# One C++ kernel of each op: an extension built before the op existed lacks it.
+CPU_KERNELS = {
+    "tensor_fusion": "_tf_projected_fwd_cpu",
+    "low_rank_fusion": "_lmf_fwd_cpu",
+    "product_fusion": "_product_fwd_cpu",
+    "skew_pair_attention": "_skew_pair_fwd_cpu",
+}
+
+
+@functools.cache
+def _extension_has(kernel: str) -> bool:
+    return hasattr(torch.ops.fusionops, kernel)
+
+
 def kernel_reasons(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why ``backend`` cannot serve ``op`` on ``device``/``dtype`` (empty: it can)."""
     reasons = common_reasons(backend, device, dtype)
+    if backend == "cpu" and not reasons and not _extension_has(CPU_KERNELS[op]):
+        reasons.append(
+            f"the compiled extension fusionops._C has no {op} kernels (built from older sources): "
+            "rebuild it with pip install --no-build-isolation -e ."
+        )
     if backend == "cuda" and device.type == "cuda" and op not in CUDA_KERNEL_OPS:
         reasons.append(f"CUDA C++ kernels for {op} are not implemented yet")
     return reasons

@@ -95,3 +95,65 @@ class ProductFusionKernels(Protocol):
     def backward(self, grad: Tensor, xs: list[Tensor]) -> list[Tensor]:
         """``dx_m = grad ⊙ Π_{k≠m} x_k`` (N, d) for every m, computed without division
         (zeros in the inputs are fine)."""
+
+
+class SkewPairKernels(Protocol):
+    """Sparse skew-pair attention (DESIGN.md section 4), per row n and pair p = (i, j):
+
+    ``q = ha[n,i] Wqᵀ + bq``; for the band ``J = {j' : |j' - j| <= window, 0 <= j' < Lb}``:
+    ``k_j' = hb[n,j'] Wkᵀ + bk``, ``v_j' = hb[n,j'] Wvᵀ + bv``; per head h (columns
+    ``h·dh … (h+1)·dh - 1``, ``dh = D / heads``): ``α = softmax_j'(q_h · k_j'h / sqrt(dh))``,
+    ``c_h = Σ_j' α_j' v_j'h``; ``out[n,p] = ha[n,i] + c Woᵀ + bo``.
+
+    The op layer guarantees: ``ha (N, La, D)`` and ``hb (N, Lb, D)`` of one dtype (float16,
+    bfloat16, float32, float64) and device, any strides (stride 0 included), N >= 0, D >= 1;
+    ``pairs`` an int64 ``(P, 2)`` tensor on the same device, P >= 1, contiguous, with
+    ``0 <= i < La`` and ``0 <= j < Lb`` (duplicates allowed); ``w* (D, D)`` as ``nn.Linear``
+    stores them and ``b* (D,)`` or None, any strides; ``heads >= 1`` divides D; ``window >= 0``;
+    ``grad`` (N, P, D) any strides. Kernels accumulate in float32 (float64 for float64) and
+    return tensors of the input dtype.
+
+    ``bk`` adds ``q_h · bk_h`` to every score of a band, which softmax ignores: its gradient is
+    exactly zero and kernels may skip it. With ``window = 0`` every α is 1, so ``wq, wk, bq``
+    get zero gradients too.
+    """
+
+    def forward(
+        self,
+        ha: Tensor,
+        hb: Tensor,
+        pairs: Tensor,
+        wq: Tensor,
+        wk: Tensor,
+        wv: Tensor,
+        wo: Tensor,
+        bq: Tensor | None,
+        bk: Tensor | None,
+        bv: Tensor | None,
+        bo: Tensor | None,
+        heads: int,
+        window: int,
+    ) -> Tensor:
+        """``out`` of shape (N, P, D), contiguous."""
+
+    def backward(
+        self,
+        grad: Tensor,
+        ha: Tensor,
+        hb: Tensor,
+        pairs: Tensor,
+        wq: Tensor,
+        wk: Tensor,
+        wv: Tensor,
+        wo: Tensor,
+        bq: Tensor | None,
+        bk: Tensor | None,
+        bv: Tensor | None,
+        heads: int,
+        window: int,
+        needs: list[bool],
+    ) -> list[Tensor]:
+        """Ten gradients in the order ``ha, hb, wq, wk, wv, wo, bq, bk, bv, bo`` (shapes of
+        those inputs), given ``grad = dL/dout`` (N, P, D). ``needs`` has ten flags in the same
+        order; an entry whose flag is False may be any tensor (it is ignored), e.g. an empty one.
+        The bias flags are False for biases that are None."""

@@ -6,6 +6,7 @@ Written for clarity: one pair at a time, one head at a time, exactly as the defi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from torch import Tensor
 def skew_pair_attention(
     ha: Tensor,
     hb: Tensor,
-    pairs: Tensor,
+    pairs: Tensor | Sequence[tuple[int, int]],
     wq: Tensor,
     wk: Tensor,
     wv: Tensor,
@@ -30,15 +31,16 @@ def skew_pair_attention(
     """``out[n, p] = ha[n, i_p] + (Σ_{j ∈ J_p} α_j v_j) Woᵀ + bo`` of shape ``(N, P, D)``.
 
     ``ha (N, La, D)``, ``hb (N, Lb, D)``: per-layer summaries of two encoders; ``pairs (P, 2)``
-    zero-based ``(i_p, j_p)``; ``w* (D, D)`` as ``nn.Linear`` stores them. Per pair, ``q`` is
-    projected from ``ha[:, i_p]``; keys and values from the layers of B within ``window`` of
+    (or a list of tuples) zero-based ``(i_p, j_p)``; ``w* (D, D)`` as ``nn.Linear`` stores
+    them. Per pair, ``q`` is projected from ``ha[:, i_p]``; keys and values from the layers of
+    B within ``window`` of
     ``j_p`` (clipped to the stack); per head, ``α = softmax(q·k / sqrt(D / heads))``. Every
     sample attends within itself only.
     """
     n, _, d = ha.shape
     dh = d // heads
     outs = []
-    for i, j in pairs.tolist():
+    for i, j in pairs.tolist() if isinstance(pairs, Tensor) else pairs:
         band = list(range(max(0, j - window), min(hb.shape[1], j + window + 1)))
         q = F.linear(ha[:, i], wq, bq)  # (N, D)
         k = F.linear(hb[:, band], wk, bk)  # (N, |J|, D)

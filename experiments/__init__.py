@@ -1,0 +1,1 @@
+"""Reproductions of published studies built on the fusionops layers (see README.md)."""

@@ -1,0 +1,248 @@
+"""Sparse skew-pair attention op (DESIGN.md section 4): checks, backend choice, autograd, fakes.
+
+``fusionops::skew_pair_attention(ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window,
+backend) -> out`` and its backward op carry the fused implementations; the ``reference``
+backend is served by ``fusionops.reference`` directly, with PyTorch's own autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from fusionops import reference
+from fusionops._backend import FLOAT_DTYPES, choose
+from fusionops._checks import check_like, check_shape
+from fusionops.ops._dispatch import empty_grad, fused_kernels, kernel_reasons, size_order
+from fusionops.ops._kernels import SkewPairKernels
+from fusionops.pairs import check_pairs_fit, pair_list
+
+OP = "skew_pair_attention"
+
+# Automatic choice on CPU: below this many output elements (N * P * D) the reference is used
+# (the fused call's fixed cost dominates there).
+# `python -m benchmarks.crossover --op skew_pair_attention` (CSV in benchmarks/results/).
+CPU_FUSED_MIN_ELEMENTS = 0
+
+# Order of the gradients the backward returns (the op's differentiable inputs).
+GRAD_NAMES = ("ha", "hb", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")
+
+
+class _CppKernels:
+    """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
+
+    def forward(self, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window) -> Tensor:
+        return torch.ops.fusionops._skew_pair_fwd_cpu(
+            ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window
+        )
+
+    def backward(self, grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, heads, window, needs) -> list[Tensor]:
+        return list(
+            torch.ops.fusionops._skew_pair_bwd_cpu(
+                grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, heads, window, needs
+            )
+        )
+
+
+def _kernels(backend: str) -> SkewPairKernels:
+    return cast(SkewPairKernels, fused_kernels(OP, backend, _CppKernels(), "skew_pair"))
+
+
+def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    return kernel_reasons(OP, backend, device, dtype)
+
+
+def _order(device: torch.device, out_elements: int) -> tuple[str, ...] | None:
+    return size_order(device, out_elements, CPU_FUSED_MIN_ELEMENTS)
+
+
+@torch.library.custom_op("fusionops::skew_pair_attention", mutates_args=())
+def _fused(
+    ha: Tensor,
+    hb: Tensor,
+    pairs: Tensor,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    bq: Tensor | None,
+    bk: Tensor | None,
+    bv: Tensor | None,
+    bo: Tensor | None,
+    heads: int,
+    window: int,
+    backend: str,
+) -> Tensor:
+    out = _kernels(backend).forward(ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window)
+    return out.contiguous()
+
+
+@_fused.register_fake
+def _fused_fake(ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window, backend) -> Tensor:
+    return ha.new_empty(ha.shape[0], pairs.shape[0], ha.shape[2])
+
+
+@torch.library.custom_op("fusionops::skew_pair_attention_backward", mutates_args=())
+def _fused_backward(
+    grad: Tensor,
+    ha: Tensor,
+    hb: Tensor,
+    pairs: Tensor,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    bq: Tensor | None,
+    bk: Tensor | None,
+    bv: Tensor | None,
+    heads: int,
+    window: int,
+    needs: list[bool],
+    backend: str,
+) -> list[Tensor]:
+    grads = _kernels(backend).backward(
+        grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, heads, window, list(needs)
+    )
+    return [g.contiguous() if need else empty_grad(ha) for g, need in zip(grads, needs, strict=True)]
+
+
+@_fused_backward.register_fake
+def _fused_backward_fake(
+    grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, heads, window, needs, backend
+) -> list[Tensor]:
+    like = (ha, hb, wq, wk, wv, wo, wq[0], wq[0], wq[0], wq[0])
+    return [t.new_empty(t.shape) if need else empty_grad(ha) for t, need in zip(like, needs, strict=True)]
+
+
+def _setup(ctx, inputs, output) -> None:
+    ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window, backend = inputs
+    ctx.heads, ctx.window, ctx.backend = heads, window, backend
+    ctx.has_bias = [b is not None for b in (bq, bk, bv, bo)]
+    # The inputs only: the kernels recompute projections and attention in backward.
+    ctx.save_for_backward(ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv)
+
+
+def _grad(ctx, grad: Tensor):
+    ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv = ctx.saved_tensors
+    flags = ctx.needs_input_grad
+    needs = [bool(flags[k]) for k in (0, 1, 3, 4, 5, 6)]
+    needs += [bool(flags[k]) and has for k, has in zip((7, 8, 9, 10), ctx.has_bias, strict=True)]
+    grads = torch.ops.fusionops.skew_pair_attention_backward(
+        grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, ctx.heads, ctx.window, needs, ctx.backend
+    )
+    g = [t if need else None for t, need in zip(grads, needs, strict=True)]
+    return g[0], g[1], None, *g[2:], None, None, None
+
+
+_fused.register_autograd(_grad, setup_context=_setup)
+
+
+def _check_stack(name: str, t: object, ref: Tensor | None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{OP}: {name} must be a tensor of shape (N, L, D), got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(
+            f"{OP}: {name} must have shape (N, L, D) (rows, layers, width), got {tuple(t.shape)}"
+        )
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{OP}: {name} must have a floating dtype in {FLOAT_DTYPES}, got {t.dtype}")
+    if ref is None:
+        if t.shape[1] < 1 or t.shape[2] < 1:
+            raise ValueError(
+                f"{OP}: {name} must have at least one layer and width D >= 1, got {tuple(t.shape)}"
+            )
+        return
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{OP}: {name} has dtype {t.dtype} but ha has {ref.dtype}; expected one dtype")
+    if t.device != ref.device:
+        raise ValueError(f"{OP}: {name} is on {t.device} but ha is on {ref.device}; expected one device")
+    if t.shape[0] != ref.shape[0] or t.shape[2] != ref.shape[2]:
+        raise ValueError(
+            f"{OP}: {name} has shape {tuple(t.shape)} but ha has {tuple(ref.shape)}; the stacks "
+            "must share N (rows) and D (width)"
+        )
+    if t.shape[1] < 1:
+        raise ValueError(f"{OP}: {name} must have at least one layer, got {tuple(t.shape)}")
+
+
+def _check_int(name: str, value: object, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{OP}: {name} must be an int, got {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{OP}: {name} must be >= {least}, got {value}")
+    return value
+
+
+def skew_pair_attention(
+    ha: Tensor,
+    hb: Tensor,
+    pairs: Tensor | Sequence[tuple[int, int]],
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    bq: Tensor | None = None,
+    bk: Tensor | None = None,
+    bv: Tensor | None = None,
+    bo: Tensor | None = None,
+    *,
+    heads: int = 1,
+    window: int = 0,
+) -> Tensor:
+    """Sparse skew-pair attention (Hu et al. 2024, SSFN; DESIGN.md section 4), ``(N, P, D)``.
+
+    Per row n and pair ``p = (i, j)``: the query is layer i of A, ``q = ha[n, i] Wqᵀ + bq``;
+    keys and values come from the layers of B within ``window`` of j (clipped to the stack),
+    ``k = hb[n, j'] Wkᵀ + bk``, ``v = hb[n, j'] Wvᵀ + bv``; per head ``α = softmax(q·k /
+    sqrt(D / heads))`` over that band; ``out[n, p] = ha[n, i] + (Σ α v) Woᵀ + bo``. Every
+    sample attends within itself only. With ``window = 0`` this is SSFN's per-pair
+    co-attention residual, ``ha[n, i] + (hb[n, j] Wvᵀ + bv) Woᵀ + bo``.
+
+    Args:
+        ha, hb: per-layer summaries ``(N, La, D)`` and ``(N, Lb, D)`` of two encoders (one dtype,
+            device, N and D).
+        pairs: ``(P, 2)`` zero-based ``(i, j)`` (e.g. from :func:`fusionops.skew_pairs`), or a
+            list of such tuples; duplicates allowed. Under ``torch.compile`` pass a list or
+            tuple (a constant): a tensor is read back to the host, which breaks the graph.
+        wq, wk, wv, wo: ``(D, D)`` as ``nn.Linear`` stores them; ``bq, bk, bv, bo``: ``(D,)``
+            or None.
+        heads: attention heads, dividing D. window: band half-width ``>= 0``.
+
+    The fused kernels read only the layers that the pairs and their bands touch and keep no
+    per-pair intermediates; backward recomputes from the inputs.
+    """
+    _check_stack("ha", ha, None)
+    _check_stack("hb", hb, ha)
+    n, la, d = ha.shape
+    lb = hb.shape[1]
+    table = pair_list(OP, pairs)
+    check_pairs_fit(OP, table, la, lb)
+    heads = _check_int("heads", heads, 1)
+    window = _check_int("window", window, 0)
+    if d % heads:
+        raise ValueError(f"{OP}: heads = {heads} does not divide the width D = {d}")
+    for name, w in (("wq", wq), ("wk", wk), ("wv", wv), ("wo", wo)):
+        check_like(OP, name, w, ha)
+        check_shape(OP, name, w, (d, d), f" (D, D) with D = {d}, as nn.Linear(D, D) stores it")
+    for name, b in (("bq", bq), ("bk", bk), ("bv", bv), ("bo", bo)):
+        if b is not None:
+            check_like(OP, name, b, ha)
+            check_shape(OP, name, b, (d,), f" (D,) with D = {d}")
+
+    backend = choose(
+        OP,
+        ha.device,
+        lambda b: _reasons(b, ha.device, ha.dtype),
+        _order(ha.device, n * len(table) * d),
+    )
+    if backend == "reference":
+        return reference.skew_pair_attention(
+            ha, hb, table, wq, wk, wv, wo, bq, bk, bv, bo, heads=heads, window=window
+        )
+    index = torch.tensor(table, dtype=torch.int64, device=ha.device)
+    return torch.ops.fusionops.skew_pair_attention(
+        ha, hb, index, wq, wk, wv, wo, bq, bk, bv, bo, heads, window, backend
+    )

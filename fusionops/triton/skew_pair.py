@@ -1,0 +1,763 @@
+"""Triton kernels of sparse skew-pair attention (DESIGN.md section 4), behind ``fusionops.ops._kernels``.
+
+Per row n and pair p = (i, j), with the band ``J = [j - w, j + w] ∩ [0, Lb)`` (w the window
+clipped to ``Lb - 1``, which leaves every band as it is) and per head h (columns
+``h·dh … (h+1)·dh - 1``): ``q = ha[n,i] Wqᵀ + bq``, ``k_j' = hb[n,j'] Wkᵀ``,
+``v_j' = hb[n,j'] Wvᵀ + bv``, ``α = softmax_j'(q_h · k_j'h / sqrt(dh))``, ``c_h = Σ α_j' v_j'h``
+and ``out[n,p] = ha[n,i] + c Woᵀ + bo``. ``bk`` is never read: it adds ``q_h · bk_h`` to every
+score of a band, which softmax ignores (its gradient is exactly zero).
+
+Head columns are taken in chunks of ``BLOCK_C`` (the head dim padded to a power of two, at
+most 64), so no tile is wider than that whatever dh is. A band's scores live on chip as one
+``(BLOCK_N, BLOCK_W)`` tile, ``BLOCK_W`` the band width ``min(2w + 1, Lb)`` padded to a power
+of two: the score pass walks the head's chunks once (``q`` chunk, then the ``k`` chunk of
+every band layer), accumulating ``q·k`` per band column; the softmax is then explicit over
+that tile, and the value pass walks the chunks again (``v`` chunk of every band layer, weighted
+by its column of α). Every projection is a ``tl.dot`` over D in tiles of ``BLOCK_K``, reading
+``ha``/``hb``/weights with their strides (any, stride 0 included), so only the layers the
+pairs and their bands touch are read, and no projection is written to memory. With
+``w = 0`` (every α is 1) the score pass is skipped: ``c = v_j``.
+
+Forward (``_skew_fwd_kernel``), one launch, grid ``(row tiles, pairs)``: a program computes,
+head by head and chunk by chunk, ``c`` and adds ``c_chunk Wo[:, chunk]ᵀ`` into its output tile
+(in column tiles of ``BLOCK_O``): the first chunk writes ``ha[rows, i] + bo + …``, later ones
+read-modify-write the tile that only this program owns (no atomics). For float16/bfloat16
+with more than one chunk in all (heads > 1 or dh > 64), the kernel writes a float32 (N, P, D)
+output that is cast to the input dtype at the end, so that the sum over heads is rounded once,
+not once per head; otherwise it writes the output itself.
+
+Backward (``_skew_bwd_kernel``), one launch per row chunk (below), grid ``(row tiles, heads)``:
+a program owns its rows and its head's columns of every buffer below and walks all pairs in
+turn, recomputing what the forward computed: the score pass gives α; the value pass gives
+``c``, ``dc = G Wo[:, chunk]`` and ``dα_j' = dc · v_j'`` and adds ``α_j' dc`` to ``dV``; then
+``ds = α (dα - Σ α dα) / sqrt(dh)`` and a third pass (``q`` and ``k`` chunks recomputed) adds
+``Σ ds_j' k_j'`` to ``dQ`` and ``ds_j' q`` to ``dK``. The weight and input gradients are then
+torch GEMMs over these buffers (cuBLAS on the GPU).
+
+What is kept, and why: ``dha`` needs ``dQ Wq`` and ``dWq`` needs ``dQᵀ ha``, reductions over
+all heads and over all rows respectively that no program owns, and likewise for ``dK``, ``dV``
+and ``c`` (for ``dWo = Gᵀ C``); so they go through memory once. Since ``ha[n, i]`` does not
+depend on the pair, ``dQ`` is summed over the pairs sharing a layer of A (and ``dK``, ``dV``
+over the pairs and band positions sharing a layer of B) by the program that owns those
+elements (read-modify-write, no atomics), into one slot per touched layer:
+
+* float32 (float64 for float64) ``dQ`` and ``R`` (the residual's gradient ``Σ_p G``) of shape
+  ``(N_c, S_a, D)``, ``S_a = min(La, P)`` slots for the layers of A that pairs touch;
+* float32 ``dK`` and ``dV`` of shape ``(N_c, S_b, D)``, ``S_b = min(Lb, P (2w + 1))`` slots for
+  the layers of B that bands touch;
+* ``C (N_c, P, D)`` in the input dtype (16-bit: the operand of a tensor-core GEMM, rounded as
+  the forward rounds it for ``Wo``).
+
+In all ``N_c · D · (2 S_a + 2 S_b)`` float32 and ``N_c · P · D`` input-dtype elements: of order
+``N · P · D`` (times the band width for dK and dV when the bands do not overlap).
+
+Only the buffers some requested gradient needs are allocated (none of dQ, dK with w = 0). The
+slot of each layer is computed on the device (no host synchronisation); slots beyond those
+touched stay zero and map to untouched layers, whose gradient is zero anyway. ``N_c`` is N cut
+into row chunks so that the buffers hold at most ``_SCRATCH_ELEMENTS`` elements; each chunk is
+one launch and its GEMMs, weight gradients summed over chunks in float32. They live only
+during backward; the forward holds nothing but its output (float32 for 16-bit, above).
+
+Compute precision: float32 (float64 for float64 inputs, whose dots run in float64 as in the
+other modules); ``tl.dot`` takes operands of the input dtype (tensor cores for 16-bit; bfloat16
+as float32 under the interpreter, see ``_dot_dtype``) with ``input_precision="ieee"``; the
+softmax is taken in the accumulation dtype. The 16-bit GEMMs of backward take the float32 buffers rounded
+to the input dtype. No atomics anywhere: results are reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fusionops.triton._common import (
+    _HALF,
+    _PRECISION,
+    _TL,
+    _acc,
+    _block,
+    _dot_dtype,
+    _on,
+    _row_block,
+    _target_programs,
+)
+
+# The most elements the backward's buffers (dQ, R, dK, dV, C) may hold together: rows are
+# processed in chunks below this (2^26: 256 MiB in float32).
+_SCRATCH_ELEMENTS = 1 << 26
+
+
+# --- on-chip tiles ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _proj(
+    x_ptr,
+    stride_xn,
+    stride_xd,
+    rows64,
+    row_ok,
+    w_ptr,
+    stride_wc,
+    stride_wk,
+    cols,
+    col_ok,
+    D,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``x[rows, :D] @ W[cols, :D]ᵀ`` as a (BLOCK_N, BLOCK_C) tile in ACC, ``W[c, k]`` at
+    ``w_ptr + c·stride_wc + k·stride_wk``. Rows and columns outside the masks give 0."""
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows64[:, None] * stride_xn
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wc
+    acc = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + ks
+        k_ok = kk < D
+        kk64 = kk.to(tl.int64)
+        x = tl.load(x_rows + kk64[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + kk64[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _bias(acc, b_ptr, stride_b, cols, col_ok, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols * stride_b, mask=col_ok, other=0.0).to(ACC)[None, :]
+    return acc
+
+
+@triton.jit
+def _column(tile, band_cols, t):
+    """Column ``t`` of a (BLOCK_N, BLOCK_W) tile, as (BLOCK_N,)."""
+    return tl.sum(tl.where(band_cols[None, :] == t, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _band_alpha(
+    a_ptr,
+    stride_an,
+    stride_ad,
+    b_ptr,
+    stride_bn,
+    stride_bl,
+    stride_bd,
+    wq_ptr,
+    stride_wq0,
+    stride_wq1,
+    wk_ptr,
+    stride_wk0,
+    stride_wk1,
+    bq_ptr,
+    stride_bq,
+    rows64,
+    row_ok,
+    head0,
+    lo,
+    hi,
+    D,
+    DH: tl.constexpr,
+    HAS_BQ: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """The score pass: ``α`` (BLOCK_N, BLOCK_W) of the head whose first column is ``head0``,
+    column ``t`` for band layer ``lo + t`` (0 beyond ``hi - lo``). ``a_ptr`` points at layer i."""
+    band_cols = tl.arange(0, BLOCK_W)
+    scores = tl.zeros((BLOCK_N, BLOCK_W), ACC)
+    for c0 in range(0, DH, BLOCK_C):
+        cl = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cl < DH
+        cols = head0 + cl
+        q = _proj(
+            a_ptr, stride_an, stride_ad, rows64, row_ok, wq_ptr, stride_wq0, stride_wq1, cols, c_ok, D,
+            ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+        )  # fmt: skip
+        q = _bias(q, bq_ptr, stride_bq, cols, c_ok, HAS_BQ, ACC)
+        for jj in range(lo, hi):
+            k = _proj(
+                b_ptr + jj * stride_bl, stride_bn, stride_bd, rows64, row_ok, wk_ptr, stride_wk0, stride_wk1,
+                cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+            )  # fmt: skip
+            s = tl.sum(q * k, axis=1)
+            scores += tl.where(band_cols[None, :] == jj - lo, s[:, None], 0.0)
+    scale = 1.0 / tl.sqrt(tl.full((), DH, ACC))
+    scores = tl.where(band_cols[None, :] < hi - lo, scores * scale, float("-inf"))
+    e = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _add_to(ptrs, value, ok):
+    """Read-modify-write of a tile only the calling program touches."""
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + value, mask=ok)
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _skew_fwd_kernel(
+    ha_ptr,
+    stride_an,
+    stride_al,
+    stride_ad,
+    hb_ptr,
+    stride_bn,
+    stride_bl,
+    stride_bd,
+    pairs_ptr,
+    wq_ptr,
+    stride_wq0,
+    stride_wq1,
+    wk_ptr,
+    stride_wk0,
+    stride_wk1,
+    wv_ptr,
+    stride_wv0,
+    stride_wv1,
+    wo_ptr,
+    stride_wo0,
+    stride_wo1,
+    bq_ptr,
+    stride_bq,
+    bv_ptr,
+    stride_bv,
+    bo_ptr,
+    stride_bo,
+    out_ptr,
+    N,
+    P,
+    D,
+    Lb,
+    H,
+    window,
+    DH: tl.constexpr,
+    ATTEND: tl.constexpr,
+    HAS_BQ: tl.constexpr,
+    HAS_BV: tl.constexpr,
+    HAS_BO: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """``out[rows, p]`` for one row tile and one pair, all heads."""
+    p = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    i = tl.load(pairs_ptr + 2 * p)
+    j = tl.load(pairs_ptr + 2 * p + 1)
+    lo = tl.maximum(j - window, 0)
+    hi = tl.minimum(j + window + 1, Lb)
+    a_ptr = ha_ptr + i * stride_al
+    band_cols = tl.arange(0, BLOCK_W)
+    out_rows = out_ptr + rows64[:, None] * P * D + p * D
+    for h in range(H):
+        head0 = h * DH
+        if ATTEND:
+            alpha = _band_alpha(
+                a_ptr, stride_an, stride_ad, hb_ptr, stride_bn, stride_bl, stride_bd, wq_ptr, stride_wq0,
+                stride_wq1, wk_ptr, stride_wk0, stride_wk1, bq_ptr, stride_bq, rows64, row_ok, head0, lo, hi,
+                D, DH, HAS_BQ, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_W,
+            )  # fmt: skip
+        for c0 in range(0, DH, BLOCK_C):
+            cl = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cl < DH
+            cols = head0 + cl
+            if ATTEND:
+                ctx = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+                for jj in range(lo, hi):
+                    v = _proj(
+                        hb_ptr + jj * stride_bl, stride_bn, stride_bd, rows64, row_ok, wv_ptr, stride_wv0,
+                        stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+                    )  # fmt: skip
+                    ctx += _column(alpha, band_cols, jj - lo)[:, None] * v
+            else:
+                ctx = _proj(
+                    hb_ptr + j * stride_bl, stride_bn, stride_bd, rows64, row_ok, wv_ptr, stride_wv0,
+                    stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+                )  # fmt: skip
+            ctx = _bias(ctx, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)  # Σ α = 1
+            ctx_op = ctx.to(DOT)
+            first = (h == 0) & (c0 == 0)
+            # out[rows, p, :] += ctx Wo[:, cols]ᵀ, one column tile of the output at a time.
+            for o0 in range(0, D, BLOCK_O):
+                outs = o0 + tl.arange(0, BLOCK_O)
+                o_ok = outs < D
+                outs64 = outs.to(tl.int64)
+                wo = tl.load(
+                    wo_ptr + outs64[None, :] * stride_wo0 + cols.to(tl.int64)[:, None] * stride_wo1,
+                    mask=c_ok[:, None] & o_ok[None, :],
+                    other=0.0,
+                )
+                y = tl.dot(ctx_op, wo.to(DOT), input_precision=PRECISION, out_dtype=ACC)
+                ok = row_ok[:, None] & o_ok[None, :]
+                ptrs = out_rows + outs64[None, :]
+                # The first write starts from the residual and bo, later ones from the tile.
+                # Predicated loads, not a branch: Triton 3.6 fails to pipeline this loop
+                # with an scf.if after a wgmma (16-bit, BLOCK_N = 64).
+                res = a_ptr + rows64[:, None] * stride_an + outs64[None, :] * stride_ad
+                y += tl.load(res, mask=ok & first, other=0.0).to(ACC)
+                y += tl.load(ptrs, mask=ok & (not first), other=0.0).to(ACC)
+                if HAS_BO:
+                    bias = tl.load(bo_ptr + outs * stride_bo, mask=o_ok & first, other=0.0)
+                    y += bias.to(ACC)[None, :]
+                tl.store(ptrs, y, mask=ok)
+
+
+@triton.jit
+def _skew_bwd_kernel(
+    g_ptr,
+    stride_gn,
+    stride_gp,
+    stride_gd,
+    ha_ptr,
+    stride_an,
+    stride_al,
+    stride_ad,
+    hb_ptr,
+    stride_bn,
+    stride_bl,
+    stride_bd,
+    pairs_ptr,
+    a_slot_ptr,
+    b_slot_ptr,
+    wq_ptr,
+    stride_wq0,
+    stride_wq1,
+    wk_ptr,
+    stride_wk0,
+    stride_wk1,
+    wv_ptr,
+    stride_wv0,
+    stride_wv1,
+    wo_ptr,
+    stride_wo0,
+    stride_wo1,
+    bq_ptr,
+    stride_bq,
+    bv_ptr,
+    stride_bv,
+    dq_ptr,
+    r_ptr,
+    dk_ptr,
+    dv_ptr,
+    c_ptr,
+    N,
+    P,
+    D,
+    Lb,
+    SA,
+    SB,
+    window,
+    DH: tl.constexpr,
+    ATTEND: tl.constexpr,
+    HAS_BQ: tl.constexpr,
+    HAS_BV: tl.constexpr,
+    NEED_DQ: tl.constexpr,
+    NEED_R: tl.constexpr,
+    NEED_DK: tl.constexpr,
+    NEED_DV: tl.constexpr,
+    NEED_C: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """For one row tile and one head, over all pairs: adds to ``dq``/``r`` (N, SA, D) and
+    ``dk``/``dv`` (N, SB, D) at the slots of the layers, and writes ``c`` (N, P, D)."""
+    h = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    head0 = h * DH
+    band_cols = tl.arange(0, BLOCK_W)
+    a_rows = rows64[:, None] * SA * D
+    b_rows = rows64[:, None] * SB * D
+    for p in range(P):
+        i = tl.load(pairs_ptr + 2 * p)
+        j = tl.load(pairs_ptr + 2 * p + 1)
+        lo = tl.maximum(j - window, 0)
+        hi = tl.minimum(j + window + 1, Lb)
+        a_ptr = ha_ptr + i * stride_al
+        a_slot = tl.load(a_slot_ptr + i).to(tl.int64) * D
+        gp_ptr = g_ptr + p * stride_gp
+        if ATTEND:
+            alpha = _band_alpha(
+                a_ptr, stride_an, stride_ad, hb_ptr, stride_bn, stride_bl, stride_bd, wq_ptr, stride_wq0,
+                stride_wq1, wk_ptr, stride_wk0, stride_wk1, bq_ptr, stride_bq, rows64, row_ok, head0, lo, hi,
+                D, DH, HAS_BQ, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_W,
+            )  # fmt: skip
+            d_alpha = tl.zeros((BLOCK_N, BLOCK_W), ACC)
+        # The value pass: c, dc = G Wo[:, cols], dα and dV.
+        for c0 in range(0, DH, BLOCK_C):
+            cl = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cl < DH
+            cols = head0 + cl
+            cols64 = cols.to(tl.int64)
+            ok = row_ok[:, None] & c_ok[None, :]
+            dc = _proj(
+                gp_ptr, stride_gn, stride_gd, rows64, row_ok, wo_ptr, stride_wo1, stride_wo0, cols, c_ok, D,
+                ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+            )  # fmt: skip
+            if ATTEND:
+                ctx = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+                for jj in range(lo, hi):
+                    v = _proj(
+                        hb_ptr + jj * stride_bl, stride_bn, stride_bd, rows64, row_ok, wv_ptr, stride_wv0,
+                        stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+                    )  # fmt: skip
+                    v = _bias(v, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)
+                    a_j = _column(alpha, band_cols, jj - lo)
+                    ctx += a_j[:, None] * v
+                    if NEED_DQ or NEED_DK:
+                        dv_dot = tl.sum(dc * v, axis=1)
+                        d_alpha += tl.where(band_cols[None, :] == jj - lo, dv_dot[:, None], 0.0)
+                    if NEED_DV:
+                        b_slot = tl.load(b_slot_ptr + jj).to(tl.int64) * D
+                        _add_to(dv_ptr + b_rows + b_slot + cols64[None, :], a_j[:, None] * dc, ok)
+            else:
+                ctx = _proj(
+                    hb_ptr + j * stride_bl, stride_bn, stride_bd, rows64, row_ok, wv_ptr, stride_wv0,
+                    stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+                )  # fmt: skip
+                ctx = _bias(ctx, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)
+                if NEED_DV:
+                    b_slot = tl.load(b_slot_ptr + j).to(tl.int64) * D
+                    _add_to(dv_ptr + b_rows + b_slot + cols64[None, :], dc, ok)
+            if NEED_C:
+                tl.store(c_ptr + rows64[:, None] * P * D + p * D + cols64[None, :], ctx, mask=ok)
+            if NEED_R:
+                g_ptrs = gp_ptr + rows64[:, None] * stride_gn + cols64[None, :] * stride_gd
+                g = tl.load(g_ptrs, mask=ok, other=0.0)
+                _add_to(r_ptr + a_rows + a_slot + cols64[None, :], g.to(ACC), ok)
+        if ATTEND and (NEED_DQ or NEED_DK):
+            # ds = α (dα - Σ α dα) / sqrt(dh); the third pass: dQ += Σ ds k, dK += ds q.
+            scale = 1.0 / tl.sqrt(tl.full((), DH, ACC))
+            d_score = alpha * (d_alpha - tl.sum(alpha * d_alpha, axis=1)[:, None]) * scale
+            for c0 in range(0, DH, BLOCK_C):
+                cl = c0 + tl.arange(0, BLOCK_C)
+                c_ok = cl < DH
+                cols = head0 + cl
+                cols64 = cols.to(tl.int64)
+                ok = row_ok[:, None] & c_ok[None, :]
+                if NEED_DK:
+                    q = _proj(
+                        a_ptr, stride_an, stride_ad, rows64, row_ok, wq_ptr, stride_wq0, stride_wq1, cols,
+                        c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+                    )  # fmt: skip
+                    q = _bias(q, bq_ptr, stride_bq, cols, c_ok, HAS_BQ, ACC)
+                dq = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+                for jj in range(lo, hi):
+                    ds_j = _column(d_score, band_cols, jj - lo)[:, None]
+                    if NEED_DQ:
+                        k = _proj(
+                            hb_ptr + jj * stride_bl, stride_bn, stride_bd, rows64, row_ok, wk_ptr, stride_wk0,
+                            stride_wk1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+                        )  # fmt: skip
+                        dq += ds_j * k
+                    if NEED_DK:
+                        b_slot = tl.load(b_slot_ptr + jj).to(tl.int64) * D
+                        _add_to(dk_ptr + b_rows + b_slot + cols64[None, :], ds_j * q, ok)
+                if NEED_DQ:
+                    _add_to(dq_ptr + a_rows + a_slot + cols64[None, :], dq, ok)
+
+
+# --- host side -------------------------------------------------------------------------------
+
+
+def _band(window: int, lb: int) -> tuple[int, int]:
+    """The window clipped to the stack (same bands) and BLOCK_W."""
+    w = min(window, lb - 1)
+    return w, triton.next_power_of_2(min(2 * w + 1, lb))
+
+
+def _head_block(dh: int) -> int:
+    return _block(dh, 16, 64)
+
+
+# (BLOCK_N cap, BLOCK_K cap, num_warps) per kernel and dtype class. Chosen from sm_90 builds
+# (Triton 3.6, D a multiple of 16, dh = 64, band of 3): every one compiles to at most 246
+# registers a thread without spills; 16-bit dots take tensor cores (wgmma at BLOCK_N = 64),
+# ieee float32 and float64 ones FMA units, so smaller tiles there.
+_CONFIGS = {
+    ("fwd", "half"): (64, 64, 8),
+    ("fwd", "fp32"): (32, 32, 8),
+    ("fwd", "fp64"): (32, 16, 8),
+    ("bwd", "half"): (64, 32, 8),
+    ("bwd", "fp32"): (32, 32, 8),
+    ("bwd", "fp64"): (32, 32, 8),
+}
+
+
+def _config(
+    kind: str, n: int, d: int, other_blocks: int, dtype: torch.dtype, device: torch.device
+) -> tuple[int, int, int]:
+    """BLOCK_N, BLOCK_K and num_warps; BLOCK_N shrinks (to 16) while there are fewer programs
+    than fill the device."""
+    cls = "half" if dtype in _HALF else "fp64" if dtype == torch.float64 else "fp32"
+    bn_hi, bk_hi, warps = _CONFIGS[kind, cls]
+    return _row_block(n, other_blocks, bn_hi, _target_programs(device)), _block(d, 16, bk_hi), warps
+
+
+def _weight_args(*ws: Tensor) -> list:
+    return [x for w in ws for x in (w, w.stride(0), w.stride(1))]
+
+
+def _bias_args(b: Tensor | None, dummy: Tensor) -> list:
+    return [dummy, 0] if b is None else [b, b.stride(0)]
+
+
+def _slots(mark: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """``(slot of every layer (int32; meaningful where marked), the layers of slots
+    0..count-1)``: the marked layers in order, then unmarked ones as padding. No host sync."""
+    slot = (torch.cumsum(mark, 0, dtype=torch.int32) - 1).to(torch.int32)
+    layers = torch.argsort((~mark).to(torch.uint8), stable=True)[:count]
+    return slot, layers
+
+
+# --- the kernel contract (fusionops.ops._kernels) ------------------------------------------
+
+_GRADS = ("ha", "hb", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")
+
+
+def forward(
+    ha: Tensor,
+    hb: Tensor,
+    pairs: Tensor,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    bq: Tensor | None,
+    bk: Tensor | None,
+    bv: Tensor | None,
+    bo: Tensor | None,
+    heads: int,
+    window: int,
+) -> Tensor:
+    """``out`` of shape (N, P, D), contiguous; ``bk`` is not read (softmax ignores it)."""
+    del bk
+    n, _, d = ha.shape
+    lb, p = hb.shape[1], pairs.shape[0]
+    dtype, device = ha.dtype, ha.device
+    dh = d // heads
+    w, bw = _band(window, lb)
+    bc = _head_block(dh)
+    # 16-bit outputs written more than once are summed in a float32 tile buffer.
+    staged = dtype in _HALF and heads * triton.cdiv(dh, bc) > 1
+    out = torch.empty(n, p, d, dtype=_acc(dtype) if staged else dtype, device=device)
+    if n == 0:
+        return out.to(dtype)
+    bn, bk, warps = _config("fwd", n, d, p, dtype, device)
+    with _on(device):
+        _skew_fwd_kernel[(triton.cdiv(n, bn), p)](
+            ha,
+            *ha.stride(),
+            hb,
+            *hb.stride(),
+            pairs,
+            *_weight_args(wq, wk, wv, wo),
+            *_bias_args(bq, wq),
+            *_bias_args(bv, wq),
+            *_bias_args(bo, wq),
+            out,
+            n,
+            p,
+            d,
+            lb,
+            heads,
+            w,
+            DH=dh,
+            ATTEND=w > 0,
+            HAS_BQ=bq is not None,
+            HAS_BV=bv is not None,
+            HAS_BO=bo is not None,
+            ACC=_TL[_acc(dtype)],
+            DOT=_dot_dtype(dtype, device),
+            PRECISION=_PRECISION,
+            BLOCK_N=bn,
+            BLOCK_C=bc,
+            BLOCK_K=bk,
+            BLOCK_O=_block(d, 16, 64),
+            BLOCK_W=bw,
+            num_warps=warps,
+        )
+    return out.to(dtype) if staged else out
+
+
+@torch.no_grad()
+def backward(
+    grad: Tensor,
+    ha: Tensor,
+    hb: Tensor,
+    pairs: Tensor,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    bq: Tensor | None,
+    bk: Tensor | None,
+    bv: Tensor | None,
+    heads: int,
+    window: int,
+    needs: list[bool],
+) -> list[Tensor]:
+    """Ten gradients ``ha, hb, wq, wk, wv, wo, bq, bk, bv, bo`` given ``grad = dL/dout``
+    (N, P, D); those whose flag in ``needs`` is False are empty tensors."""
+    del bk
+    n, la, d = ha.shape
+    lb, p = hb.shape[1], pairs.shape[0]
+    dtype, device = ha.dtype, ha.device
+    acc = _acc(dtype)
+    w, bw = _band(window, lb)
+    attend = w > 0
+    need = dict(zip(_GRADS, needs, strict=True))
+    shapes = dict(zip(_GRADS, (ha.shape, hb.shape, *[(d, d)] * 4, *[(d,)] * 4), strict=True))
+    grads: dict[str, Tensor] = {}
+    # Exactly zero: bk always (softmax ignores it); wq, wk, bq when every α is 1.
+    for name in ("bk",) if attend else ("wq", "wk", "bq", "bk"):
+        if need[name]:
+            grads[name] = torch.zeros(shapes[name], dtype=dtype, device=device)
+    if need["bo"]:
+        grads["bo"] = grad.sum((0, 1), dtype=acc).to(dtype)
+    # What the kernel writes: dQ, R, dK, dV, C (module docstring).
+    need_dq = attend and (need["ha"] or need["wq"] or need["bq"])
+    need_r = need["ha"]
+    need_dk = attend and (need["hb"] or need["wk"])
+    need_dv = need["hb"] or need["wv"] or need["bv"]
+    need_c = need["wo"]
+    if n == 0 or not (need_dq or need_r or need_dk or need_dv or need_c):
+        for name in _GRADS:
+            if need[name] and name not in grads:
+                grads[name] = torch.zeros(shapes[name], dtype=dtype, device=device)
+        return [grads.get(name, ha.new_empty(0)) for name in _GRADS]
+
+    # Slots of the layers of A that pairs touch, and of B that bands touch.
+    sa, sb = min(la, p), min(lb, p * (2 * w + 1))
+    touched_a = torch.zeros(la, dtype=torch.bool, device=device).index_fill_(0, pairs[:, 0], True)
+    touched_b = ((torch.arange(lb, device=device)[None, :] - pairs[:, 1:]).abs() <= w).any(0)
+    (a_slot, a_layers), (b_slot, b_layers) = _slots(touched_a, sa), _slots(touched_b, sb)
+
+    # Row chunks, each a multiple of BLOCK_N, so that the buffers stay under the cap.
+    bn, bk, warps = _config("bwd", n, d, heads, dtype, device)
+    per_row = d * (sa * (need_dq + need_r) + sb * (need_dk + need_dv) + p * need_c)
+    chunk_rows = min(max(bn, _SCRATCH_ELEMENTS // per_row // bn * bn), triton.cdiv(n, bn) * bn)
+
+    def buffer(flag: bool, slots: int) -> Tensor:
+        return torch.zeros(chunk_rows if flag else 0, slots, d, dtype=acc, device=device)
+
+    dq_s, r_s, dk_s, dv_s = buffer(need_dq, sa), buffer(need_r, sa), buffer(need_dk, sb), buffer(need_dv, sb)
+    c_s = torch.empty(chunk_rows if need_c else 0, p, d, dtype=dtype, device=device)
+
+    def mm(a: Tensor, b: Tensor) -> Tensor:
+        """A float32 buffer times an input (16-bit: both in the input dtype, on tensor cores)."""
+        return ((a.to(dtype) if dtype in _HALF else a) @ b).to(acc)
+
+    if need["ha"]:
+        grads["ha"] = torch.zeros(ha.shape, dtype=dtype, device=device)
+    if need["hb"]:
+        grads["hb"] = torch.zeros(hb.shape, dtype=dtype, device=device)
+    # Weight and bias gradients summed over the chunks in float32.
+    sums = {
+        name: torch.zeros(shapes[name], dtype=acc, device=device)
+        for name in ("wq", "wk", "wv", "wo", "bq", "bv")
+        if need[name] and name not in grads
+    }
+
+    for row0 in range(0, n, chunk_rows):
+        rows = min(chunk_rows, n - row0)
+        if row0 > 0:
+            for t in (dq_s, r_s, dk_s, dv_s):
+                t.zero_()
+        g = grad[row0 : row0 + rows]
+        with _on(device):
+            _skew_bwd_kernel[(triton.cdiv(rows, bn), heads)](
+                g,
+                *g.stride(),
+                ha[row0:],
+                *ha.stride(),
+                hb[row0:],
+                *hb.stride(),
+                pairs,
+                a_slot,
+                b_slot,
+                *_weight_args(wq, wk, wv, wo),
+                *_bias_args(bq, wq),
+                *_bias_args(bv, wq),
+                dq_s,
+                r_s,
+                dk_s,
+                dv_s,
+                c_s,
+                rows,
+                p,
+                d,
+                lb,
+                sa,
+                sb,
+                w,
+                DH=d // heads,
+                ATTEND=attend,
+                HAS_BQ=bq is not None,
+                HAS_BV=bv is not None,
+                NEED_DQ=need_dq,
+                NEED_R=need_r,
+                NEED_DK=need_dk,
+                NEED_DV=need_dv,
+                NEED_C=need_c,
+                ACC=_TL[acc],
+                DOT=_dot_dtype(dtype, device),
+                PRECISION=_PRECISION,
+                BLOCK_N=bn,
+                BLOCK_C=_head_block(d // heads),
+                BLOCK_K=bk,
+                BLOCK_W=bw,
+                num_warps=warps,
+            )
+        dq, dk, dv = (t[:rows].view(-1, d) for t in (dq_s, dk_s, dv_s))
+        if need["ha"]:
+            da = r_s[:rows] + mm(dq, wq).view(rows, sa, d) if need_dq else r_s[:rows]
+            grads["ha"][row0 : row0 + rows].index_copy_(1, a_layers, da.to(dtype))
+        if need["hb"]:
+            db = mm(dv, wv) + mm(dk, wk) if need_dk else mm(dv, wv)
+            grads["hb"][row0 : row0 + rows].index_copy_(1, b_layers, db.view(rows, sb, d).to(dtype))
+        if "wq" in sums:
+            sums["wq"] += mm(dq.t(), ha[row0 : row0 + rows].index_select(1, a_layers).view(-1, d))
+        if "wk" in sums or "wv" in sums:
+            hb_t = hb[row0 : row0 + rows].index_select(1, b_layers).view(-1, d)
+            if "wk" in sums:
+                sums["wk"] += mm(dk.t(), hb_t)
+            if "wv" in sums:
+                sums["wv"] += mm(dv.t(), hb_t)
+        if "wo" in sums:
+            sums["wo"] += (g.reshape(-1, d).t() @ c_s[:rows].view(-1, d)).to(acc)
+        if "bq" in sums:
+            sums["bq"] += dq.sum(0)
+        if "bv" in sums:
+            sums["bv"] += dv.sum(0)
+    for name, t in sums.items():
+        grads[name] = t.to(dtype)
+    return [grads.get(name, ha.new_empty(0)) for name in _GRADS]
