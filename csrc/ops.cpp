@@ -1,7 +1,7 @@
 // The schemas of every op implemented in C++ (DESIGN.md, Architecture): declared once here,
 // implemented per device in csrc/cpu/*.cpp (and csrc/cuda/*). The public ops of the package
-// (torch.ops.fusionops.tensor_fusion_*, low_rank_fusion, product_fusion) are defined in Python
-// and call these kernels.
+// (torch.ops.fusionops.tensor_fusion_*, low_rank_fusion, product_fusion, skew_pair_attention)
+// are defined in Python and call these kernels.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -42,4 +42,11 @@ TORCH_LIBRARY(fusionops, m) {
   // Product fusion (DESIGN.md section 3); contract in fusionops/ops/_kernels.py.
   m.def("_product_fwd_cpu(Tensor[] xs) -> Tensor");
   m.def("_product_bwd_cpu(Tensor grad, Tensor[] xs) -> Tensor[]");
+  // Sparse skew-pair attention (DESIGN.md section 4); contract in fusionops/ops/_kernels.py.
+  m.def(
+      "_skew_pair_fwd_cpu(Tensor ha, Tensor hb, Tensor pairs, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "
+      "Tensor? bq, Tensor? bk, Tensor? bv, Tensor? bo, int heads, int window) -> Tensor");
+  m.def(
+      "_skew_pair_bwd_cpu(Tensor grad, Tensor ha, Tensor hb, Tensor pairs, Tensor wq, Tensor wk, Tensor wv, "
+      "Tensor wo, Tensor? bq, Tensor? bk, Tensor? bv, int heads, int window, bool[] needs) -> Tensor[]");
 }

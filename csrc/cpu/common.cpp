@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #ifdef FUSIONOPS_X86_DISPATCH
 #include <immintrin.h>
@@ -16,6 +17,40 @@
 namespace fusionops::cpu {
 
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, cols)); }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+RowBlocks row_blocks(int64_t N, int64_t max_rows) {
+  const int64_t threads = at::get_num_threads();
+  RowBlocks r;
+  r.N = N;
+  r.blocks = threads * ceil_div(N, threads * std::max<int64_t>(1, max_rows));
+  r.rows = N > 0 ? ceil_div(N, r.blocks) : 1;
+  r.blocks = ceil_div(N, r.rows);
+  return r;
+}
+
+ThreadSums::ThreadSums(std::vector<at::Tensor> outs) : outs_(std::move(outs)), parts_(at::get_num_threads()) {}
+
+std::vector<at::Tensor>& ThreadSums::mine() {
+  const int t = at::get_thread_num();
+  TORCH_INTERNAL_ASSERT(t < static_cast<int>(parts_.size()));
+  std::vector<at::Tensor>& part = parts_[t];
+  if (part.empty()) {
+    for (const at::Tensor& out : outs_) {
+      part.push_back(!out.defined() || t == 0 ? out : at::zeros_like(out));
+    }
+  }
+  return part;
+}
+
+void ThreadSums::reduce() {
+  for (size_t t = 1; t < parts_.size(); ++t) {
+    for (size_t k = 0; k < parts_[t].size(); ++k) {
+      if (parts_[t][k].defined()) outs_[k].add_(parts_[t][k]);
+    }
+  }
+}
 
 void check_modalities(const char* op, at::TensorList xs, const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(!xs.empty(), "fusionops::", op, ": xs is empty; expected M >= 1 modalities");

@@ -1,10 +1,12 @@
-// Helpers shared by the CPU kernels (tensor, low-rank and product fusion): argument checks,
-// the z_m = [1, x_m] features the fusions start from, the finishing of dx, and vectorized
-// conversions between the input dtype and the compute dtype.
+// Helpers shared by the CPU kernels (tensor, low-rank and product fusion, skew-pair attention):
+// argument checks, the z_m = [1, x_m] features the fusions start from, the finishing of dx,
+// blocks of rows and deterministic per-thread sums, and vectorized conversions between the
+// input dtype and the compute dtype.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
@@ -33,8 +35,41 @@ int64_t grain_rows(int64_t cols);
 // Every op of this extension is the bottom of the autograd op layer (fusionops/ops/), which
 // differentiates it itself, so its inner ATen calls skip autograd: its inputs may require grad,
 // views of them taken inside would too, and out= calls such as mm_out refuse those. Each op
-// holds one of these for its whole body.
+// holds one of these for its whole body, and so does every parallel_for body that calls ATen on
+// such tensors: the guard is thread-local, and parallel_for's worker threads do not inherit it.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+// ---- blocks of rows and per-thread sums ----------------------------------------------------
+
+int64_t ceil_div(int64_t a, int64_t b);
+
+// Rows [0, N) cut into `blocks` blocks of `rows` rows (the last one may be shorter), with as many
+// blocks for every thread (parallel_for's static schedule) and no block above max_rows rows.
+struct RowBlocks {
+  int64_t N = 0, rows = 1, blocks = 0;
+
+  int64_t first(int64_t block) const { return block * rows; }
+  int64_t count(int64_t block) const { return std::min(rows, N - block * rows); }
+};
+
+RowBlocks row_blocks(int64_t N, int64_t max_rows);
+
+// Sums over the chunks of a parallel_for that do not depend on timing: each thread adds into its
+// own zeroed copies of the outputs (thread 0 straight into the outputs), and reduce() adds the
+// copies in thread order after the loop.
+class ThreadSums {
+ public:
+  // outs: zero-filled outputs; undefined entries are skipped (and stay undefined in mine()).
+  explicit ThreadSums(std::vector<at::Tensor> outs);
+  // The calling thread's copies, made on its first call (a backend may give it several chunks).
+  std::vector<at::Tensor>& mine();
+  // Adds every thread's copies into the outputs, thread 1 first; call once, after the loop.
+  void reduce();
+
+ private:
+  std::vector<at::Tensor> outs_;
+  std::vector<std::vector<at::Tensor>> parts_;
+};
 
 // ---- argument checks (the Python op layer guarantees all of these) --------------------
 // `op` names the op in the messages, e.g. "_tf_features_fwd_cpu".
