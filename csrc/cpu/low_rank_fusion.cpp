@@ -35,7 +35,6 @@ namespace {
 constexpr int64_t kBlockBytes = int64_t{3} << 19;  // 1.5 MB
 constexpr int64_t kMinBlockRows = 128;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- arguments ------------------------------------------------------------------------------
 
@@ -47,7 +46,7 @@ struct Problem {
   at::Tensor w;                // (R,), contiguous, compute dtype
   int M = 0;
   int64_t N = 0, R = 0, O = 0, RO = 0;
-  int64_t rows = 1, blocks = 0;  // rows per block, blocks in all
+  RowBlocks blocks;
   const bool* keep = nullptr;    // the mask's data, strides k0, k1
   int64_t k0 = 0, k1 = 0;
 
@@ -57,8 +56,6 @@ struct Problem {
   bool present(int m, int64_t n) const { return !keep || keep[n * k0 + m * k1]; }
 
   at::TensorOptions opts() const { return w.options(); }
-  int64_t first_row(int64_t block) const { return block * rows; }
-  int64_t block_rows(int64_t block) const { return std::min(rows, N - block * rows); }
 };
 
 Problem make_problem(const char* op, at::TensorList xs, at::TensorList factors, const at::Tensor& rank_weight,
@@ -97,14 +94,9 @@ Problem make_problem(const char* op, at::TensorList xs, at::TensorList factors, 
     p.k0 = mask->stride(0);
     p.k1 = mask->stride(1);
   }
-  // As many blocks per thread for every thread (static schedule), each of at most the rows the
-  // cache budget allows, and together just covering N.
-  const int64_t threads = at::get_num_threads();
+  // Blocks of at most the rows the cache budget allows (as many for every thread).
   const int64_t elem = static_cast<int64_t>(c10::elementSize(acc));
-  const int64_t max_rows = std::max(kMinBlockRows, kBlockBytes / (elem * p.M * p.RO));
-  p.blocks = threads * ceil_div(p.N, threads * max_rows);
-  p.rows = p.N > 0 ? ceil_div(p.N, p.blocks) : 1;
-  p.blocks = ceil_div(p.N, p.rows);
+  p.blocks = row_blocks(p.N, std::max(kMinBlockRows, kBlockBytes / (elem * p.M * p.RO)));
   return p;
 }
 
@@ -198,15 +190,15 @@ struct Block {
   std::vector<at::Tensor> z, Am;
   int64_t r0 = 0, nb = 0;
 
-  explicit Block(const Problem& p_) : p(p_), A(at::empty({p_.M, p_.rows, p_.RO}, p_.opts())) {
+  explicit Block(const Problem& p_) : p(p_), A(at::empty({p_.M, p_.blocks.rows, p_.RO}, p_.opts())) {
     int64_t total = 0;
     for (int64_t D : p.D) total += D;
-    zbuf = at::empty({p.rows * total}, p.opts());
+    zbuf = at::empty({p.blocks.rows * total}, p.opts());
   }
 
   void load(int64_t block) {
-    r0 = p.first_row(block);
-    nb = p.block_rows(block);
+    r0 = p.blocks.first(block);
+    nb = p.blocks.count(block);
     z.clear();
     Am.clear();
     int64_t offset = 0;
@@ -222,7 +214,7 @@ struct Block {
   // a[m] = row i of A_m.
   void row(int64_t i, std::vector<T*>& a) const {
     T* base = A.mutable_data_ptr<T>();
-    for (int m = 0; m < p.M; ++m) a[m] = base + (m * p.rows + i) * p.RO;
+    for (int m = 0; m < p.M; ++m) a[m] = base + (m * p.blocks.rows + i) * p.RO;
   }
 };
 
@@ -230,7 +222,7 @@ template <typename T>
 void forward_kernel(const Problem& p, const T* b, at::Tensor& y) {
   const T* w = p.w.const_data_ptr<T>();
   T* y_ = y.mutable_data_ptr<T>();
-  at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, p.blocks.blocks, 1, [&](int64_t b0, int64_t b1) {
     Block<T> block(p);
     std::vector<T*> a(p.M);
     for (int64_t bi = b0; bi < b1; ++bi) {
@@ -244,8 +236,8 @@ void forward_kernel(const Problem& p, const T* b, at::Tensor& y) {
 }
 
 // Adds to dw (R,) always, to dx_m (N, d_m) and dFt_m (D_m, R·O) when they are given (non-empty).
-// Each thread sums dw and dFt over its blocks (thread 0 straight into the outputs), then the
-// partial sums are added in thread order, so the result does not depend on timing.
+// Each thread sums dw and dFt over its blocks, added in thread order after the loop
+// (ThreadSums), so the result does not depend on timing.
 template <typename T>
 void backward_kernel(const Problem& p, const at::Tensor& g, std::vector<at::Tensor>& dx,
                      std::vector<at::Tensor>& dFt, at::Tensor& dw) {
@@ -253,17 +245,12 @@ void backward_kernel(const Problem& p, const at::Tensor& g, std::vector<at::Tens
   const T* w = p.w.const_data_ptr<T>();
   const T* g_ = g.const_data_ptr<T>();
   const int64_t scratch = backward_row_scratch(p.M, p.RO);
-  const int threads = at::get_num_threads();
-  std::vector<std::vector<at::Tensor>> part_dFt(threads);
-  std::vector<at::Tensor> part_dw(threads);
-  at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int t = at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(t < threads);
-    if (!part_dw[t].defined()) {  // a thread's first chunk (a backend may give it several)
-      for (const at::Tensor& F : dFt) part_dFt[t].push_back(t == 0 ? F : at::zeros_like(F));
-      part_dw[t] = t == 0 ? dw : at::zeros_like(dw);
-    }
-    T* dw_ = part_dw[t].mutable_data_ptr<T>();
+  std::vector<at::Tensor> outs{dw};  // then dFt_m, if asked for
+  outs.insert(outs.end(), dFt.begin(), dFt.end());
+  ThreadSums sums(std::move(outs));
+  at::parallel_for(0, p.blocks.blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<at::Tensor>& part = sums.mine();
+    T* dw_ = part[0].mutable_data_ptr<T>();
     Block<T> block(p);
     std::vector<T*> a(p.M);
     std::vector<T> buf(scratch + p.R);
@@ -287,14 +274,11 @@ void backward_kernel(const Problem& p, const at::Tensor& g, std::vector<at::Tens
             if (!p.present(m, block.r0 + i)) std::fill(d + i * dm, d + (i + 1) * dm, T(0));
           }
         }
-        if (!dFt.empty()) part_dFt[t][m].addmm_(block.z[m].t(), dA);  // dFt_m += z_mᵀ dA_m
+        if (!dFt.empty()) part[1 + m].addmm_(block.z[m].t(), dA);  // dFt_m += z_mᵀ dA_m
       }
     }
   });
-  for (int t = 1; t < threads; ++t) {
-    if (part_dw[t].defined()) dw.add_(part_dw[t]);
-    for (size_t m = 0; m < part_dFt[t].size(); ++m) dFt[m].add_(part_dFt[t][m]);
-  }
+  sums.reduce();
 }
 
 // ---- the ops ------------------------------------------------------------------------------
