@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cases, csvfile, env, ops, plots, runner, table, ways
+from benchmarks import cases, csvfile, env, limits, ops, plots, runner, table, ways
 from benchmarks.spec import MODES, CaseBase, OpSpec, Row
 
 
@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="memory children at a time (default: the CPU count on CPU, 1 on CUDA)",
     )
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="skip measuring the device's matmul rate and copy bandwidth (no frac_* columns)",
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False here")
@@ -102,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         f"fusionops benchmarks on {info['device_name']}: torch {info['torch']}, triton {info['triton']}, "
         f"CUDA {info['cuda']}, fusionops._C {info['fusionops_C']}, commit {info['git_commit']}"
     )
+    if not args.no_limits:
+        lim = limits.measure(args.device)
+        info.update(lim.columns())
+        print(
+            f"device limits (measured): {lim.matmul_dtype} matmul {lim.matmul_tflops:.3g} TFLOP/s, "
+            f"copy {lim.bandwidth_gbps:.3g} GB/s"
+        )
     if args.device == "cpu" and float(info["loadavg_1min"]) > 0.5:
         print(
             f"warning: load average {info['loadavg_1min']} on {os.cpu_count()} cores before starting: "

@@ -7,10 +7,13 @@ the children never share the CPU with a timed call.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
-from benchmarks import memory, timing, ways
-from benchmarks.spec import CaseBase, OpSpec, Row, mb
+import torch
+
+from benchmarks import limits, memory, timing, ways
+from benchmarks.spec import CaseBase, Inputs, OpSpec, Row, mb
 
 # Time spent per (way, mode) after warm-up, by grid: more for a headline's verdict.
 TIMING = {
@@ -24,6 +27,27 @@ def base_row(spec: OpSpec, case: CaseBase, info: Mapping[str, str]) -> Row:
     return {**info, "op": spec.name, "case": case.name, "sweep": case.sweep, "n": case.n, **case.columns()}
 
 
+def input_sets(spec: OpSpec, case: CaseBase, device: str) -> list[Inputs]:
+    """The case's inputs; on CUDA, as many copies as it takes for every timed call to find its
+    inputs outside L2 (``limits.rotation_copies``), as they would be in a model."""
+    first = spec.make_inputs(case, device, True)
+    if not device.startswith("cuda"):
+        return [first]
+    l2 = torch.cuda.get_device_properties(torch.device(device)).L2_cache_size
+    size = sum(t.numel() * t.element_size() for t in (*first.leaves, first.grad_out))
+    return [first] + [
+        spec.make_inputs(case, device, True) for _ in range(limits.rotation_copies(size, l2) - 1)
+    ]
+
+
+def rotating(setups: list[timing.Setup]) -> timing.Setup:
+    """One setup that uses the next input set at every call."""
+    if len(setups) == 1:
+        return setups[0]
+    turn = itertools.cycle(setups)
+    return lambda: next(turn)()
+
+
 def time_case(
     spec: OpSpec,
     case: CaseBase,
@@ -34,12 +58,13 @@ def time_case(
 ) -> list[Row]:
     """One row per (way, mode) that can run on this device and dtype; failures as ``error``."""
     available, _ = ways.available_ways(spec, device, case.dtype)
-    inp = spec.make_inputs(case, device, True)
+    inputs = input_sets(spec, case, device)
     base = base_row(spec, case, info)
     rows: list[Row] = []
     for mode in modes:
         # All ways of one mode side by side (interleaved), so load hits them alike.
-        timed = timing.measure({w.name: ways.make_step(w, inp, mode) for w in available}, device, **knobs)
+        steps = {w.name: rotating([ways.make_step(w, inp, mode) for inp in inputs]) for w in available}
+        timed = timing.measure(steps, device, **knobs)
         for way in available:
             row: Row = {
                 **base,
@@ -66,6 +91,7 @@ def time_case(
                     row["tflops"] = round(flops / seconds / 1e12, 4)
                 if (moved := case.bytes_moved(mode)) is not None:
                     row.update(moved_mb=mb(moved), gbps=round(moved / seconds / 1e9, 2))
+                row.update(limits.fractions(row, dict(info)))
             rows.append(row)
     return rows
 

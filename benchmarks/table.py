@@ -26,7 +26,9 @@ def print_table(spec: OpSpec, rows: list[Row], device: str) -> None:
     extra = [spec.table_column[:2]] if spec.table_column else []
     thr = _throughput(spec, rows, device.startswith("cuda"))
     head = ["case", "way", "mode", "median ms", *(h for h, _ in base_cols), "peak MB", *(h for h, _ in extra)]
+    frac = next((k for k in ("frac_matmul", "frac_bandwidth") if any(k in r for r in rows)), None)
     head += [thr[0]] if thr else []
+    head += [{"frac_matmul": "of matmul", "frac_bandwidth": "of copy"}[frac]] if frac else []
     lines = [head]
     for r in rows:
         line = [str(r["case"]), str(r["way"]), str(r["mode"])]
@@ -41,6 +43,8 @@ def print_table(spec: OpSpec, rows: list[Row], device: str) -> None:
         line += [f"{r[k]:.1f}" for _, k in extra]
         if thr:
             line += [f"{float(r[thr[1]]) * thr[2]:.1f}" if r.get(thr[1], "") != "" else ""]  # type: ignore[arg-type]
+        if frac:
+            line += [f"{100 * float(r[frac]):.0f}%" if r.get(frac, "") != "" else ""]  # type: ignore[arg-type]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for i, line in enumerate(lines):
