@@ -3,7 +3,8 @@
 * The C++ kernels (``csrc/ops.cpp``, ``csrc/cpu/*.cpp``) are compiled whenever torch is
   importable at build time: install torch first and build without isolation
   (``pip install --no-build-isolation -e .``).
-* The CUDA kernels (``csrc/cuda/*.cu``) are added when a CUDA toolkit and a CUDA build of
+* The CUDA kernels (``csrc/cuda/*.cu``, ``csrc/cuda/*.cpp`` bindings and the plain kernels in
+  ``csrc/cuda/kernels/*.cu``) are added when a CUDA toolkit and a CUDA build of
   torch are present. ``FUSIONOPS_WITH_CUDA=1`` forces them (failing loudly if impossible),
   ``FUSIONOPS_WITH_CUDA=0`` skips them. ``FUSIONOPS_BUILD_EXT=0`` skips the extension.
 """
@@ -45,6 +46,8 @@ def _extensions() -> tuple[list, dict]:
     cuda_sources = rel(
         glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
         + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp"))
+        # The plain CUDA kernels (no torch headers) the bindings above launch.
+        + glob.glob(os.path.join(HERE, "csrc", "cuda", "kernels", "*.cu"))
     )
 
     want_cuda = _flag("FUSIONOPS_WITH_CUDA")

@@ -10,9 +10,14 @@ from torch import Tensor
 
 from fusionops._backend import common_reasons
 
-# Ops that have CUDA C++ kernels (issue 7 adds them); the rest report why the cuda backend cannot
-# serve them.
-CUDA_KERNEL_OPS: frozenset[str] = frozenset()
+# One CUDA C++ kernel of each op that has them (issue 7 adds them; csrc/cuda/): an extension
+# built with CUDA from older sources lacks it.
+CUDA_KERNELS = {
+    "product_fusion": "_product_fwd_cuda",
+}
+
+# Ops that have CUDA C++ kernels; the rest report why the cuda backend cannot serve them.
+CUDA_KERNEL_OPS: frozenset[str] = frozenset(CUDA_KERNELS)
 
 
 # One C++ kernel of each op: an extension built before the op existed lacks it.
@@ -39,6 +44,11 @@ def kernel_reasons(op: str, backend: str, device: torch.device, dtype: torch.dty
         )
     if backend == "cuda" and device.type == "cuda" and op not in CUDA_KERNEL_OPS:
         reasons.append(f"CUDA C++ kernels for {op} are not implemented yet")
+    elif backend == "cuda" and not reasons and not _extension_has(CUDA_KERNELS[op]):
+        reasons.append(
+            f"the compiled extension fusionops._C has no CUDA {op} kernels (built from older "
+            "sources): rebuild it with FUSIONOPS_WITH_CUDA=1 pip install --no-build-isolation -e ."
+        )
     return reasons
 
 
@@ -47,16 +57,22 @@ def empty_grad(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def fused_kernels(op: str, backend: str, cpu: object, triton_module: str) -> object:
-    """The kernels serving ``backend``: ``cpu`` (the C++ wrappers) or the Triton module
-    ``fusionops.triton.<triton_module>`` (imported on first use: triton is optional)."""
+def fused_kernels(
+    op: str, backend: str, cpu: object, triton_module: str, cuda: object | None = None
+) -> object:
+    """The kernels serving ``backend``: ``cpu`` (the C++ wrappers), ``cuda`` (the CUDA C++
+    wrappers, for the ops that have them) or the Triton module ``fusionops.triton.<triton_module>``
+    (imported on first use: triton is optional)."""
     if backend == "cpu":
         return cpu
+    if backend == "cuda" and cuda is not None:
+        return cuda
     if backend == "triton":
         return importlib.import_module(f"fusionops.triton.{triton_module}")
+    expected = "'cpu', 'cuda' or 'triton'" if cuda is not None else "'cpu' or 'triton'"
     raise ValueError(
         f"{op}: backend {backend!r} has no fused kernels for this op "
-        "(the reference is served by fusionops.reference; expected 'cpu' or 'triton')"
+        f"(the reference is served by fusionops.reference; expected {expected})"
     )
 
 

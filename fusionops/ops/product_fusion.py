@@ -30,6 +30,10 @@ OP = "product_fusion"
 CPU_FUSED_MIN_ELEMENTS = 1 << 20
 CPU_FUSED_MIN_MODALITIES = 3
 
+# The most modalities one launch of the CUDA kernels takes (kMaxModalities in
+# csrc/cuda/kernels/product_fusion_kernels.h); more go to another backend.
+CUDA_MAX_MODALITIES = 8
+
 
 class _CppKernels:
     """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
@@ -41,12 +45,29 @@ class _CppKernels:
         return list(torch.ops.fusionops._product_bwd_cpu(grad, xs))
 
 
+class _CudaKernels:
+    """The CUDA C++ kernels of ``fusionops._C`` (csrc/cuda/), behind the kernel contract; present
+    only when the extension was built with CUDA (``kernel_reasons`` says so otherwise). They take
+    at most 8 modalities."""
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        return torch.ops.fusionops._product_fwd_cuda(xs)
+
+    def backward(self, grad: Tensor, xs: list[Tensor]) -> list[Tensor]:
+        return list(torch.ops.fusionops._product_bwd_cuda(grad, xs))
+
+
 def _kernels(backend: str) -> ProductFusionKernels:
-    return cast(ProductFusionKernels, fused_kernels(OP, backend, _CppKernels(), "product_fusion"))
+    return cast(
+        ProductFusionKernels, fused_kernels(OP, backend, _CppKernels(), "product_fusion", cuda=_CudaKernels())
+    )
 
 
-def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    return kernel_reasons(OP, backend, device, dtype)
+def _reasons(backend: str, device: torch.device, dtype: torch.dtype, modalities: int = 1) -> list[str]:
+    reasons = kernel_reasons(OP, backend, device, dtype)
+    if backend == "cuda" and modalities > CUDA_MAX_MODALITIES:
+        reasons.append(f"the CUDA kernels take at most {CUDA_MAX_MODALITIES} modalities, got {modalities}")
+    return reasons
 
 
 def _order(device: torch.device, elements: int, modalities: int) -> tuple[str, ...] | None:
@@ -107,7 +128,7 @@ def product_fusion(xs: Sequence[Tensor]) -> Tensor:
     backend = choose(
         OP,
         first.device,
-        lambda b: _reasons(b, first.device, first.dtype),
+        lambda b: _reasons(b, first.device, first.dtype, len(xs)),
         _order(first.device, n * dims[0], len(xs)),
     )
     if backend == "reference":
