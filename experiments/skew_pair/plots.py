@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.skew_pair.report import save_figure  # noqa: E402
+from experiments.atomic import save_figure  # noqa: E402
 
 
 def density_label(density: float, depth: int = 12) -> str:

@@ -1,41 +1,9 @@
-"""Atomic writers (temp file in the target folder, then ``os.replace``) and the markdown report."""
+"""The study's markdown report (files are written by ``experiments.atomic``)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import IO, Any
-
-
-def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    _atomic(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Save a matplotlib figure as PNG to ``path`` atomically."""
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+from collections.abc import Sequence
+from typing import Any
 
 
 def _density(d: float, depth: int) -> str:

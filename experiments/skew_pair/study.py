@@ -18,6 +18,7 @@ import transformers
 from torch import Tensor
 
 import fusionops
+from experiments import atomic
 from experiments.skew_pair import encoders, probes, report, sweep, task
 from experiments.skew_pair.plots import density_label, plot_study
 
@@ -299,8 +300,8 @@ def run_study(cfg: StudyConfig, out: Path = RESULTS, log: Callable[[str], None] 
             "table": sel_table,
         },
     }
-    report.write_json(out / "results.json", results_json)
-    report.write_text(out / "results.md", _markdown(results_json, selection.to_markdown(), depths[0]))
+    atomic.write_json(out / "results.json", results_json)
+    atomic.write_text(out / "results.md", _markdown(results_json, selection.to_markdown(), depths[0]))
     log(
         f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'sweep.png'} "
         f"({timings['total_s']:.0f} s)"

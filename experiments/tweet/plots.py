@@ -3,8 +3,6 @@ panels (noise on img / text / both) and ROC curves. Each PNG is written atomical
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments import atomic  # noqa: E402
 from experiments.tweet.report import LABELS  # noqa: E402
 
 COLORS = {"concat": "tab:blue", "product": "tab:red", "tensorfusion": "tab:green", "lowrank": "tab:purple"}
@@ -21,20 +20,10 @@ MARKERS = {"concat": "o", "product": "s", "tensorfusion": "^", "lowrank": "D"}
 
 def save_figure(fig: Any, path: Path) -> Path:
     """Save ``fig`` as PNG to ``path`` atomically and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic.save_figure(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def _fusions(res: dict[str, Any]) -> list[str]:

@@ -7,29 +7,11 @@ more accuracy than the other fusions when Gaussian noise is added to the inputs 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 SMALL_MAX = 128  # sizes up to this count as "little data" for claim 1
 LABELS = {"concat": "Concatenation", "product": "Product", "tensorfusion": "Tensor", "lowrank": "Low-rank"}
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (temp file in the folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _size_key(size: str) -> float:

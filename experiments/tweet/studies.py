@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from experiments import atomic
 from experiments.tweet import report
 from experiments.tweet.config import TweetConfig, load_config
 from experiments.tweet.data import Split, TweetData, load_data
@@ -256,7 +257,7 @@ def run_study(
     def save(status: str) -> dict[str, Any]:
         res = results(status)
         write_json_atomic(out / "results.json", res)
-        report.write_text(out / "results.md", report.markdown(res))
+        atomic.write_text(out / "results.md", report.markdown(res))
         return res
 
     for seed in seeds:
@@ -335,7 +336,7 @@ def render(out: Path = RESULTS, log: Callable[[str], None] = _print) -> dict[str
     res = json.loads((out / "results.json").read_text())
     res["summary"] = report.summarize(res)
     write_json_atomic(out / "results.json", res)
-    report.write_text(out / "results.md", report.markdown(res))
+    atomic.write_text(out / "results.md", report.markdown(res))
     if res["accuracy_vs_size"]:
         plotting.plot_all(res, out)
     for line in report.summary_lines(res):
