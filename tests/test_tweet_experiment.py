@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fusionops
+from experiments.atomic import write_json as write_json_atomic
 from experiments.tweet.config import TweetConfig, load_config
 from experiments.tweet.data import (
     DataFormatError,
@@ -21,7 +22,6 @@ from experiments.tweet.data import (
     load_hf_dataset,
     load_npz,
 )
-from experiments.tweet.io import write_json_atomic
 from experiments.tweet.model import FusionClassifier
 from experiments.tweet.synthetic import make_synthetic
 from experiments.tweet.train import evaluate, loss_fn, main_train, roc_auc

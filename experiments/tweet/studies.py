@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from experiments import atomic
+from experiments.atomic import write_json as write_json_atomic
 from experiments.tweet import report
 from experiments.tweet.config import TweetConfig, load_config
 from experiments.tweet.data import Split, TweetData, load_data
-from experiments.tweet.io import write_json_atomic
 from experiments.tweet.synthetic import SYNTHETIC_DEFAULTS, make_synthetic
 from experiments.tweet.train import evaluate, main_train
 

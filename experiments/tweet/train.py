@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from experiments.atomic import write_json as write_json_atomic
 from experiments.tweet.config import TweetConfig, load_config
 from experiments.tweet.data import Split, TweetData, load_data
-from experiments.tweet.io import write_json_atomic
 from experiments.tweet.model import FusionClassifier
 
 MODALITIES = ("img", "text")
