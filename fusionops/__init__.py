@@ -1,29 +1,41 @@
 """fusionops: fused CPU/GPU kernels for multimodal fusion.
 
 Functional ops: :func:`tensor_fusion`, :func:`low_rank_fusion`, :func:`product_fusion`,
-:func:`skew_pair_attention` (pair sets: :func:`skew_pairs`).
+:func:`skew_pair_attention` (pair sets: :func:`skew_pairs`), :func:`multiple_kernel` (base kernels:
+:class:`BaseKernel`).
 Layers: :class:`TensorFusion`, :class:`LowRankFusion`, :class:`LowRankTensorFusion`,
 :class:`ProductFusion`, :class:`ProductConcat`, :class:`Concat`, :class:`SkewPairFusion`
 (with :class:`EncoderStacks` and :func:`layer_summaries` for ``transformers`` encoders; pair
-sets chosen by :func:`select_skew_pairs`).
+sets chosen by :func:`select_skew_pairs`), :class:`MultipleKernelFusion`.
+Estimators: :class:`MultipleKernelRidge`, :class:`MultipleKernelRidgeClassifier` (β learned on
+the simplex jointly with a kernel ridge predictor).
 Backend choice: :func:`backend` (context manager) or ``FUSIONOPS_BACKEND``;
 ``python -m fusionops.info`` prints what is built and usable here.
 """
 
 from fusionops import _extension
 from fusionops._backend import BACKENDS, BackendUnavailableError, backend
+from fusionops.base_kernels import BaseKernel
+from fusionops.mkl import MultipleKernelRidge, MultipleKernelRidgeClassifier
 from fusionops.nn import (
     Concat,
     EncoderStacks,
     LowRankFusion,
     LowRankTensorFusion,
+    MultipleKernelFusion,
     ProductConcat,
     ProductFusion,
     SkewPairFusion,
     TensorFusion,
     layer_summaries,
 )
-from fusionops.ops import low_rank_fusion, product_fusion, skew_pair_attention, tensor_fusion
+from fusionops.ops import (
+    low_rank_fusion,
+    multiple_kernel,
+    product_fusion,
+    skew_pair_attention,
+    tensor_fusion,
+)
 from fusionops.pairs import skew_pairs
 from fusionops.selection import SkewPairSelection, select_skew_pairs
 
@@ -34,10 +46,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "BaseKernel",
     "Concat",
     "EncoderStacks",
     "LowRankFusion",
     "LowRankTensorFusion",
+    "MultipleKernelFusion",
+    "MultipleKernelRidge",
+    "MultipleKernelRidgeClassifier",
     "ProductConcat",
     "ProductFusion",
     "SkewPairFusion",
@@ -46,6 +62,7 @@ __all__ = [
     "backend",
     "layer_summaries",
     "low_rank_fusion",
+    "multiple_kernel",
     "product_fusion",
     "select_skew_pairs",
     "skew_pair_attention",

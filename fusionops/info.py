@@ -12,6 +12,8 @@ from fusionops import _extension
 from fusionops._backend import BACKENDS, DEFAULT_ORDER, forced_backend
 from fusionops.ops.low_rank_fusion import CPU_FUSED_MIN_ELEMENTS as LMF_MIN
 from fusionops.ops.low_rank_fusion import _reasons as lmf_reasons
+from fusionops.ops.multiple_kernel import CPU_FUSED_MIN_ELEMENTS as MKL_MIN
+from fusionops.ops.multiple_kernel import _reasons as mkl_reasons
 from fusionops.ops.product_fusion import CPU_FUSED_MIN_ELEMENTS as PRODUCT_MIN
 from fusionops.ops.product_fusion import _reasons as product_reasons
 from fusionops.ops.skew_pair import CPU_FUSED_MIN_ELEMENTS as SKEW_MIN
@@ -25,6 +27,7 @@ OPS = {
     "low_rank_fusion": (lmf_reasons, "N*R*O*M", LMF_MIN),
     "product_fusion": (product_reasons, "N*d (and all calls with M = 2)", PRODUCT_MIN),
     "skew_pair_attention": (skew_reasons, "N*P*D", SKEW_MIN),
+    "multiple_kernel": (mkl_reasons, "N_a*N_b*sum(d_m)", MKL_MIN),
 }
 
 

@@ -1,6 +1,7 @@
 """Drop-in fusion layers."""
 
 from fusionops.nn.low_rank_fusion import LowRankFusion, LowRankTensorFusion
+from fusionops.nn.multiple_kernel import MultipleKernelFusion
 from fusionops.nn.product_fusion import Concat, ProductConcat, ProductFusion
 from fusionops.nn.skew_pair import EncoderStacks, SkewPairFusion, layer_summaries
 from fusionops.nn.tensor_fusion import TensorFusion
@@ -10,6 +11,7 @@ __all__ = [
     "EncoderStacks",
     "LowRankFusion",
     "LowRankTensorFusion",
+    "MultipleKernelFusion",
     "ProductConcat",
     "ProductFusion",
     "SkewPairFusion",

@@ -26,6 +26,7 @@ CPU_KERNELS = {
     "low_rank_fusion": "_lmf_fwd_cpu",
     "product_fusion": "_product_fwd_cpu",
     "skew_pair_attention": "_skew_pair_fwd_cpu",
+    "multiple_kernel": "_mkl_fwd_cpu",
 }
 
 

@@ -157,3 +157,57 @@ class SkewPairKernels(Protocol):
         those inputs), given ``grad = dL/dout`` (N, P, D). ``needs`` has ten flags in the same
         order; an entry whose flag is False may be any tensor (it is ignored), e.g. an empty one.
         The bias flags are False for biases that are None."""
+
+
+class MultipleKernelKernels(Protocol):
+    """Multiple kernel fusion (DESIGN.md section 5): ``K = Σ_m β_m k_m(A_m, B_m)``, ``(N_a, N_b)``.
+
+    With ``G = A_m B_mᵀ`` (accumulated in float32, float64 for float64 inputs):
+
+    * ``kinds[m] == 0`` linear: ``k = G``;
+    * ``kinds[m] == 1`` RBF: ``k = exp(-γ D)``, ``D = max(‖a‖² + ‖b‖² - 2G, 0)``, ``γ = params[m] > 0``;
+    * ``kinds[m] == 2`` polynomial: ``k = (G + c)^p``, ``c = params[m]``, ``p = degrees[m] >= 1``.
+
+    The op layer guarantees: ``xs_a[m] (N_a, d_m)`` and ``xs_b[m] (N_b, d_m)``, M >= 1, N_a, N_b >= 0,
+    d_m >= 1, one dtype (float16, bfloat16, float32, float64) and device, any strides (stride 0
+    included); ``xs_b`` may hold the very tensors of ``xs_a`` (the symmetric case). ``beta (M,)`` of
+    the dtype of xs, finite and >= 0, any strides. ``params (M,)`` float32 (float64 for float64
+    inputs), any strides: γ for RBF, c for polynomial, ignored for linear. ``kinds`` and
+    ``degrees`` are Python lists of M ints (``degrees[m]`` is ignored unless polynomial).
+    Kernels build each output tile for all modalities at once and never hold the M Gram
+    matrices; they return tensors of the input dtype (``dparams``: the dtype of params).
+
+    Gradients, with ``g = dL/dK`` and, per modality, ``S = β_m g ⊙ dk/dG``:
+    ``dβ_m = Σ g ⊙ k_m``; linear ``S = β g``; polynomial ``S = β g p (G + c)^(p-1)``, ``dc = Σ S``;
+    RBF ``E = β g ⊙ k`` where ``D`` was not clamped (0 where ``‖a‖² + ‖b‖² - 2G < 0``),
+    ``S = 2γE``, ``dγ = -Σ E ⊙ D``, and
+    ``dA_m = S B_m - 2γ rowsum(E) ⊙ A_m``, ``dB_m = Sᵀ A_m - 2γ colsum(E) ⊙ B_m`` (for linear and
+    polynomial the second terms are absent: ``dA_m = S B_m``, ``dB_m = Sᵀ A_m``).
+    ``dparams[m]`` is 0 for linear modalities.
+    """
+
+    def forward(
+        self,
+        xs_a: list[Tensor],
+        xs_b: list[Tensor],
+        beta: Tensor,
+        kinds: list[int],
+        params: Tensor,
+        degrees: list[int],
+    ) -> Tensor:
+        """``K`` of shape (N_a, N_b), contiguous."""
+
+    def backward(
+        self,
+        grad: Tensor,
+        xs_a: list[Tensor],
+        xs_b: list[Tensor],
+        beta: Tensor,
+        kinds: list[int],
+        params: Tensor,
+        degrees: list[int],
+        needs: list[bool],
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+        """``(dxs_a, dxs_b, dbeta (M,), dparams (M,))`` given ``grad = dL/dK`` (N_a, N_b), any
+        strides (stride 0 included). ``needs`` has four flags in that order; a part whose flag is
+        False is returned as an empty list or an empty tensor."""

@@ -4,12 +4,15 @@ These are the oracle the tests hold every kernel to, and the ``reference`` backe
 """
 
 from fusionops.reference.low_rank_fusion import low_rank_fusion
+from fusionops.reference.multiple_kernel import base_kernel, multiple_kernel
 from fusionops.reference.product_fusion import product_fusion
 from fusionops.reference.skew_pair import skew_pair_attention
 from fusionops.reference.tensor_fusion import tensor_fusion, tensor_fusion_features
 
 __all__ = [
+    "base_kernel",
     "low_rank_fusion",
+    "multiple_kernel",
     "product_fusion",
     "skew_pair_attention",
     "tensor_fusion",

@@ -1,0 +1,251 @@
+"""Multiple kernel fusion op (DESIGN.md section 5): checks, backend choice, autograd, fake kernels.
+
+``fusionops::multiple_kernel(xs_a, xs_b, beta, kinds, params, degrees, backend) -> K`` and its
+backward op carry the fused implementations; the ``reference`` backend is served by
+``fusionops.reference`` directly, with PyTorch's own autograd. Base kernels are given as
+described in :mod:`fusionops.base_kernels`; the op passes them to the kernels as kind codes,
+one parameter tensor (γ or c per modality, so gradients reach tensor parameters) and degrees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from fusionops import reference
+from fusionops._backend import choose
+from fusionops._checks import check_like, check_modalities, check_shape
+from fusionops.base_kernels import KernelSpec, as_base_kernels, kernel_params
+from fusionops.ops._dispatch import empty_grad, fused_kernels, kernel_reasons, size_order
+from fusionops.ops._kernels import MultipleKernelKernels
+
+OP = "multiple_kernel"
+
+# Automatic choice on CPU: below this many multiply-adds of the Gram GEMMs (N_a * N_b * Σ d_m)
+# the reference is used. `python -m benchmarks.crossover --op multiple_kernel`.
+CPU_FUSED_MIN_ELEMENTS = 0
+
+
+class _CppKernels:
+    """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
+
+    def forward(
+        self,
+        xs_a: list[Tensor],
+        xs_b: list[Tensor],
+        beta: Tensor,
+        kinds: list[int],
+        params: Tensor,
+        degrees: list[int],
+    ) -> Tensor:
+        return torch.ops.fusionops._mkl_fwd_cpu(xs_a, xs_b, beta, kinds, params, degrees)
+
+    def backward(
+        self,
+        grad: Tensor,
+        xs_a: list[Tensor],
+        xs_b: list[Tensor],
+        beta: Tensor,
+        kinds: list[int],
+        params: Tensor,
+        degrees: list[int],
+        needs: list[bool],
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+        dxa, dxb, dbeta, dparams = torch.ops.fusionops._mkl_bwd_cpu(
+            grad, xs_a, xs_b, beta, kinds, params, degrees, needs
+        )
+        return list(dxa), list(dxb), dbeta, dparams
+
+
+def _kernels(backend: str) -> MultipleKernelKernels:
+    return cast(MultipleKernelKernels, fused_kernels(OP, backend, _CppKernels(), "multiple_kernel"))
+
+
+def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    return kernel_reasons(OP, backend, device, dtype)
+
+
+@torch.library.custom_op("fusionops::multiple_kernel", mutates_args=())
+def _fused(
+    xs_a: list[Tensor],
+    xs_b: list[Tensor],
+    beta: Tensor,
+    kinds: list[int],
+    params: Tensor,
+    degrees: list[int],
+    backend: str,
+) -> Tensor:
+    return _kernels(backend).forward(xs_a, xs_b, beta, kinds, params, degrees).contiguous()
+
+
+@_fused.register_fake
+def _fused_fake(
+    xs_a: list[Tensor],
+    xs_b: list[Tensor],
+    beta: Tensor,
+    kinds: list[int],
+    params: Tensor,
+    degrees: list[int],
+    backend: str,
+) -> Tensor:
+    return xs_a[0].new_empty(xs_a[0].shape[0], xs_b[0].shape[0])
+
+
+@torch.library.custom_op("fusionops::multiple_kernel_backward", mutates_args=())
+def _fused_backward(
+    grad: Tensor,
+    xs_a: list[Tensor],
+    xs_b: list[Tensor],
+    beta: Tensor,
+    kinds: list[int],
+    params: Tensor,
+    degrees: list[int],
+    needs: list[bool],
+    backend: str,
+) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    dxa, dxb, dbeta, dparams = _kernels(backend).backward(
+        grad, xs_a, xs_b, beta, kinds, params, degrees, needs
+    )
+    return (
+        [d.contiguous() for d in dxa] if needs[0] else [],
+        [d.contiguous() for d in dxb] if needs[1] else [],
+        dbeta.contiguous() if needs[2] else empty_grad(beta),
+        dparams.contiguous() if needs[3] else empty_grad(params),
+    )
+
+
+@_fused_backward.register_fake
+def _fused_backward_fake(
+    grad: Tensor,
+    xs_a: list[Tensor],
+    xs_b: list[Tensor],
+    beta: Tensor,
+    kinds: list[int],
+    params: Tensor,
+    degrees: list[int],
+    needs: list[bool],
+    backend: str,
+) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    return (
+        [x.new_empty(x.shape) for x in xs_a] if needs[0] else [],
+        [x.new_empty(x.shape) for x in xs_b] if needs[1] else [],
+        beta.new_empty(beta.shape) if needs[2] else empty_grad(beta),
+        params.new_empty(params.shape) if needs[3] else empty_grad(params),
+    )
+
+
+def _setup(ctx, inputs, output) -> None:
+    xs_a, xs_b, beta, kinds, params, degrees, backend = inputs
+    ctx.m = len(xs_a)
+    ctx.kinds, ctx.degrees, ctx.backend = kinds, degrees, backend
+    # The inputs only: backward recomputes the Gram tiles.
+    ctx.save_for_backward(*xs_a, *xs_b, beta, params)
+
+
+def _grad(ctx, grad: Tensor):
+    saved = ctx.saved_tensors
+    m = ctx.m
+    xs_a, xs_b = list(saved[:m]), list(saved[m : 2 * m])
+    beta, params = saved[2 * m], saved[2 * m + 1]
+    needs = [
+        any(ctx.needs_input_grad[0]),  # lists: one flag per tensor
+        any(ctx.needs_input_grad[1]),
+        bool(ctx.needs_input_grad[2]),
+        bool(ctx.needs_input_grad[4]),
+    ]
+    dxa, dxb, dbeta, dparams = torch.ops.fusionops.multiple_kernel_backward(
+        grad, xs_a, xs_b, beta, ctx.kinds, params, ctx.degrees, needs, ctx.backend
+    )
+    return (
+        list(dxa) if needs[0] else [None] * m,
+        list(dxb) if needs[1] else [None] * m,
+        dbeta if needs[2] else None,
+        None,
+        dparams if needs[3] else None,
+        None,
+        None,
+    )
+
+
+_fused.register_autograd(_grad, setup_context=_setup)
+
+
+def _check_sides(xs_a: Sequence[Tensor], xs_b: Sequence[Tensor]) -> list[int]:
+    """Both sides are lists of 2-D modality tensors that agree in count, widths, dtype, device."""
+    _, dims = check_modalities(OP, xs_a, "xs_a")
+    check_modalities(OP, xs_b, "xs_b")
+    if len(xs_b) != len(xs_a):
+        raise ValueError(
+            f"{OP}: xs_b has {len(xs_b)} modalities but xs_a has {len(xs_a)}; "
+            "both sides must hold the same modalities"
+        )
+    for m, (a, b) in enumerate(zip(xs_a, xs_b, strict=True)):
+        for name, x in (("xs_a", a), ("xs_b", b)):
+            if x.dim() != 2:
+                raise ValueError(f"{OP}: {name}[{m}] must have shape (N, d_{m}), got {tuple(x.shape)}")
+        if b.shape[1] != a.shape[1]:
+            raise ValueError(
+                f"{OP}: xs_b[{m}] has width {b.shape[1]} but xs_a[{m}] has {a.shape[1]}; a "
+                "modality's base kernel compares vectors of one width"
+            )
+        check_like(OP, f"xs_b[{m}]", b, xs_a[0])
+    return dims
+
+
+def _check_beta(beta: Tensor, modalities: int, like: Tensor) -> None:
+    check_like(OP, "beta", beta, like)
+    check_shape(OP, "beta", beta, (modalities,), " (one weight per modality)")
+    if torch.compiler.is_compiling():  # reading the values would break the graph
+        return
+    values = beta.detach()
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{OP}: beta must be finite, got {values.tolist()}")
+    if bool((values < 0).any()):
+        raise ValueError(
+            f"{OP}: beta must be >= 0 (a negative weight can make the combined kernel "
+            f"indefinite), got {values.tolist()}"
+        )
+
+
+def multiple_kernel(
+    xs_a: Sequence[Tensor],
+    xs_b: Sequence[Tensor] | None,
+    beta: Tensor,
+    kernels: Sequence[KernelSpec],
+) -> Tensor:
+    """Multiple kernel fusion (Lanckriet et al. 2004; Gönen & Alpaydın 2011; DESIGN.md section 5).
+
+    ``K[i, j] = Σ_m β_m k_m(xs_a[m][i], xs_b[m][j])``: one base kernel per modality, combined
+    with non-negative weights.
+
+    Args:
+        xs_a: M >= 1 tensors ``(N_a, d_m)`` of one dtype and device.
+        xs_b: M tensors ``(N_b, d_m)`` (same widths as ``xs_a``), or None for ``xs_a`` itself
+            (the training Gram matrix; passing ``xs_a`` again is the same).
+        beta: ``(M,)`` weights ``β_m >= 0`` of the dtype of xs.
+        kernels: one base kernel per modality: ``"linear"``, ``"rbf"``, ``"polynomial"``, a
+            :class:`fusionops.BaseKernel` or a dict (see :mod:`fusionops.base_kernels`). RBF is
+            ``exp(-γ‖a - b‖²)`` (γ defaults to ``1/d_m``), polynomial ``(a·b + c)^p``.
+
+    Returns:
+        ``(N_a, N_b)``. The fused kernels build each output tile for all modalities at once and
+        never hold the M Gram matrices. Gradients reach xs_a, xs_b, beta and tensor-valued γ/c.
+    """
+    if xs_b is None:
+        xs_b = xs_a
+    dims = _check_sides(xs_a, xs_b)
+    first = xs_a[0]
+    _check_beta(beta, len(dims), first)
+    specs = as_base_kernels(OP, kernels, len(dims))
+    work = first.shape[0] * xs_b[0].shape[0] * sum(dims)
+    order = size_order(first.device, work, CPU_FUSED_MIN_ELEMENTS)
+    backend = choose(OP, first.device, lambda b: _reasons(b, first.device, first.dtype), order)
+    if backend == "reference":
+        return reference.multiple_kernel(xs_a, xs_b, beta, specs)
+    kinds = [k.code for k in specs]
+    degrees = [k.degree if k.kind == "polynomial" else 0 for k in specs]
+    params = kernel_params(specs, dims, first)
+    return torch.ops.fusionops.multiple_kernel(list(xs_a), list(xs_b), beta, kinds, params, degrees, backend)
