@@ -13,8 +13,26 @@ from fusionops._backend import common_reasons
 # One CUDA C++ kernel of each op that has them (issue 7 adds them; csrc/cuda/): an extension
 # built with CUDA from older sources lacks it.
 CUDA_KERNELS = {
+    "tensor_fusion": "_tf_projected_fwd_cuda",
+    "low_rank_fusion": "_lmf_fwd_cuda",
     "product_fusion": "_product_fwd_cuda",
 }
+
+# The most modalities one launch of the CUDA kernels takes (kMaxModalities in
+# csrc/cuda/kernels/common.h); an op's `_reasons` rules the cuda backend out for more.
+CUDA_MAX_MODALITIES = 8
+
+
+def cuda_modality_reasons(backend: str, modalities: int) -> list[str]:
+    """Why ``backend`` cannot serve ``modalities`` modalities: the CUDA kernels take at most
+    :data:`CUDA_MAX_MODALITIES` (empty: it can)."""
+    if backend == "cuda" and modalities > CUDA_MAX_MODALITIES:
+        return [
+            f"the CUDA kernels take at most {CUDA_MAX_MODALITIES} modalities, got {modalities} "
+            "(the triton and reference backends take any number)"
+        ]
+    return []
+
 
 # Ops that have CUDA C++ kernels; the rest report why the cuda backend cannot serve them.
 CUDA_KERNEL_OPS: frozenset[str] = frozenset(CUDA_KERNELS)

@@ -17,7 +17,14 @@ from torch import Tensor
 from fusionops import reference
 from fusionops._backend import choose
 from fusionops._checks import check_like, check_mask, check_modalities, check_shape
-from fusionops.ops._dispatch import empty_grad, fused_kernels, kernel_reasons, size_order
+from fusionops.ops._dispatch import CUDA_MAX_MODALITIES as CUDA_MAX_MODALITIES  # re-exported
+from fusionops.ops._dispatch import (
+    cuda_modality_reasons,
+    empty_grad,
+    fused_kernels,
+    kernel_reasons,
+    size_order,
+)
 from fusionops.ops._kernels import LowRankFusionKernels
 
 OP = "low_rank_fusion"
@@ -60,12 +67,48 @@ class _CppKernels:
         return list(dxs), list(dfs), dw, db
 
 
+class _CudaKernels:
+    """The CUDA C++ kernels of ``fusionops._C`` (csrc/cuda/low_rank_fusion.cpp), behind the
+    kernel contract; present only when the extension was built with CUDA (``kernel_reasons``
+    says so otherwise). They take at most ``CUDA_MAX_MODALITIES`` (8) modalities."""
+
+    def forward(
+        self,
+        xs: list[Tensor],
+        factors: list[Tensor],
+        rank_weight: Tensor,
+        bias: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        return torch.ops.fusionops._lmf_fwd_cuda(xs, factors, rank_weight, bias, mask)
+
+    def backward(
+        self,
+        grad: Tensor,
+        xs: list[Tensor],
+        factors: list[Tensor],
+        rank_weight: Tensor,
+        mask: Tensor | None,
+        need_dx: bool,
+        need_dfactors: bool,
+        need_dw: bool,
+        need_db: bool,
+    ) -> tuple[list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
+        dxs, dfs, dw, db = torch.ops.fusionops._lmf_bwd_cuda(
+            grad, xs, factors, rank_weight, mask, need_dx, need_dfactors, need_dw, need_db
+        )
+        return list(dxs), list(dfs), dw, db
+
+
 def _kernels(backend: str) -> LowRankFusionKernels:
-    return cast(LowRankFusionKernels, fused_kernels(OP, backend, _CppKernels(), "low_rank_fusion"))
+    return cast(
+        LowRankFusionKernels,
+        fused_kernels(OP, backend, _CppKernels(), "low_rank_fusion", cuda=_CudaKernels()),
+    )
 
 
-def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    return kernel_reasons(OP, backend, device, dtype)
+def _reasons(backend: str, device: torch.device, dtype: torch.dtype, modalities: int = 1) -> list[str]:
+    return kernel_reasons(OP, backend, device, dtype) + cuda_modality_reasons(backend, modalities)
 
 
 def _order(device: torch.device, projection_elements: int) -> tuple[str, ...] | None:
@@ -253,7 +296,7 @@ def low_rank_fusion(
     backend = choose(
         OP,
         first.device,
-        lambda b: _reasons(b, first.device, first.dtype),
+        lambda b: _reasons(b, first.device, first.dtype, len(xs)),
         _order(first.device, n * rank * out * len(xs)),
     )
     if backend == "reference":

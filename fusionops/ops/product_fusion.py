@@ -17,7 +17,8 @@ from torch import Tensor
 from fusionops import reference
 from fusionops._backend import choose
 from fusionops._checks import check_modalities
-from fusionops.ops._dispatch import fused_kernels, kernel_reasons, size_order
+from fusionops.ops._dispatch import CUDA_MAX_MODALITIES as CUDA_MAX_MODALITIES  # re-exported
+from fusionops.ops._dispatch import cuda_modality_reasons, fused_kernels, kernel_reasons, size_order
 from fusionops.ops._kernels import ProductFusionKernels
 
 OP = "product_fusion"
@@ -29,10 +30,6 @@ OP = "product_fusion"
 # `python -m benchmarks.crossover --op product_fusion` (CSV in benchmarks/results/).
 CPU_FUSED_MIN_ELEMENTS = 1 << 20
 CPU_FUSED_MIN_MODALITIES = 3
-
-# The most modalities one launch of the CUDA kernels takes (kMaxModalities in
-# csrc/cuda/kernels/product_fusion_kernels.h); more go to another backend.
-CUDA_MAX_MODALITIES = 8
 
 
 class _CppKernels:
@@ -48,7 +45,7 @@ class _CppKernels:
 class _CudaKernels:
     """The CUDA C++ kernels of ``fusionops._C`` (csrc/cuda/), behind the kernel contract; present
     only when the extension was built with CUDA (``kernel_reasons`` says so otherwise). They take
-    at most 8 modalities."""
+    at most ``CUDA_MAX_MODALITIES`` (8) modalities."""
 
     def forward(self, xs: list[Tensor]) -> Tensor:
         return torch.ops.fusionops._product_fwd_cuda(xs)
@@ -64,10 +61,7 @@ def _kernels(backend: str) -> ProductFusionKernels:
 
 
 def _reasons(backend: str, device: torch.device, dtype: torch.dtype, modalities: int = 1) -> list[str]:
-    reasons = kernel_reasons(OP, backend, device, dtype)
-    if backend == "cuda" and modalities > CUDA_MAX_MODALITIES:
-        reasons.append(f"the CUDA kernels take at most {CUDA_MAX_MODALITIES} modalities, got {modalities}")
-    return reasons
+    return kernel_reasons(OP, backend, device, dtype) + cuda_modality_reasons(backend, modalities)
 
 
 def _order(device: torch.device, elements: int, modalities: int) -> tuple[str, ...] | None:

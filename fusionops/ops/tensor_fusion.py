@@ -28,7 +28,14 @@ from fusionops._checks import (
     check_shape,
     feature_count,
 )
-from fusionops.ops._dispatch import empty_grad, fused_kernels, kernel_reasons, size_order
+from fusionops.ops._dispatch import CUDA_MAX_MODALITIES as CUDA_MAX_MODALITIES  # re-exported
+from fusionops.ops._dispatch import (
+    cuda_modality_reasons,
+    empty_grad,
+    fused_kernels,
+    kernel_reasons,
+    size_order,
+)
 from fusionops.ops._kernels import TensorFusionKernels
 
 OP = "tensor_fusion"
@@ -71,12 +78,47 @@ class _CppKernels:
         return list(dxs), dw, db
 
 
+class _CudaKernels:
+    """The CUDA C++ kernels of ``fusionops._C`` (csrc/cuda/tensor_fusion.cpp), behind the kernel
+    contract; present only when the extension was built with CUDA (``kernel_reasons`` says so
+    otherwise). They take at most ``CUDA_MAX_MODALITIES`` (8) modalities."""
+
+    def features_forward(self, xs: list[Tensor], mask: Tensor | None) -> Tensor:
+        return torch.ops.fusionops._tf_features_fwd_cuda(xs, mask)
+
+    def features_backward(self, grad: Tensor, xs: list[Tensor], mask: Tensor | None) -> list[Tensor]:
+        return list(torch.ops.fusionops._tf_features_bwd_cuda(grad, xs, mask))
+
+    def projected_forward(
+        self, xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
+        return torch.ops.fusionops._tf_projected_fwd_cuda(xs, weight, bias, mask)
+
+    def projected_backward(
+        self,
+        grad: Tensor,
+        xs: list[Tensor],
+        weight: Tensor,
+        mask: Tensor | None,
+        need_dx: bool,
+        need_dw: bool,
+        need_db: bool,
+    ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
+        dxs, dw, db = torch.ops.fusionops._tf_projected_bwd_cuda(
+            grad, xs, weight, mask, need_dx, need_dw, need_db
+        )
+        return list(dxs), dw, db
+
+
 def _kernels(backend: str) -> TensorFusionKernels:
-    return cast(TensorFusionKernels, fused_kernels(OP, backend, _CppKernels(), "tensor_fusion"))
+    return cast(
+        TensorFusionKernels,
+        fused_kernels(OP, backend, _CppKernels(), "tensor_fusion", cuda=_CudaKernels()),
+    )
 
 
-def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    return kernel_reasons(OP, backend, device, dtype)
+def _reasons(backend: str, device: torch.device, dtype: torch.dtype, modalities: int = 1) -> list[str]:
+    return kernel_reasons(OP, backend, device, dtype) + cuda_modality_reasons(backend, modalities)
 
 
 def _order(device: torch.device, z_elements: int) -> tuple[str, ...] | None:
@@ -256,7 +298,10 @@ def tensor_fusion(
 
     n = math.prod(lead)
     backend = choose(
-        OP, first.device, lambda b: _reasons(b, first.device, first.dtype), _order(first.device, n * k)
+        OP,
+        first.device,
+        lambda b: _reasons(b, first.device, first.dtype, len(xs)),
+        _order(first.device, n * k),
     )
     if backend == "reference":
         return reference.tensor_fusion(xs, weight, bias, mask)

@@ -13,12 +13,9 @@
 
 #include <cstdint>
 
+#include "common.h"  // kMaxModalities, DType
+
 namespace fusionops::cuda {
-
-// The most modalities one launch takes (operands are passed by value in the kernel arguments).
-constexpr int kMaxModalities = 8;
-
-enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 // p (N, d, contiguous) = Π_{m<M} xs[m], where xs[m][n, j] is at xs[m] + n * row_strides[m] +
 // j * col_strides[m] (in elements). 1 <= M <= kMaxModalities, else cudaErrorInvalidValue.
