@@ -49,4 +49,9 @@ TORCH_LIBRARY(fusionops, m) {
   m.def(
       "_skew_pair_bwd_cpu(Tensor grad, Tensor ha, Tensor hb, Tensor pairs, Tensor wq, Tensor wk, Tensor wv, "
       "Tensor wo, Tensor? bq, Tensor? bk, Tensor? bv, int heads, int window, bool[] needs) -> Tensor[]");
+  // Multiple kernel fusion (DESIGN.md section 5); contract in fusionops/ops/_kernels.py.
+  m.def("_mkl_fwd_cpu(Tensor[] xs_a, Tensor[] xs_b, Tensor beta, int[] kinds, Tensor params, int[] degrees) -> Tensor");
+  m.def(
+      "_mkl_bwd_cpu(Tensor grad, Tensor[] xs_a, Tensor[] xs_b, Tensor beta, int[] kinds, Tensor params, "
+      "int[] degrees, bool[] needs) -> (Tensor[], Tensor[], Tensor, Tensor)");
 }

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from benchmarks.ops import low_rank_fusion, product_fusion, skew_pair, tensor_fusion
+from benchmarks.ops import low_rank_fusion, multiple_kernel, product_fusion, skew_pair, tensor_fusion
 from benchmarks.spec import OpSpec
 
 OPS: dict[str, OpSpec] = {
-    s.name: s for s in (tensor_fusion.SPEC, low_rank_fusion.SPEC, product_fusion.SPEC, skew_pair.SPEC)
+    s.name: s
+    for s in (
+        tensor_fusion.SPEC,
+        low_rank_fusion.SPEC,
+        product_fusion.SPEC,
+        skew_pair.SPEC,
+        multiple_kernel.SPEC,
+    )
 }
 
 
