@@ -27,7 +27,7 @@ OPS = {
     "low_rank_fusion": (lmf_reasons, "N*R*O*M", LMF_MIN),
     "product_fusion": (product_reasons, "N*d (and all calls with M = 2)", PRODUCT_MIN),
     "skew_pair_attention": (skew_reasons, "N*P*D", SKEW_MIN),
-    "multiple_kernel": (mkl_reasons, "N_a*N_b*sum(d_m)", MKL_MIN),
+    "multiple_kernel": (mkl_reasons, "N_a*N_b", MKL_MIN),
 }
 
 

@@ -9,6 +9,7 @@ one parameter tensor (γ or c per modality, so gradients reach tensor parameters
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -24,9 +25,15 @@ from fusionops.ops._kernels import MultipleKernelKernels
 
 OP = "multiple_kernel"
 
-# Automatic choice on CPU: below this many multiply-adds of the Gram GEMMs (N_a * N_b * Σ d_m)
-# the reference is used. `python -m benchmarks.crossover --op multiple_kernel`.
-CPU_FUSED_MIN_ELEMENTS = 0
+# Automatic choice on CPU: below this many output elements (N_a * N_b) the reference is used.
+# The fused call's fixed cost (about 0.1 ms: checks and torch.library's autograd wrapper) loses
+# to the reference's few small passes there; the reference's cost per output element (one pass
+# over an (N_a, N_b) matrix per step of every base kernel) is what the fused kernel saves, so
+# output elements, not GEMM work, predict the crossover: measured for widths (16, 8, 32) and
+# (128, 64, 300), RBF and mixed kinds, the fused kernel won forward and fwd+bwd from
+# N_a = N_b = 384 on, tied or lost at 256 and below.
+# `python -m benchmarks.crossover --op multiple_kernel` (CSV in benchmarks/results/).
+CPU_FUSED_MIN_ELEMENTS = 1 << 17
 
 
 class _CppKernels:
@@ -200,13 +207,13 @@ def _check_beta(beta: Tensor, modalities: int, like: Tensor) -> None:
     check_shape(OP, "beta", beta, (modalities,), " (one weight per modality)")
     if torch.compiler.is_compiling():  # reading the values would break the graph
         return
-    values = beta.detach()
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{OP}: beta must be finite, got {values.tolist()}")
-    if bool((values < 0).any()):
+    values = beta.detach().tolist()  # M numbers: one transfer, checked on the host
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{OP}: beta must be finite, got {values}")
+    if any(v < 0 for v in values):
         raise ValueError(
             f"{OP}: beta must be >= 0 (a negative weight can make the combined kernel "
-            f"indefinite), got {values.tolist()}"
+            f"indefinite), got {values}"
         )
 
 
@@ -240,8 +247,7 @@ def multiple_kernel(
     first = xs_a[0]
     _check_beta(beta, len(dims), first)
     specs = as_base_kernels(OP, kernels, len(dims))
-    work = first.shape[0] * xs_b[0].shape[0] * sum(dims)
-    order = size_order(first.device, work, CPU_FUSED_MIN_ELEMENTS)
+    order = size_order(first.device, first.shape[0] * xs_b[0].shape[0], CPU_FUSED_MIN_ELEMENTS)
     backend = choose(OP, first.device, lambda b: _reasons(b, first.device, first.dtype), order)
     if backend == "reference":
         return reference.multiple_kernel(xs_a, xs_b, beta, specs)
