@@ -1,6 +1,7 @@
-// Argument checks shared by the torch bindings of the CUDA kernels of tensor fusion and
-// low-rank fusion (csrc/cuda/tensor_fusion.cpp, csrc/cuda/low_rank_fusion.cpp). Needs a CUDA
-// build of torch, like the bindings; the kernels (kernels/*.cu) do not.
+// Argument checks shared by the torch bindings of the CUDA kernels of product fusion, tensor
+// fusion and low-rank fusion (csrc/cuda/product_fusion.cpp, csrc/cuda/tensor_fusion.cpp,
+// csrc/cuda/low_rank_fusion.cpp). Needs a CUDA build of torch, like the bindings; the kernels
+// (kernels/*.cu) do not.
 #pragma once
 
 #include <ATen/ATen.h>

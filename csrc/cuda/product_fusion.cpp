@@ -10,25 +10,13 @@
 
 #include <vector>
 
+#include "binding.h"
 #include "kernels/product_fusion_kernels.h"
 
 namespace fusionops::cuda {
 namespace {
 
-DType dtype_of(const char* op, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return DType::Float32;
-    case at::kDouble:
-      return DType::Float64;
-    case at::kHalf:
-      return DType::Float16;
-    case at::kBFloat16:
-      return DType::BFloat16;
-    default:
-      TORCH_CHECK(false, "fusionops::", op, ": expected float16, bfloat16, float32 or float64 inputs, got ", t);
-  }
-}
+using binding::dtype_of;
 
 // Checks xs: 1 <= M <= kMaxModalities, every x_m a 2-D CUDA tensor (N, d) of one dtype on one device.
 void check_operands(const char* op, at::TensorList xs) {

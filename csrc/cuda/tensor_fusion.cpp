@@ -33,6 +33,30 @@ struct Dx {
   }
 };
 
+// The checked inputs of the projected ops: xs and mask as the kernels read them, K, and O,
+// weight being an (O, K) tensor of the dtype and on the device of xs[0] (both also returned).
+struct Projected {
+  Modalities p;
+  int64_t K;
+  int64_t O;
+  at::ScalarType dtype;
+  at::Device device;
+};
+
+Projected projected(const char* op, at::TensorList xs, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& mask) {
+  const Modalities p = binding::modalities(op, xs, mask);
+  const int64_t K = binding::feature_count(op, p);
+  const auto dtype = xs[0].scalar_type();
+  const at::Device device = xs[0].device();
+  binding::check_device(op, "weight", weight, device);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "fusionops::", op, ": weight must be (O, K) with K = ", K,
+              ", got shape ", weight.sizes());
+  const int64_t O = weight.size(0);
+  check_tensor(op, "weight", weight, {O, K}, dtype, device);
+  return {p, K, O, dtype, device};
+}
+
 at::Tensor tf_features_fwd(at::TensorList xs, const std::optional<at::Tensor>& mask) {
   constexpr const char* kOp = "_tf_features_fwd_cuda";
   const Modalities p = binding::modalities(kOp, xs, mask);
@@ -61,15 +85,7 @@ std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList x
 at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& mask) {
   constexpr const char* kOp = "_tf_projected_fwd_cuda";
-  const Modalities p = binding::modalities(kOp, xs, mask);
-  const int64_t K = binding::feature_count(kOp, p);
-  const auto dtype = xs[0].scalar_type();
-  const at::Device device = xs[0].device();
-  binding::check_device(kOp, "weight", weight, device);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "fusionops::", kOp, ": weight must be (O, K) with K = ", K,
-              ", got shape ", weight.sizes());
-  const int64_t O = weight.size(0);
-  check_tensor(kOp, "weight", weight, {O, K}, dtype, device);
+  const auto [p, K, O, dtype, device] = projected(kOp, xs, weight, mask);
   if (bias) check_tensor(kOp, "bias", *bias, {O}, dtype, device);
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor out = at::empty({p.N, O}, xs[0].options());
@@ -84,15 +100,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at:
     const at::Tensor& grad, at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& mask,
     bool need_dx, bool need_dw, bool need_db) {
   constexpr const char* kOp = "_tf_projected_bwd_cuda";
-  const Modalities p = binding::modalities(kOp, xs, mask);
-  const int64_t K = binding::feature_count(kOp, p);
-  const auto dtype = xs[0].scalar_type();
-  const at::Device device = xs[0].device();
-  binding::check_device(kOp, "weight", weight, device);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "fusionops::", kOp, ": weight must be (O, K) with K = ", K,
-              ", got shape ", weight.sizes());
-  const int64_t O = weight.size(0);
-  check_tensor(kOp, "weight", weight, {O, K}, dtype, device);
+  const auto [p, K, O, dtype, device] = projected(kOp, xs, weight, mask);
   check_tensor(kOp, "grad", grad, {p.N, O}, dtype, device);
   const c10::cuda::CUDAGuard guard(device);
   const at::TensorOptions opts = xs[0].options();

@@ -1,5 +1,5 @@
-// Device helpers shared by the plain CUDA kernels of tensor fusion and low-rank fusion: the
-// compute type, the modalities as the kernels read them (z_m = [1, x_m], masked rows
+// Device helpers shared by the plain CUDA kernels of product fusion, tensor fusion and low-rank
+// fusion: the compute type, the modalities as the kernels read them (z_m = [1, x_m], masked rows
 // [1, 0…0]), a generic tiled GEMM whose operands are produced by loader functors (so Z tiles
 // are generated on the fly from the modalities and never written to memory), and a
 // deterministic column sum. No torch headers (see common.h).
@@ -223,23 +223,14 @@ cudaError_t gemm(int64_t I, int64_t J, int64_t Kr, const LoadA& a, const LoadB& 
   return launched();
 }
 
-// Row-major (I, J) matrix of type T with strides, read in the compute type: M(i, j).
+// Row-major (I, J) matrix of type T with strides, read in the compute type: M(i, j). Its
+// transpose M(j, i) is Strided{p, s1, s0} (the strides swapped).
 template <typename T>
 struct Strided {
   const T* p;
   int64_t s0, s1;
   __device__ __forceinline__ typename Acc<T>::type operator()(int64_t i, int64_t j) const {
     return to_acc(p[i * s0 + j * s1]);
-  }
-};
-
-// Its transpose: M(j, i).
-template <typename T>
-struct StridedT {
-  const T* p;
-  int64_t s0, s1;
-  __device__ __forceinline__ typename Acc<T>::type operator()(int64_t i, int64_t j) const {
-    return to_acc(p[j * s0 + i * s1]);
   }
 };
 

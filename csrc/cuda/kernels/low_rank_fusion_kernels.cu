@@ -19,10 +19,7 @@
 namespace fusionops::cuda {
 namespace {
 
-using detail::Acc;
-using detail::from_acc;
-using detail::to_acc;
-using detail::Z;
+using detail::Acc, detail::from_acc, detail::to_acc, detail::Z;
 
 constexpr int kThreads = 256;
 // A chunk's buffers (M (nr, R·O) projections and the (nr, R) dw partials) take about this many

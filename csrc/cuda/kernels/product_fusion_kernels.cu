@@ -5,41 +5,14 @@
 // unrolled to kMaxModalities with `m < M` guards, so the per-element values stay in registers.
 #include "product_fusion_kernels.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <algorithm>
+#include "device_common.cuh"
 
 namespace fusionops::cuda {
 namespace {
 
+using detail::Acc, detail::from_acc, detail::to_acc;
+
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename Acc<T>::type v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // The operands of one launch, by value.
 template <typename T>
@@ -105,10 +78,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int blocks_for(int64_t total) {
-  return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
 template <typename T>
 Operands<T> make_operands(int M, const void* const* xs, const int64_t* s0, const int64_t* s1) {
   Operands<T> ops{};
@@ -121,19 +90,22 @@ Operands<T> make_operands(int M, const void* const* xs, const int64_t* s0, const
 }
 
 template <typename T>
-void launch_forward(int M, const void* const* xs, const int64_t* s0, const int64_t* s1, int64_t N, int64_t d,
-                    void* out, cudaStream_t stream) {
-  product_forward_kernel<T><<<blocks_for(N * d), kThreads, 0, stream>>>(make_operands<T>(M, xs, s0, s1), M, N,
-                                                                         d, static_cast<T*>(out));
+cudaError_t launch_forward(int M, const void* const* xs, const int64_t* s0, const int64_t* s1, int64_t N,
+                           int64_t d, void* out, cudaStream_t stream) {
+  product_forward_kernel<T><<<detail::elementwise_blocks(N * d, kThreads), kThreads, 0, stream>>>(
+      make_operands<T>(M, xs, s0, s1), M, N, d, static_cast<T*>(out));
+  return detail::launched();
 }
 
 template <typename T>
-void launch_backward(int M, const void* grad, int64_t gs0, int64_t gs1, const void* const* xs, const int64_t* s0,
-                     const int64_t* s1, int64_t N, int64_t d, void* const* dx, cudaStream_t stream) {
+cudaError_t launch_backward(int M, const void* grad, int64_t gs0, int64_t gs1, const void* const* xs,
+                            const int64_t* s0, const int64_t* s1, int64_t N, int64_t d, void* const* dx,
+                            cudaStream_t stream) {
   Outputs<T> outs{};
   for (int m = 0; m < M; ++m) outs.dx[m] = static_cast<T*>(dx[m]);
-  product_backward_kernel<T><<<blocks_for(N * d), kThreads, 0, stream>>>(
+  product_backward_kernel<T><<<detail::elementwise_blocks(N * d, kThreads), kThreads, 0, stream>>>(
       static_cast<const T*>(grad), gs0, gs1, make_operands<T>(M, xs, s0, s1), M, N, d, outs);
+  return detail::launched();
 }
 
 bool valid(int M, int64_t N, int64_t d) { return M >= 1 && M <= kMaxModalities && N >= 0 && d >= 0; }
@@ -144,23 +116,10 @@ cudaError_t product_forward(DType dtype, int M, const void* const* xs, const int
                             const int64_t* col_strides, int64_t N, int64_t d, void* out, cudaStream_t stream) {
   if (!valid(M, N, d)) return cudaErrorInvalidValue;
   if (N * d == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::Float32:
-      launch_forward<float>(M, xs, row_strides, col_strides, N, d, out, stream);
-      break;
-    case DType::Float64:
-      launch_forward<double>(M, xs, row_strides, col_strides, N, d, out, stream);
-      break;
-    case DType::Float16:
-      launch_forward<__half>(M, xs, row_strides, col_strides, N, d, out, stream);
-      break;
-    case DType::BFloat16:
-      launch_forward<__nv_bfloat16>(M, xs, row_strides, col_strides, N, d, out, stream);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return detail::dispatch(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    return launch_forward<T>(M, xs, row_strides, col_strides, N, d, out, stream);
+  });
 }
 
 cudaError_t product_backward(DType dtype, int M, const void* grad, int64_t grad_row_stride,
@@ -169,24 +128,11 @@ cudaError_t product_backward(DType dtype, int M, const void* grad, int64_t grad_
                              cudaStream_t stream) {
   if (!valid(M, N, d)) return cudaErrorInvalidValue;
   if (N * d == 0) return cudaSuccess;
-  const int64_t gs0 = grad_row_stride, gs1 = grad_col_stride;
-  switch (dtype) {
-    case DType::Float32:
-      launch_backward<float>(M, grad, gs0, gs1, xs, row_strides, col_strides, N, d, dx, stream);
-      break;
-    case DType::Float64:
-      launch_backward<double>(M, grad, gs0, gs1, xs, row_strides, col_strides, N, d, dx, stream);
-      break;
-    case DType::Float16:
-      launch_backward<__half>(M, grad, gs0, gs1, xs, row_strides, col_strides, N, d, dx, stream);
-      break;
-    case DType::BFloat16:
-      launch_backward<__nv_bfloat16>(M, grad, gs0, gs1, xs, row_strides, col_strides, N, d, dx, stream);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return detail::dispatch(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    return launch_backward<T>(M, grad, grad_row_stride, grad_col_stride, xs, row_strides, col_strides, N, d, dx,
+                              stream);
+  });
 }
 
 }  // namespace fusionops::cuda

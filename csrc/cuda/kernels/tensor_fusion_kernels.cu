@@ -20,10 +20,7 @@
 namespace fusionops::cuda {
 namespace {
 
-using detail::Acc;
-using detail::from_acc;
-using detail::to_acc;
-using detail::Z;
+using detail::Acc, detail::from_acc, detail::to_acc, detail::Z;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535;
@@ -126,10 +123,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int blocks_for(int64_t total) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks)));
-}
-
 int row_blocks(int64_t N) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(N, kMaxBlocks))); }
 
 template <typename T, typename G>
@@ -178,8 +171,8 @@ cudaError_t projected_forward(const Modalities& xs, const void* weight, int64_t 
                               const void* bias, int64_t bs, void* out, cudaStream_t stream) {
   using acc_t = typename Acc<T>::type;
   const int64_t K = detail::feature_count(xs);
-  // B(k, o) = W[o, k]
-  const detail::StridedT<T> w{static_cast<const T*>(weight), ws0, ws1};
+  // B(k, o) = W[o, k]: W read with its strides swapped
+  const detail::Strided<T> w{static_cast<const T*>(weight), ws1, ws0};
   return detail::gemm<acc_t>(xs.N, O, K, ZLoad<T>{detail::make_z<T>(xs)}, w,
                              ProjectedStore<T>{static_cast<T*>(out), O, static_cast<const T*>(bias), bs}, stream);
 }
@@ -201,8 +194,8 @@ cudaError_t projected_backward(const void* grad, int64_t gs0, int64_t gs1, const
     if (err != cudaSuccess) return err;
   }
   if (dw != nullptr) {
-    // dW[o, k] = Σ_n G[n, o] Z[n, k]: A(o, n) = G[n, o], B(n, k) = Z[n, k]
-    err = detail::gemm<acc_t>(O, K, N, detail::StridedT<T>{g, gs0, gs1}, ZLoad<T>{detail::make_z<T>(xs)},
+    // dW[o, k] = Σ_n G[n, o] Z[n, k]: A(o, n) = G[n, o] (strides swapped), B(n, k) = Z[n, k]
+    err = detail::gemm<acc_t>(O, K, N, detail::Strided<T>{g, gs1, gs0}, ZLoad<T>{detail::make_z<T>(xs)},
                               DenseStore<T>{static_cast<T*>(dw), K}, stream);
     if (err != cudaSuccess) return err;
   }
@@ -231,8 +224,8 @@ cudaError_t tf_features_forward(DType dtype, const Modalities& xs, void* out, cu
   if (xs.N == 0) return cudaSuccess;
   return detail::dispatch(dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    features_forward_kernel<T><<<blocks_for(xs.N * K), kThreads, 0, stream>>>(detail::make_z<T>(xs), xs.N, K,
-                                                                            static_cast<T*>(out));
+    features_forward_kernel<T><<<detail::elementwise_blocks(xs.N * K, kThreads), kThreads, 0, stream>>>(
+        detail::make_z<T>(xs), xs.N, K, static_cast<T*>(out));
     return detail::launched();
   });
 }
