@@ -222,3 +222,14 @@ def test_cuda_bindings_compile_against_torch_headers(tmp_path):
     for source, job in jobs:
         out, _ = job.communicate(timeout=600)
         assert job.returncode == 0, f"{source}:\n{out[-4000:]}"
+
+
+def test_gpu_script_parses_and_names_its_stages():
+    """.ci/gpu_run is what a session with a GPU runs (build, test, sanitize, bench)."""
+    script = os.path.join(ROOT, ".ci", "gpu_run")
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    done = subprocess.run(
+        [script], capture_output=True, text=True, env={**os.environ, "OUT": "/tmp/gpu_run_test"}
+    )
+    assert done.returncode == 2 and "build | test | sanitize | bench" in done.stderr
