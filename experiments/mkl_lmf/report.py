@@ -47,7 +47,8 @@ def verdicts(res: dict[str, Any]) -> dict[str, str]:
         out["lmf"] = (
             "Claim 2 (LMF training loss falls steadily): "
             f"{'SUPPORTED' if lmf['claim_steady'] else 'NOT SUPPORTED'} — the epoch training loss of LMF "
-            f"rank 4 on the features never rose by more than {rise:.1%} between epochs and ended at "
+            f"rank 4 on the features rose by at most {rise:.1%} from one epoch to the next (the rule "
+            "allows 5%, the end at most 0.25 × the start) and ended at "
             f"≤ {ratio:.2f} × its first value in every seed; test R² "
             f"{_ms(lmf['summary']['lmf_direct']['test_r2'])} (best possible ≈ {lmf['best_r2']:.2f}, linear "
             f"{_ms(lmf['linear_r2'])})"
@@ -95,7 +96,7 @@ def _mkl_section(kind: str, r: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"The learned combination beats every single kernel in {sep['learned_wins']} of {sep['n_seeds']} "
-        f"seeds, the uniform one in {sep['uniform_wins']}.",
+        f"seeds; the uniform combination does in {sep['uniform_wins']}.",
         "",
     ]
     return lines
