@@ -16,7 +16,8 @@ def verdict(ok: bool) -> str:
 
 
 def find(rows: Sequence[Row], case: str, way: str, mode: str = "fwd+bwd") -> Row | None:
-    """The row of (case, way, mode) that ran without error, if any."""
+    """The row of (case, way, mode) that ran without error, if any (None, too, for a mode the
+    way does not serve, e.g. fwd+bwd of a forward-only baseline: it has no such row)."""
     return next(
         (r for r in rows if r["case"] == case and r["way"] == way and r["mode"] == mode and not r["error"]),
         None,
@@ -71,3 +72,19 @@ def no_slower_line(fused: Row, base: Row, base_name: str) -> str:
         f"time {verdict(t_f <= t_b)}: {fused['way']} {t_f:.2f} ms <= {base_name} {t_b:.2f} ms "
         f"(speed-up {t_b / t_f:.2f}x)"
     )
+
+
+def mode_speedup_line(
+    rows: Sequence[Row], case: str, fused_way: str, base_name: str, mode: str, skipped: Mapping[str, str]
+) -> str | None:
+    """``forward vs sklearn: speed-up 3.10x (...)``: an informative line (no verdict) comparing
+    ``fused_way`` with a baseline in one ``mode``, e.g. a forward-only peer. ``skipped[base]``
+    when the baseline could not run here; None when either row is missing for another reason
+    (a mode not run, a failure)."""
+    fused = find(rows, case, fused_way, mode)
+    if fused is None:
+        return None
+    base = find(rows, case, base_name, mode)
+    if base is None:
+        return f"{mode} vs {base_name}: skipped ({skipped[base_name]})" if base_name in skipped else None
+    return f"{mode} " + speedup_line(fused, base, base_name, None)

@@ -115,6 +115,8 @@ def _child(spec: dict) -> Peak:
     op = ops.get(spec["op"])
     case = op.case_type.from_dict(spec["case"])
     way = ways.way_by_name(op, spec["way"])
+    if not way.serves("fwd+bwd"):  # the report never asks: a forward-only way has no fwd+bwd row
+        raise ValueError(f"{way.name} serves only {', '.join(way.modes)}: no fwd+bwd to measure")
     device = spec["device"]
     inp = op.make_inputs(case, device, True)
 

@@ -7,8 +7,9 @@
     python -m benchmarks.report --op low_rank_fusion --case headline
 
 Each way (fused per available backend, then the op's baselines) is timed in each mode
-(forward, backward, fwd+bwd) by ``benchmarks.timing``; the peak memory of one fwd+bwd call is
-measured in fresh children by ``benchmarks.memory``. One CSV per op. See benchmarks/README.md.
+(forward, backward, fwd+bwd) it serves by ``benchmarks.timing`` (a forward-only baseline in
+forward only); the peak memory of one fwd+bwd call is measured in fresh children by
+``benchmarks.memory``. One CSV per op. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -90,7 +91,11 @@ def show_ways(spec: OpSpec, device: str, chosen: list[CaseBase]) -> dict[str, st
     skipped: dict[str, str] = {}
     for dtype in dict.fromkeys(c.dtype for c in chosen):
         available, skip = ways.available_ways(spec, device, dtype)
-        print(f"{spec.name} ways on {device}/{dtype}: {', '.join(w.name for w in available)}")
+        names = [
+            w.name if set(w.modes) == set(MODES) else f"{w.name} ({', '.join(w.modes)} only)"
+            for w in available
+        ]
+        print(f"{spec.name} ways on {device}/{dtype}: {', '.join(names)}")
         for name, why in skip:
             print(f"  skipped {name}: {why}")
             skipped[name] = why

@@ -1,8 +1,11 @@
 """One report run's measurements as CSV rows: timing per (case, mode), memory per (case, way).
 
-Per (case, mode), all ways are timed side by side (``benchmarks.timing``); the peak of one
-fwd+bwd per (case, way) is measured afterwards in fresh children (``benchmarks.memory``), so
-the children never share the CPU with a timed call.
+Per (case, mode), all ways that serve the mode are timed side by side (``benchmarks.timing``);
+a forward-only baseline (``Baseline.modes``) gets forward rows only, never an error row for
+the modes it lacks. The peak of one fwd+bwd per (case, way) is measured afterwards in fresh
+children (``benchmarks.memory``), so the children never share the CPU with a timed call; a
+way without fwd+bwd has no such row and gets no child (no forward-only peak is mixed into the
+fwd+bwd peak column).
 """
 
 from __future__ import annotations
@@ -56,16 +59,20 @@ def time_case(
     knobs: Mapping[str, float],
     info: Mapping[str, str],
 ) -> list[Row]:
-    """One row per (way, mode) that can run on this device and dtype; failures as ``error``."""
+    """One row per (way, mode) that can run on this device and dtype and that the way serves
+    (``Way.modes``); failures as ``error``."""
     available, _ = ways.available_ways(spec, device, case.dtype)
     inputs = input_sets(spec, case, device)
     base = base_row(spec, case, info)
     rows: list[Row] = []
     for mode in modes:
+        serving = [w for w in available if w.serves(mode)]
+        if not serving:
+            continue
         # All ways of one mode side by side (interleaved), so load hits them alike.
-        steps = {w.name: rotating([ways.make_step(w, inp, mode) for inp in inputs]) for w in available}
+        steps = {w.name: rotating([ways.make_step(w, inp, mode) for inp in inputs]) for w in serving}
         timed = timing.measure(steps, device, **knobs)
-        for way in available:
+        for way in serving:
             row: Row = {
                 **base,
                 "way": way.name,
@@ -97,11 +104,20 @@ def time_case(
 
 
 def add_memory(jobs: Sequence[tuple[OpSpec, CaseBase, list[Row]]], device: str, workers: int) -> None:
-    """Fill ``peak_extra_mb`` and ``mem_method`` of every fwd+bwd row that ran."""
+    """Fill ``peak_extra_mb`` and ``mem_method`` of every fwd+bwd row that ran.
+
+    Only ways that serve fwd+bwd have such rows: a forward-only baseline gets no memory child
+    (its forward rows keep an empty peak, like every forward row), so the peak column stays
+    one quantity, the extra peak of one fwd+bwd.
+    """
     wanted: dict[memory.Job, Row] = {}
     for spec, case, rows in jobs:
         for row in rows:
-            if row["mode"] == "fwd+bwd" and not row["error"]:
+            if (
+                row["mode"] == "fwd+bwd"
+                and not row["error"]
+                and "fwd+bwd" in ways.way_modes(spec, str(row["way"]))
+            ):
                 wanted[(spec.name, case, str(row["way"]))] = row
     if not wanted:
         return
@@ -115,7 +131,9 @@ def add_memory(jobs: Sequence[tuple[OpSpec, CaseBase, list[Row]]], device: str, 
 
 def add_ratios(spec: OpSpec, rows: list[Row]) -> None:
     """Per baseline: speed-up (its time / this time: > 1 is faster) and memory ratio (its peak /
-    this peak), in columns ``speedup_vs_<column>`` and ``mem_vs_<column>``."""
+    this peak), in columns ``speedup_vs_<column>`` and ``mem_vs_<column>``. A baseline's speed-up
+    is empty in the modes it does not serve; a baseline without fwd+bwd (never measured for
+    memory) has no ``mem_vs_<column>`` column."""
     by_key = {(r["case"], r["way"], r["mode"]): r for r in rows if not r["error"]}
     for r in rows:
         for b in spec.baselines:
@@ -125,6 +143,8 @@ def add_ratios(spec: OpSpec, rows: list[Row]) -> None:
                 round(float(base["median_ms"]) / float(r["median_ms"]), 3) if ok else ""  # type: ignore[index,arg-type]
             )
         for b in spec.baselines:
+            if not b.serves("fwd+bwd"):
+                continue
             base = by_key.get((r["case"], b.name, r["mode"]))
             ok = base is not None and r["peak_extra_mb"] != "" and base["peak_extra_mb"] != ""
             r[f"mem_vs_{b.column}"] = (

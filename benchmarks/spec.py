@@ -114,12 +114,34 @@ class Draw:
 
 @dataclass(frozen=True)
 class Baseline:
-    """An unfused way to compute the op, timed beside the fused ones."""
+    """An unfused way to compute the op, timed beside the fused ones.
+
+    ``modes`` are the modes it serves: a forward-only way (e.g. scikit-learn on numpy arrays,
+    no autograd) gets ``("forward",)`` and is then timed, parametrized and tabled in forward
+    only; it has no fwd+bwd row, so no memory child and no ``mem_vs_<column>`` column.
+    ``unavailable(device, dtype)`` says why it cannot run there (empty: it can), e.g. a CPU-only
+    library on CUDA or a package that is not installed; the way is then skipped with that reason.
+    """
 
     name: str  # the way's name, e.g. "reference"
     column: str  # CSV ratio columns speedup_vs_<column>, mem_vs_<column>
     make: Callable[[], Fn]  # called when first needed (torch.compile is lazy and per process)
     compiled: bool = False  # uses torch.compile (skipped under TORCH_COMPILE_DISABLE=1)
+    modes: tuple[str, ...] = MODES  # the modes it serves, a subset of MODES
+    unavailable: Callable[[str, str], list[str]] | None = None  # (device, dtype) -> reasons
+
+    def __post_init__(self) -> None:
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ValueError(
+                f"baseline {self.name}: modes {self.modes!r} must be a non-empty subset of {MODES}"
+            )
+
+    def serves(self, mode: str) -> bool:
+        return mode in self.modes
+
+    def reasons(self, device: str, dtype: str) -> list[str]:
+        """Why this baseline cannot run on ``device``/``dtype`` (empty: it can)."""
+        return list(self.unavailable(device, dtype)) if self.unavailable else []
 
 
 Goals = Callable[[list[Row], str, Mapping[str, str]], list[str]]
@@ -144,9 +166,17 @@ class OpSpec:
     # (table header, row key, plot label) of what the reference materialises, if it is worth a column
     table_column: tuple[str, str, str] | None = None
 
+    def __post_init__(self) -> None:
+        # The reference is the denominator of every ratio and plot: it must serve every mode.
+        if not self.baselines or set(self.baselines[0].modes) != set(MODES):
+            raise ValueError(f"{self.name}: the first baseline (the reference) must serve every mode {MODES}")
+
     @property
     def reference(self) -> str:
         return self.baselines[0].name
+
+    def baseline(self, name: str) -> Baseline | None:
+        return next((b for b in self.baselines if b.name == name), None)
 
     def all_cases(self, device: str) -> list[CaseBase]:
         seen: dict[str, CaseBase] = {}

@@ -1,4 +1,5 @@
-"""What the pytest-benchmark suites share: one test per (case, way, mode) of an op.
+"""What the pytest-benchmark suites share: one test per (case, way, mode) of an op, for the
+modes each way serves (a forward-only baseline gets forward tests only).
 
     pytest benchmarks/ --benchmark-only -q
     pytest benchmarks/test_low_rank_fusion.py --benchmark-only --benchmark-group-by=param:case,param:mode
@@ -20,16 +21,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parametrize(spec: OpSpec):
-    """Decorator: parametrize a test over the op's small cases, all its ways and every mode.
+    """Decorator: parametrize a test over the op's small cases, all its ways and every mode
+    each way serves (``Baseline.modes``): no test is generated for a mode a way lacks.
 
     The same small shapes on either device: the suites check the ways run and give rough times;
-    the report has per-device grids.
+    the report has per-device grids. Test ids read ``<mode>-<way>-<case>``.
     """
     cases = list(spec.pytest_cases)
+    pairs = [
+        (mode, name)
+        for mode in MODES
+        for name in ways.all_way_names(spec)
+        if mode in ways.way_modes(spec, name)
+    ]
 
     def wrap(fn):
-        fn = pytest.mark.parametrize("mode", MODES)(fn)
-        fn = pytest.mark.parametrize("way_name", ways.all_way_names(spec))(fn)
+        fn = pytest.mark.parametrize(("mode", "way_name"), pairs, ids=[f"{m}-{w}" for m, w in pairs])(fn)
         return pytest.mark.parametrize("case", cases, ids=[c.name for c in cases])(fn)
 
     return wrap

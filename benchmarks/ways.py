@@ -6,7 +6,9 @@ Ways of every op (``spec.baselines`` adds the op's own unfused ones):
   ``triton``, ``cuda``); offered only where the op's own ``_reasons(backend, device, dtype)``
   is empty and a tiny fwd+bwd probe works, otherwise reported as skipped with the reasons.
 * the baselines, e.g. ``reference`` (``fusionops.reference``) and ``compile(reference)``
-  (``torch.compile`` of it, inductor, static shapes).
+  (``torch.compile`` of it, inductor, static shapes). A baseline may serve only some modes
+  (``Baseline.modes``, e.g. a forward-only library): every enumeration of (way, mode) goes
+  through :meth:`Way.serves` / :func:`way_modes`, so it gets no step, row or test in the others.
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ class Way:
     name: str
     fn: Fn
     backend: str | None = None  # the fusionops backend forced, None for the baselines
+    modes: tuple[str, ...] = MODES  # the modes it serves (fused ways: all)
 
     @property
     def fused(self) -> bool:
         return self.backend is not None
+
+    def serves(self, mode: str) -> bool:
+        return mode in self.modes
 
 
 def fused_fn(spec: OpSpec, backend: str) -> Fn:
@@ -105,6 +111,8 @@ def available_ways(
     for base in spec.baselines:
         if base.compiled and os.environ.get("TORCH_COMPILE_DISABLE") == "1":
             skipped.append((base.name, "TORCH_COMPILE_DISABLE=1 is set (torch.compile would run eager)"))
+        elif why := base.reasons(device, dtype):
+            skipped.append((base.name, "; ".join(why)))
         else:
             ways.append(way_by_name(spec, base.name))
     return tuple(ways), tuple(skipped)
@@ -114,11 +122,17 @@ def all_way_names(spec: OpSpec) -> list[str]:
     return [f"fused[{b}]" for b in FUSED_BACKENDS] + [b.name for b in spec.baselines]
 
 
+def way_modes(spec: OpSpec, name: str) -> tuple[str, ...]:
+    """The modes the way called ``name`` serves (fused ways: every mode), without making it."""
+    base = spec.baseline(name)
+    return base.modes if base is not None else MODES
+
+
 def way_by_name(spec: OpSpec, name: str) -> Way:
     """The way called ``name`` (see :func:`all_way_names`), without checking it can serve."""
     for base in spec.baselines:
         if base.name == name:
-            return Way(name, base.make())
+            return Way(name, base.make(), modes=base.modes)
     backend = name.removeprefix("fused[").removesuffix("]")
     if name != f"fused[{backend}]" or backend not in FUSED_BACKENDS:
         raise ValueError(f"{spec.name}: unknown way {name!r}; expected one of {all_way_names(spec)}")
@@ -129,8 +143,11 @@ def make_step(way: Way, inp: Inputs, mode: str) -> Callable[[], Callable[[], obj
     """``setup`` for one timed repeat: ``setup()`` does the untimed part and returns the thunk
     to time. ``forward`` runs under ``no_grad`` (inference); ``backward`` runs the forward in
     ``setup`` and times ``autograd.grad`` alone; ``fwd+bwd`` times both. Gradients are taken
-    for every floating input and returned, not accumulated into ``.grad``.
+    for every floating input and returned, not accumulated into ``.grad``. A mode the way does
+    not serve (``way.modes``) is a ValueError: callers enumerate only the modes it serves.
     """
+    if mode in MODES and not way.serves(mode):
+        raise ValueError(f"way {way.name} serves only {', '.join(way.modes)}, not {mode}")
     fn, args, leaves = way.fn, inp.args, inp.leaves
     if mode == "forward":
 

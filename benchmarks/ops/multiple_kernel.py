@@ -4,14 +4,18 @@ Ways: ``fused[<backend>]`` (``fusionops.multiple_kernel``: each output tile buil
 modalities at once, never holding the M Gram matrices; backward recomputes the tiles),
 ``reference`` (``fusionops.reference.multiple_kernel``: each modality's Gram matrix computed
 separately, its base kernel applied, weighted and summed — what MKL libraries do, and the
-baseline the issue's goal names) and ``compile(reference)``.
+baseline the issue's goal names), ``compile(reference)`` and ``sklearn``.
 
-Not a way: the CPU peers' computation, scikit-learn's ``sklearn.metrics.pairwise`` kernels on
-numpy arrays summed with the β weights (:func:`sklearn_pairwise`, written out below). It has no
-backward, and the framework times every way in every mode (``ways.make_step``; the suites and
-the memory children do fwd+bwd), so it would only add error rows; it is kept here, tested to
-compute the reference's K (tests/test_benchmarks_multiple_kernel.py), for when baselines can
-be forward-only.
+``sklearn`` is the CPU peers' computation: scikit-learn's ``sklearn.metrics.pairwise`` kernels
+on numpy arrays summed with the β weights (:func:`sklearn_pairwise`, written out below; tested
+to compute the reference's K in tests/test_benchmarks_multiple_kernel.py). It has no backward
+(numpy, no autograd), so it is a forward-only baseline (``Baseline.modes = ("forward",)``):
+timed in forward only, with no backward or fwd+bwd rows, no memory child (the peak column is
+one fwd+bwd's) and no ``mem_vs_sklearn`` column; its ratio column is ``speedup_vs_sklearn``.
+It is CPU only (skipped on CUDA: timing it there would time device-to-host copies and a CPU
+library, not a GPU peer), fp32/fp64 only, and skipped when scikit-learn is not installed
+(imported lazily, when the way first runs). The headline goals print the forward speed-up
+over it beside the verdict; no goal depends on it.
 
 Base kernels (``kernels``, a tuple of :data:`KERNELS` keys): ``rbf`` (``exp(-γ‖a-b‖²)``,
 γ = 1/d_m, scikit-learn's default), ``poly2`` (``(a·b + 1)²``) and ``linear`` (``a·b``). Mixes
@@ -32,12 +36,14 @@ the reference needs some 35-50 GB; should it run out of memory, the goal names i
 Goals (issue 8, fwd+bwd, widths (128, 64, 300), mixes ``mixed`` and ``rbf``): CPU (fp32,
 N_a = N_b = 4096) ``fused[cpu]`` at least 1.5x faster than the reference and at least 3x less
 extra peak memory; GPU (bf16 and fp32, N_a = N_b = 32768) the fastest fused way the same.
-compile(reference), forward's speed-up and every way's peak are printed beside.
+compile(reference), forward's speed-ups (over the reference and, on CPU, over sklearn) and
+every way's peak are printed beside.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -175,6 +181,18 @@ def sklearn_pairwise(
     return torch.from_numpy(total)
 
 
+def _sklearn_unavailable(device: str, dtype: str) -> list[str]:
+    """Why the ``sklearn`` way cannot run on ``device``/``dtype`` (empty: it can)."""
+    reasons = []
+    if not device.startswith("cpu"):
+        reasons.append("scikit-learn computes on CPU numpy arrays only (a CPU peer; not timed on CUDA)")
+    if dtype not in ("fp32", "fp64"):
+        reasons.append(f"scikit-learn's pairwise kernels take float32/float64, not {dtype}")
+    if importlib.util.find_spec("sklearn") is None:
+        reasons.append("scikit-learn is not installed (pip install scikit-learn)")
+    return reasons
+
+
 def _sweep(
     prefix: str, ns: tuple[int, ...], mix: str, dims: tuple[int, ...] = (128, 64, 300), dtype: str = "fp32"
 ) -> list[Case]:
@@ -250,9 +268,10 @@ def _goal_lines(rows: list[Row], case: Case, gpu: bool, skipped: Mapping[str, st
         )
     comp = g.find(rows, case.name, "compile(reference)")
     lines.append("  " + g.speedup_line(fused, comp, "compile(reference)", None))
-    fwd, fwd_ref = (g.find(rows, case.name, w, "forward") for w in (str(fused["way"]), "reference"))
-    if fwd and fwd_ref:
-        lines.append("  forward " + g.speedup_line(fwd, fwd_ref, "reference", None))
+    peers = ["reference"] if gpu else ["reference", "sklearn"]  # sklearn: CPU only, forward only
+    for peer in peers:
+        if line := g.mode_speedup_line(rows, case.name, str(fused["way"]), peer, "forward", skipped):
+            lines.append("  " + line)
     peaks = [
         f"{r['way']} {p:.1f}"
         for w in (fused["way"], "reference", "compile(reference)")
@@ -282,6 +301,13 @@ SPEC = OpSpec(
     baselines=(
         Baseline("reference", "reference", lambda: reference.multiple_kernel),
         Baseline("compile(reference)", "compile", lambda: compiled(reference.multiple_kernel), compiled=True),
+        Baseline(
+            "sklearn",
+            "sklearn",
+            lambda: sklearn_pairwise,
+            modes=("forward",),
+            unavailable=_sklearn_unavailable,
+        ),
     ),
     make_inputs=make_inputs,
     probe_case=lambda dtype: Case("probe", 3, 4, (2, 3, 2), MIXES["mixed"], dtype),
