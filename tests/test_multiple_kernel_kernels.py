@@ -266,3 +266,21 @@ def test_compiled_layer(kernel_backend, device):
         expected.sum().backward()
     assert_close_to(out, expected.double(), torch.float32, "compiled forward")
     assert_close_to(grad, layer.logits.grad.double(), torch.float32, "compiled grad of logits")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gram_matrix_over_many_tiles(kernel_backend, device, dtype):
+    """xs_b = xs_a (kernels may build only half of K and mirror it) over many tiles: exactly
+    symmetric, and equal to the reference and to the same call on copies of xs_a."""
+    n = 70 if kernel_backend == "triton" and device == "cpu" else 1100
+    dims = (5, 33, 2)
+    xs = [x.detach() for x in make_xs((n,), dims, dtype, device)]
+    kernels = ["rbf", BaseKernel("polynomial", degree=2, offset=0.5), "linear"]
+    beta = make_beta(3, dtype, device).detach()
+    with fusionops.backend(kernel_backend):
+        gram = fusionops.multiple_kernel(xs, None, beta, kernels)
+        copies = fusionops.multiple_kernel(xs, [x.clone() for x in xs], beta, kernels)
+    assert torch.equal(gram, gram.T)
+    expected = reference.multiple_kernel(detached64(xs), detached64(xs), beta.double(), kernels)
+    assert_close_to(gram, expected, dtype, "Gram matrix")
+    assert_close_to(copies, expected, dtype, "same call on copies")

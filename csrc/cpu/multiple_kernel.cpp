@@ -244,6 +244,9 @@ struct Problem {
   std::vector<at::Tensor> A, B, sq_a, sq_b;
   RowBlocks rows;
   int64_t col_blocks = 0;
+  // xs_b holds the very tensors of xs_a (a Gram matrix): K is symmetric, so the forward builds
+  // only the tiles that reach the diagonal or above it and mirrors the rest.
+  bool symmetric = true;
 
   int64_t col_first(int64_t c) const { return c * kTileCols; }
   int64_t col_count(int64_t c) const { return std::min(kTileCols, Nb - c * kTileCols); }
@@ -286,6 +289,7 @@ Problem make_problem(const char* op, at::TensorList xs_a, at::TensorList xs_b, c
     p.beta.push_back(beta64.const_data_ptr<double>()[m]);
     p.params.push_back(params64.const_data_ptr<double>()[m]);
     const bool same = xs_b[m].is_same(xs_a[m]);
+    p.symmetric = p.symmetric && same;
     p.A.push_back(xs_a[m].to(acc).contiguous());
     p.B.push_back(same ? p.A.back() : xs_b[m].to(acc).contiguous());
     if (kinds[m] == kRbf) {
@@ -303,19 +307,52 @@ Problem make_problem(const char* op, at::TensorList xs_a, at::TensorList xs_b, c
 
 // ---- forward --------------------------------------------------------------------------------
 
+// Symmetric case: the first column block built for row block rb, the one holding its first row.
+// Every row i of the block then has columns [i, Nb) built, and column i of any earlier row j < i
+// too (its own first built column is at most j).
+int64_t first_built_col_block(const Problem& p, int64_t rb) { return p.rows.first(rb) / kTileCols; }
+
+// Symmetric case: K[i, j] = K[j, i] for the columns j left of row i's first built column block,
+// copied in 64 x 64 blocks so that the column reads stay in cache.
+template <typename scalar_t>
+void mirror_unbuilt(const Problem& p, scalar_t* out) {
+  constexpr int64_t kBlock = 64;
+  const int64_t N = p.Na;
+  auto unbuilt = [&](int64_t i) { return first_built_col_block(p, i / p.rows.rows) * kTileCols; };
+  at::parallel_for(0, ceil_div(N, kBlock), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * kBlock, i1 = std::min(N, i0 + kBlock);
+      const int64_t widest = unbuilt(i1 - 1);  // non-decreasing in i
+      for (int64_t j0 = 0; j0 < widest; j0 += kBlock) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t j1 = std::min({j0 + kBlock, unbuilt(i)});
+          for (int64_t j = j0; j < j1; ++j) out[i * N + j] = out[j * N + i];
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_kernel(const Problem& p, at::Tensor& out) {
   using T = at::opmath_type<scalar_t>;
   constexpr bool in_place = std::is_same_v<scalar_t, T>;  // the tile is summed straight in out
   const auto opts = p.A[0].options();
   scalar_t* out_ = out.mutable_data_ptr<scalar_t>();
-  const int64_t tiles = p.rows.blocks * p.col_blocks;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  // The tiles to build, row block by row block: all of them, or in the symmetric case those from
+  // the column block holding the row block's first row on (the rest is mirrored below).
+  std::vector<int64_t> tiles;
+  for (int64_t rb = 0; rb < p.rows.blocks; ++rb) {
+    for (int64_t cb = p.symmetric ? first_built_col_block(p, rb) : 0; cb < p.col_blocks; ++cb) {
+      tiles.push_back(rb * p.col_blocks + cb);
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
     const BelowAutograd below_autograd;  // the inputs may require grad
     at::Tensor G = at::empty({kTileRows * kTileCols}, opts);
     std::vector<T> acc_buf(in_place ? 0 : kTileRows * kTileCols), x(kTileCols), y(kTileCols);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rb = t / p.col_blocks, cb = t % p.col_blocks;
+      const int64_t rb = tiles[t] / p.col_blocks, cb = tiles[t] % p.col_blocks;
       const int64_t r0 = p.rows.first(rb), nr = p.rows.count(rb);
       const int64_t c0 = p.col_first(cb), nc = p.col_count(cb);
       // Row i of the tile: out row r0 + i from column c0 (in place), or the thread's buffer.
@@ -349,6 +386,7 @@ void forward_kernel(const Problem& p, at::Tensor& out) {
       }
     }
   });
+  if (p.symmetric) mirror_unbuilt(p, out_);
 }
 
 // ---- backward -------------------------------------------------------------------------------

@@ -170,7 +170,8 @@ class MultipleKernelKernels(Protocol):
 
     The op layer guarantees: ``xs_a[m] (N_a, d_m)`` and ``xs_b[m] (N_b, d_m)``, M >= 1, N_a, N_b >= 0,
     d_m >= 1, one dtype (float16, bfloat16, float32, float64) and device, any strides (stride 0
-    included); ``xs_b`` may hold the very tensors of ``xs_a`` (the symmetric case). ``beta (M,)`` of
+    included); ``xs_b`` may hold the very tensors of ``xs_a`` (the symmetric case: a kernel may
+    then build half of K and mirror it). ``beta (M,)`` of
     the dtype of xs, finite and >= 0, any strides. ``params (M,)`` float32 (float64 for float64
     inputs), any strides: γ for RBF, c for polynomial, ignored for linear. ``kinds`` and
     ``degrees`` are Python lists of M ints (``degrees[m]`` is ignored unless polynomial).
