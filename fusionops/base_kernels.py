@@ -140,14 +140,17 @@ def as_base_kernel(op: str, name: str, spec: KernelSpec) -> BaseKernel:
     return kernel
 
 
-def as_base_kernels(op: str, kernels: Sequence[KernelSpec], modalities: int) -> list[BaseKernel]:
-    """One checked :class:`BaseKernel` per modality."""
+def as_base_kernels(
+    op: str, kernels: Sequence[KernelSpec], modalities: int | None = None
+) -> list[BaseKernel]:
+    """One checked :class:`BaseKernel` per modality (``modalities`` of them when given: layers
+    and estimators take one per entry of ``kernels``)."""
     if isinstance(kernels, (str, Mapping, BaseKernel)) or not isinstance(kernels, (list, tuple)):
         raise TypeError(
             f"{op}: kernels must be a list or tuple with one base kernel per modality, "
             f"got {type(kernels).__name__}"
         )
-    if len(kernels) != modalities:
+    if modalities is not None and len(kernels) != modalities:
         raise ValueError(
             f"{op}: kernels has {len(kernels)} entries but there are {modalities} modalities; "
             "expected one base kernel per modality"

@@ -73,8 +73,7 @@ class MultipleKernelRidge:
         dtype: torch.dtype = torch.float64,
     ) -> None:
         name = type(self).__name__
-        count = len(kernels) if isinstance(kernels, (list, tuple)) else -1
-        self.kernels = as_base_kernels(name, kernels, count)
+        self.kernels = as_base_kernels(name, kernels)
         if not alpha > 0:
             raise ValueError(f"{name}: alpha (the ridge penalty) must be > 0, got {alpha}")
         if steps < 0:
@@ -126,8 +125,9 @@ class MultipleKernelRidge:
         a = torch.cholesky_solve(y, chol)
         return self.alpha * (y * a).sum(), a
 
-    def _fit_targets(self, xs: Sequence[ArrayLike], y: Tensor) -> MultipleKernelRidge:
-        self.train_xs_ = views = self._views(xs, "fit")
+    def _fit_targets(self, views: list[Tensor], y: Tensor) -> MultipleKernelRidge:
+        """Fit on ``views`` (already checked by :meth:`_views`) and targets ``y`` (N, C)."""
+        self.train_xs_ = views
         n = views[0].shape[0]
         if any(v.shape[0] != n for v in views):
             raise ValueError(f"{type(self).__name__}.fit: every modality needs the same number of rows")

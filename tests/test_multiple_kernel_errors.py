@@ -122,7 +122,7 @@ def test_layer_bad_arguments():
     with pytest.raises(ValueError, match=r"pass input_dims \(or a gamma\) to learn it"):
         fusionops.MultipleKernelFusion(KERNELS, learn_kernel_params=True)
     layer = fusionops.MultipleKernelFusion(KERNELS, input_dims=(3, 2))
-    with pytest.raises(ValueError, match=r"built for input_dims \(3, 2\), got widths \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"built for input_dims \(3, 2\), got modalities of widths \(3, 4\)"):
         layer([torch.randn(4, 3), torch.randn(4, 4)])
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fusionops._checks import check_layer_widths
 from fusionops.base_kernels import BaseKernel, KernelSpec, as_base_kernels
 from fusionops.ops.multiple_kernel import multiple_kernel
 
@@ -43,7 +44,7 @@ class MultipleKernelFusion(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        specs = as_base_kernels(name, kernels, len(kernels) if isinstance(kernels, (list, tuple)) else -1)
+        specs = as_base_kernels(name, kernels)
         m = len(specs)
         self.input_dims = None if input_dims is None else tuple(int(d) for d in input_dims)
         if self.input_dims is not None and len(self.input_dims) != m:
@@ -94,12 +95,8 @@ class MultipleKernelFusion(nn.Module):
         return out
 
     def forward(self, xs_a: Sequence[Tensor], xs_b: Sequence[Tensor] | None = None) -> Tensor:
-        if self.input_dims is not None and isinstance(xs_a, (list, tuple)):
-            dims = tuple(int(x.shape[-1]) for x in xs_a if isinstance(x, Tensor))
-            if dims != self.input_dims:
-                raise ValueError(
-                    f"{type(self).__name__}: built for input_dims {self.input_dims}, got widths {dims}"
-                )
+        if self.input_dims is not None:
+            check_layer_widths(type(self).__name__, self.input_dims, xs_a)
         like = xs_a[0] if isinstance(xs_a, (list, tuple)) and xs_a else None
         weights = self.beta * self.scales
         if isinstance(like, Tensor):
