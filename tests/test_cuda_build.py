@@ -42,8 +42,8 @@ def test_plain_cuda_kernels_compile_with_nvcc():
 
 def test_product_fusion_has_cuda_kernels():
     assert "product_fusion" in CUDA_KERNEL_OPS
-    assert isinstance(pf._kernels("cuda"), pf._CudaKernels)
-    assert isinstance(pf._kernels("cpu"), pf._CppKernels)
+    assert isinstance(pf._kernels("cuda"), pf._CompiledKernels) and pf._kernels("cuda").device == "cuda"
+    assert isinstance(pf._kernels("cpu"), pf._CompiledKernels) and pf._kernels("cpu").device == "cpu"
 
 
 def test_fused_kernels_without_cuda_kernels_names_the_choices():
@@ -76,8 +76,13 @@ def test_cuda_backend_takes_at_most_eight_modalities():
 @pytest.mark.parametrize("module", CUDA_OPS, ids=lambda m: m.OP)
 def test_ops_with_cuda_kernels_route_cuda_to_them(module):
     assert module.OP in CUDA_KERNEL_OPS
-    assert isinstance(module._kernels("cuda"), module._CudaKernels)
-    assert isinstance(module._kernels("cpu"), module._CppKernels)
+    assert (
+        isinstance(module._kernels("cuda"), module._CompiledKernels)
+        and module._kernels("cuda").device == "cuda"
+    )
+    assert (
+        isinstance(module._kernels("cpu"), module._CompiledKernels) and module._kernels("cpu").device == "cpu"
+    )
     assert module.CUDA_MAX_MODALITIES == CUDA_MAX_MODALITIES == 8
 
 

@@ -71,6 +71,12 @@ def kernel_reasons(op: str, backend: str, device: torch.device, dtype: torch.dty
     return reasons
 
 
+def compiled(kernel: str, device: str):
+    """``torch.ops.fusionops._<kernel>_<device>``: a kernel of the compiled extension, C++
+    (``device="cpu"``) or CUDA C++ (``"cuda"``, present only in CUDA builds; looked up on call)."""
+    return getattr(torch.ops.fusionops, f"_{kernel}_{device}")
+
+
 def empty_grad(like: Tensor) -> Tensor:
     """Stand-in for a gradient that was not asked for (custom ops cannot return None)."""
     return like.new_empty(0)

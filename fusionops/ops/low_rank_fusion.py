@@ -19,6 +19,7 @@ from fusionops._backend import choose
 from fusionops._checks import check_like, check_mask, check_modalities, check_shape
 from fusionops.ops._dispatch import CUDA_MAX_MODALITIES as CUDA_MAX_MODALITIES  # re-exported
 from fusionops.ops._dispatch import (
+    compiled,
     cuda_modality_reasons,
     empty_grad,
     fused_kernels,
@@ -36,8 +37,13 @@ OP = "low_rank_fusion"
 CPU_FUSED_MIN_ELEMENTS = 1 << 17
 
 
-class _CppKernels:
-    """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
+class _CompiledKernels:
+    """The C++ (``device="cpu"``) or CUDA C++ (``"cuda"``, csrc/cuda/; only in CUDA builds, at most
+    ``CUDA_MAX_MODALITIES`` modalities: ``_reasons`` says so otherwise) kernels of
+    ``fusionops._C``, behind the kernel contract."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
 
     def forward(
         self,
@@ -47,7 +53,7 @@ class _CppKernels:
         bias: Tensor | None,
         mask: Tensor | None,
     ) -> Tensor:
-        return torch.ops.fusionops._lmf_fwd_cpu(xs, factors, rank_weight, bias, mask)
+        return compiled("lmf_fwd", self.device)(xs, factors, rank_weight, bias, mask)
 
     def backward(
         self,
@@ -61,40 +67,7 @@ class _CppKernels:
         need_dw: bool,
         need_db: bool,
     ) -> tuple[list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
-        dxs, dfs, dw, db = torch.ops.fusionops._lmf_bwd_cpu(
-            grad, xs, factors, rank_weight, mask, need_dx, need_dfactors, need_dw, need_db
-        )
-        return list(dxs), list(dfs), dw, db
-
-
-class _CudaKernels:
-    """The CUDA C++ kernels of ``fusionops._C`` (csrc/cuda/low_rank_fusion.cpp), behind the
-    kernel contract; present only when the extension was built with CUDA (``kernel_reasons``
-    says so otherwise). They take at most ``CUDA_MAX_MODALITIES`` (8) modalities."""
-
-    def forward(
-        self,
-        xs: list[Tensor],
-        factors: list[Tensor],
-        rank_weight: Tensor,
-        bias: Tensor | None,
-        mask: Tensor | None,
-    ) -> Tensor:
-        return torch.ops.fusionops._lmf_fwd_cuda(xs, factors, rank_weight, bias, mask)
-
-    def backward(
-        self,
-        grad: Tensor,
-        xs: list[Tensor],
-        factors: list[Tensor],
-        rank_weight: Tensor,
-        mask: Tensor | None,
-        need_dx: bool,
-        need_dfactors: bool,
-        need_dw: bool,
-        need_db: bool,
-    ) -> tuple[list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
-        dxs, dfs, dw, db = torch.ops.fusionops._lmf_bwd_cuda(
+        dxs, dfs, dw, db = compiled("lmf_bwd", self.device)(
             grad, xs, factors, rank_weight, mask, need_dx, need_dfactors, need_dw, need_db
         )
         return list(dxs), list(dfs), dw, db
@@ -103,7 +76,7 @@ class _CudaKernels:
 def _kernels(backend: str) -> LowRankFusionKernels:
     return cast(
         LowRankFusionKernels,
-        fused_kernels(OP, backend, _CppKernels(), "low_rank_fusion", cuda=_CudaKernels()),
+        fused_kernels(OP, backend, _CompiledKernels("cpu"), "low_rank_fusion", cuda=_CompiledKernels("cuda")),
     )
 
 

@@ -18,7 +18,7 @@ from fusionops import reference
 from fusionops._backend import choose
 from fusionops._checks import check_modalities
 from fusionops.ops._dispatch import CUDA_MAX_MODALITIES as CUDA_MAX_MODALITIES  # re-exported
-from fusionops.ops._dispatch import cuda_modality_reasons, fused_kernels, kernel_reasons, size_order
+from fusionops.ops._dispatch import compiled, cuda_modality_reasons, fused_kernels, kernel_reasons, size_order
 from fusionops.ops._kernels import ProductFusionKernels
 
 OP = "product_fusion"
@@ -32,31 +32,25 @@ CPU_FUSED_MIN_ELEMENTS = 1 << 20
 CPU_FUSED_MIN_MODALITIES = 3
 
 
-class _CppKernels:
-    """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
+class _CompiledKernels:
+    """The C++ (``device="cpu"``) or CUDA C++ (``"cuda"``, csrc/cuda/; only in CUDA builds, at most
+    ``CUDA_MAX_MODALITIES`` modalities: ``_reasons`` says so otherwise) kernels of
+    ``fusionops._C``, behind the kernel contract."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
 
     def forward(self, xs: list[Tensor]) -> Tensor:
-        return torch.ops.fusionops._product_fwd_cpu(xs)
+        return compiled("product_fwd", self.device)(xs)
 
     def backward(self, grad: Tensor, xs: list[Tensor]) -> list[Tensor]:
-        return list(torch.ops.fusionops._product_bwd_cpu(grad, xs))
-
-
-class _CudaKernels:
-    """The CUDA C++ kernels of ``fusionops._C`` (csrc/cuda/), behind the kernel contract; present
-    only when the extension was built with CUDA (``kernel_reasons`` says so otherwise). They take
-    at most ``CUDA_MAX_MODALITIES`` (8) modalities."""
-
-    def forward(self, xs: list[Tensor]) -> Tensor:
-        return torch.ops.fusionops._product_fwd_cuda(xs)
-
-    def backward(self, grad: Tensor, xs: list[Tensor]) -> list[Tensor]:
-        return list(torch.ops.fusionops._product_bwd_cuda(grad, xs))
+        return list(compiled("product_bwd", self.device)(grad, xs))
 
 
 def _kernels(backend: str) -> ProductFusionKernels:
     return cast(
-        ProductFusionKernels, fused_kernels(OP, backend, _CppKernels(), "product_fusion", cuda=_CudaKernels())
+        ProductFusionKernels,
+        fused_kernels(OP, backend, _CompiledKernels("cpu"), "product_fusion", cuda=_CompiledKernels("cuda")),
     )
 
 

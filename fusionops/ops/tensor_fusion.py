@@ -30,6 +30,7 @@ from fusionops._checks import (
 )
 from fusionops.ops._dispatch import CUDA_MAX_MODALITIES as CUDA_MAX_MODALITIES  # re-exported
 from fusionops.ops._dispatch import (
+    compiled,
     cuda_modality_reasons,
     empty_grad,
     fused_kernels,
@@ -48,19 +49,24 @@ OP = "tensor_fusion"
 CPU_FUSED_MIN_ELEMENTS = 1 << 20
 
 
-class _CppKernels:
-    """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
+class _CompiledKernels:
+    """The C++ (``device="cpu"``) or CUDA C++ (``"cuda"``, csrc/cuda/; only in CUDA builds, at most
+    ``CUDA_MAX_MODALITIES`` modalities: ``_reasons`` says so otherwise) kernels of
+    ``fusionops._C``, behind the kernel contract."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
 
     def features_forward(self, xs: list[Tensor], mask: Tensor | None) -> Tensor:
-        return torch.ops.fusionops._tf_features_fwd_cpu(xs, mask)
+        return compiled("tf_features_fwd", self.device)(xs, mask)
 
     def features_backward(self, grad: Tensor, xs: list[Tensor], mask: Tensor | None) -> list[Tensor]:
-        return list(torch.ops.fusionops._tf_features_bwd_cpu(grad, xs, mask))
+        return list(compiled("tf_features_bwd", self.device)(grad, xs, mask))
 
     def projected_forward(
         self, xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None
     ) -> Tensor:
-        return torch.ops.fusionops._tf_projected_fwd_cpu(xs, weight, bias, mask)
+        return compiled("tf_projected_fwd", self.device)(xs, weight, bias, mask)
 
     def projected_backward(
         self,
@@ -72,39 +78,7 @@ class _CppKernels:
         need_dw: bool,
         need_db: bool,
     ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
-        dxs, dw, db = torch.ops.fusionops._tf_projected_bwd_cpu(
-            grad, xs, weight, mask, need_dx, need_dw, need_db
-        )
-        return list(dxs), dw, db
-
-
-class _CudaKernels:
-    """The CUDA C++ kernels of ``fusionops._C`` (csrc/cuda/tensor_fusion.cpp), behind the kernel
-    contract; present only when the extension was built with CUDA (``kernel_reasons`` says so
-    otherwise). They take at most ``CUDA_MAX_MODALITIES`` (8) modalities."""
-
-    def features_forward(self, xs: list[Tensor], mask: Tensor | None) -> Tensor:
-        return torch.ops.fusionops._tf_features_fwd_cuda(xs, mask)
-
-    def features_backward(self, grad: Tensor, xs: list[Tensor], mask: Tensor | None) -> list[Tensor]:
-        return list(torch.ops.fusionops._tf_features_bwd_cuda(grad, xs, mask))
-
-    def projected_forward(
-        self, xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None
-    ) -> Tensor:
-        return torch.ops.fusionops._tf_projected_fwd_cuda(xs, weight, bias, mask)
-
-    def projected_backward(
-        self,
-        grad: Tensor,
-        xs: list[Tensor],
-        weight: Tensor,
-        mask: Tensor | None,
-        need_dx: bool,
-        need_dw: bool,
-        need_db: bool,
-    ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
-        dxs, dw, db = torch.ops.fusionops._tf_projected_bwd_cuda(
+        dxs, dw, db = compiled("tf_projected_bwd", self.device)(
             grad, xs, weight, mask, need_dx, need_dw, need_db
         )
         return list(dxs), dw, db
@@ -113,7 +87,7 @@ class _CudaKernels:
 def _kernels(backend: str) -> TensorFusionKernels:
     return cast(
         TensorFusionKernels,
-        fused_kernels(OP, backend, _CppKernels(), "tensor_fusion", cuda=_CudaKernels()),
+        fused_kernels(OP, backend, _CompiledKernels("cpu"), "tensor_fusion", cuda=_CompiledKernels("cuda")),
     )
 
 
