@@ -269,10 +269,15 @@ def test_compiled_layer(kernel_backend, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gram_matrix_over_many_tiles(kernel_backend, device, dtype):
+@pytest.mark.parametrize("rows", ["many", 1, 17], ids=str)
+def test_gram_matrix_over_many_tiles(kernel_backend, device, rows, dtype):
     """xs_b = xs_a (kernels may build only half of K and mirror it) over many tiles: exactly
-    symmetric, and equal to the reference and to the same call on copies of xs_a."""
-    n = 70 if kernel_backend == "triton" and device == "cpu" else 1100
+    symmetric, and equal to the reference and to the same call on copies of xs_a. Also one
+    row (a lone diagonal tile) and 17 (a full diagonal tile and a one-row one)."""
+    if rows != "many":
+        n = rows
+    else:
+        n = 70 if kernel_backend == "triton" and device == "cpu" else 1100
     dims = (5, 33, 2)
     xs = [x.detach() for x in make_xs((n,), dims, dtype, device)]
     kernels = ["rbf", BaseKernel("polynomial", degree=2, offset=0.5), "linear"]

@@ -18,6 +18,9 @@ and loops over the modalities (runtime loop); per modality it forms the G tile w
 over chunks of ``P_m``, applies the base kernel (a runtime branch on the kind; the polynomial
 by ``p - 1`` multiplications) and adds ``β_m k`` into its accumulator; K is written once. No
 Gram matrix is written to memory; beyond K only the packed operands and norms are allocated.
+In the symmetric case (square tiles) only the tiles on or above the diagonal are launched and
+each is also written transposed, the diagonal tiles from their upper triangle: K is exactly
+symmetric whatever the rounding of ``tl.dot`` (as in the C++ kernel, which mirrors its tiles).
 
 Backward, with ``g = dL/dK`` and (contract) ``S_m = β_m g ⊙ dk/dG``: ``_mkl_bwd_kernel``
 recomputes each G tile as the forward does and writes ``S_m`` for the tile into a scratch
@@ -142,6 +145,7 @@ def _mkl_fwd_kernel(
     NA,
     NB,
     M,
+    SYMMETRIC: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -149,12 +153,26 @@ def _mkl_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) tile of K, all modalities."""
-    # Column blocks fastest: programs running together share a row block of acat.
+    """One (BLOCK_M, BLOCK_N) tile of K, all modalities. SYMMETRIC (b is a, NA == NB,
+    BLOCK_M == BLOCK_N): the program owns tile (i, j) with i <= j and also writes it
+    transposed to (j, i), so that K is exactly symmetric (see the end)."""
     pid = tl.program_id(0)
-    n_tb = tl.cdiv(NB, BLOCK_N)
-    rows = (pid // n_tb) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % n_tb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SYMMETRIC:
+        # The grid holds only the T(T+1)/2 tiles on or above the diagonal (none launched just
+        # to return), numbered column by column: pid = j(j+1)/2 + i, 0 <= i <= j. j from the
+        # float square root, then made exact by integer checks (the root is off by at most one
+        # far beyond any grid). Programs running together share column block j of acat.
+        tj = ((tl.sqrt(pid.to(tl.float32) * 8.0 + 1.0) - 1.0) * 0.5).to(tl.int32)
+        tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
+        tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)
+        ti = pid - tj * (tj + 1) // 2
+    else:
+        # Column blocks fastest: programs running together share a row block of acat.
+        n_tb = tl.cdiv(NB, BLOCK_N)
+        ti = pid // n_tb
+        tj = pid % n_tb
+    rows = ti * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tj * BLOCK_N + tl.arange(0, BLOCK_N)
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     out = tl.zeros((BLOCK_M, BLOCK_N), ACC)
@@ -176,8 +194,21 @@ def _mkl_fwd_kernel(
         else:
             k = g
         out += beta * k
-    ptrs = out_ptr + rows64[:, None] * NB + cols64[None, :]
-    tl.store(ptrs, out, mask=(rows < NA)[:, None] & (cols < NB)[None, :])
+    ok = (rows < NA)[:, None] & (cols < NB)[None, :]
+    if SYMMETRIC:
+        # tl.dot of tile (j, i) is not bitwise the transpose of tile (i, j), nor is a diagonal
+        # tile's dot bitwise symmetric (summation order depends on the GPU's MMA or the
+        # interpreter's BLAS/SIMD). So only elements with row <= col are taken from this
+        # program's values, and each is also written to (col, row); in a diagonal tile that
+        # leaves the values computed below the diagonal unused. Off the diagonal every row is
+        # below every column, so both masks are just `ok` there. K is then exactly symmetric.
+        upper = rows[:, None] <= cols[None, :]
+        tl.store(out_ptr + rows64[:, None] * NB + cols64[None, :], out, mask=ok & upper)
+        strict = rows[None, :] < cols[:, None]  # (col, row) layout; the diagonal is written once
+        ok_t = (cols < NB)[:, None] & (rows < NA)[None, :]
+        tl.store(out_ptr + cols64[:, None] * NB + rows64[None, :], tl.trans(out), mask=ok_t & strict)
+    else:
+        tl.store(out_ptr + rows64[:, None] * NB + cols64[None, :], out, mask=ok)
 
 
 @triton.jit
@@ -335,6 +366,11 @@ def _config(
     return _block(na, 16, bm), _block(nb, 16, bn), bk, warps
 
 
+def _same(xs_a: list[Tensor], xs_b: list[Tensor]) -> bool:
+    """xs_b holds the very tensors of xs_a (the symmetric case; the C++ kernel's is_same)."""
+    return all(a is b for a, b in zip(xs_a, xs_b, strict=True))
+
+
 def _operands(
     xs_a: list[Tensor], xs_b: list[Tensor], kinds: list[int], bm: int, bn: int, bk: int
 ) -> tuple[_Side, _Side, tuple[int, ...]]:
@@ -342,7 +378,7 @@ def _operands(
     rbf = _RBF in kinds
     widths = tuple(triton.cdiv(int(x.shape[1]), bk) * bk for x in xs_a)
     na, nb = xs_a[0].shape[0], xs_b[0].shape[0]
-    if all(a is b for a, b in zip(xs_a, xs_b, strict=True)):
+    if _same(xs_a, xs_b):
         side = _pack(xs_a, widths, triton.cdiv(na, max(bm, bn)) * max(bm, bn), acc, rbf)
         return side, side, widths
     return (
@@ -386,15 +422,25 @@ def forward(
     if na == 0 or nb == 0:
         return out
     bm, bn, bk, warps = _config("fwd", na, nb, dtype, device)
+    symmetric = _same(xs_a, xs_b)
+    if symmetric:
+        # Square tiles, so that tile (i, j) transposed is tile (j, i); the smaller block keeps
+        # the configuration's register budget (a 16-bit 128 x 128 forward spilled).
+        bm = bn = min(bm, bn)
+        tiles = triton.cdiv(na, bm)
+        grid = tiles * (tiles + 1) // 2  # the tiles on or above the diagonal only
+    else:
+        grid = triton.cdiv(na, bm) * triton.cdiv(nb, bn)
     pa, pb, widths = _operands(xs_a, xs_b, kinds, bm, bn, bk)
     with _on(device):
-        _mkl_fwd_kernel[(triton.cdiv(na, bm) * triton.cdiv(nb, bn),)](
+        _mkl_fwd_kernel[(grid,)](
             *_side_args(pa, pb),
             *_table_args(widths, kinds, degrees, beta, params, device),
             out,
             na,
             nb,
             len(xs_a),
+            SYMMETRIC=symmetric,
             ACC=_TL[_acc(dtype)],
             DOT=_dot_dtype(dtype, device),
             PRECISION=_PRECISION,
