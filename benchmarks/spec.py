@@ -153,7 +153,6 @@ class OpSpec:
     title: str  # "low-rank fusion": headings and plot titles
     case_type: type[CaseBase]
     fused: Fn  # the public fusionops function, called inside fusionops.backend(name)
-    reasons: Callable[[str, torch.device, torch.dtype], list[str]]  # the op's own _reasons
     baselines: tuple[Baseline, ...]  # the first is "the reference" of the ratios and plots
     make_inputs: Callable[[Any, str, bool], Inputs]  # (case, device, requires_grad)
     probe_case: Callable[[str], CaseBase]  # a tiny case of a dtype, for the probe call
@@ -174,6 +173,21 @@ class OpSpec:
     @property
     def reference(self) -> str:
         return self.baselines[0].name
+
+    def reasons(self, backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+        """Why ``backend`` cannot serve this op on ``device``/``dtype``: the op registry's answer."""
+        import fusionops.ops  # noqa: F401  (registers every op)
+        from fusionops._backend import reasons
+        from fusionops.registry import get
+
+        return reasons(get(self.name), backend, device, dtype)
+
+    @property
+    def cpu_min_size(self) -> int:
+        """The op's automatic CPU threshold (on ``crossover_metric``), from the registry."""
+        from fusionops.registry import get
+
+        return get(self.name).cpu_min_size
 
     def baseline(self, name: str) -> Baseline | None:
         return next((b for b in self.baselines if b.name == name), None)

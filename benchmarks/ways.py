@@ -3,7 +3,7 @@
 Ways of every op (``spec.baselines`` adds the op's own unfused ones):
 
 * ``fused[<backend>]``: the public fusionops function with the backend forced (``cpu``,
-  ``triton``, ``cuda``); offered only where the op's own ``_reasons(backend, device, dtype)``
+  ``triton``, ``cuda``); offered only where the op registry's ``reasons(op, backend, device, dtype)``
   is empty and a tiny fwd+bwd probe works, otherwise reported as skipped with the reasons.
 * the baselines, e.g. ``reference`` (``fusionops.reference``) and ``compile(reference)``
   (``torch.compile`` of it, inductor, static shapes). A baseline may serve only some modes

@@ -1,7 +1,8 @@
-// The schemas of every op implemented in C++ (DESIGN.md, Architecture): declared once here,
-// implemented per device in csrc/cpu/*.cpp (and csrc/cuda/*). The public ops of the package
-// (torch.ops.fusionops.tensor_fusion_*, low_rank_fusion, product_fusion, skew_pair_attention)
-// are defined in Python and call these kernels.
+// The schema of every compiled kernel (DESIGN.md, Architecture): declared once here, with one
+// implementation per dispatch key: CPU in csrc/cpu/*.cpp, CUDA in csrc/cuda/*.cpp (CUDA builds
+// only). The dispatcher picks the implementation from the tensors' device (the
+// pytorch/extension-cpp pattern). The public ops of the package (torch.ops.fusionops.tensor_fusion_*,
+// low_rank_fusion, ...) are declared in Python (fusionops/ops/) and call these kernels.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,33 +26,33 @@ TORCH_LIBRARY(fusionops, m) {
 #endif
   });
   // Tensor fusion (DESIGN.md section 1); contract in fusionops/ops/_kernels.py.
-  m.def("_tf_features_fwd_cpu(Tensor[] xs, Tensor? mask) -> Tensor");
-  m.def("_tf_features_bwd_cpu(Tensor grad, Tensor[] xs, Tensor? mask) -> Tensor[]");
-  m.def("_tf_projected_fwd_cpu(Tensor[] xs, Tensor weight, Tensor? bias, Tensor? mask) -> Tensor");
+  m.def("_tf_features_fwd(Tensor[] xs, Tensor? mask) -> Tensor");
+  m.def("_tf_features_bwd(Tensor grad, Tensor[] xs, Tensor? mask) -> Tensor[]");
+  m.def("_tf_projected_fwd(Tensor[] xs, Tensor weight, Tensor? bias, Tensor? mask) -> Tensor");
   m.def(
-      "_tf_projected_bwd_cpu(Tensor grad, Tensor[] xs, Tensor weight, Tensor? mask, bool need_dx, "
+      "_tf_projected_bwd(Tensor grad, Tensor[] xs, Tensor weight, Tensor? mask, bool need_dx, "
       "bool need_dw, bool need_db) -> (Tensor[], Tensor?, Tensor?)");
   // Low-rank fusion (DESIGN.md section 2); contract in fusionops/ops/_kernels.py.
   m.def(
-      "_lmf_fwd_cpu(Tensor[] xs, Tensor[] factors, Tensor rank_weight, Tensor? bias, Tensor? mask) "
+      "_lmf_fwd(Tensor[] xs, Tensor[] factors, Tensor rank_weight, Tensor? bias, Tensor? mask) "
       "-> Tensor");
   m.def(
-      "_lmf_bwd_cpu(Tensor grad, Tensor[] xs, Tensor[] factors, Tensor rank_weight, Tensor? mask, "
+      "_lmf_bwd(Tensor grad, Tensor[] xs, Tensor[] factors, Tensor rank_weight, Tensor? mask, "
       "bool need_dx, bool need_dfactors, bool need_dw, bool need_db) "
       "-> (Tensor[], Tensor[], Tensor?, Tensor?)");
   // Product fusion (DESIGN.md section 3); contract in fusionops/ops/_kernels.py.
-  m.def("_product_fwd_cpu(Tensor[] xs) -> Tensor");
-  m.def("_product_bwd_cpu(Tensor grad, Tensor[] xs) -> Tensor[]");
+  m.def("_product_fwd(Tensor[] xs) -> Tensor");
+  m.def("_product_bwd(Tensor grad, Tensor[] xs) -> Tensor[]");
   // Sparse skew-pair attention (DESIGN.md section 4); contract in fusionops/ops/_kernels.py.
   m.def(
-      "_skew_pair_fwd_cpu(Tensor ha, Tensor hb, Tensor pairs, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "
+      "_skew_pair_fwd(Tensor ha, Tensor hb, Tensor pairs, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "
       "Tensor? bq, Tensor? bk, Tensor? bv, Tensor? bo, int heads, int window) -> Tensor");
   m.def(
-      "_skew_pair_bwd_cpu(Tensor grad, Tensor ha, Tensor hb, Tensor pairs, Tensor wq, Tensor wk, Tensor wv, "
+      "_skew_pair_bwd(Tensor grad, Tensor ha, Tensor hb, Tensor pairs, Tensor wq, Tensor wk, Tensor wv, "
       "Tensor wo, Tensor? bq, Tensor? bk, Tensor? bv, int heads, int window, bool[] needs) -> Tensor[]");
   // Multiple kernel fusion (DESIGN.md section 5); contract in fusionops/ops/_kernels.py.
-  m.def("_mkl_fwd_cpu(Tensor[] xs_a, Tensor[] xs_b, Tensor beta, int[] kinds, Tensor params, int[] degrees) -> Tensor");
+  m.def("_mkl_fwd(Tensor[] xs_a, Tensor[] xs_b, Tensor beta, int[] kinds, Tensor params, int[] degrees) -> Tensor");
   m.def(
-      "_mkl_bwd_cpu(Tensor grad, Tensor[] xs_a, Tensor[] xs_b, Tensor beta, int[] kinds, Tensor params, "
+      "_mkl_bwd(Tensor grad, Tensor[] xs_a, Tensor[] xs_b, Tensor beta, int[] kinds, Tensor params, "
       "int[] degrees, bool[] needs) -> (Tensor[], Tensor[], Tensor, Tensor)");
 }

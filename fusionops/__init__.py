@@ -9,7 +9,8 @@ Layers: :class:`TensorFusion`, :class:`LowRankFusion`, :class:`LowRankTensorFusi
 sets chosen by :func:`select_skew_pairs`), :class:`MultipleKernelFusion`.
 Estimators: :class:`MultipleKernelRidge`, :class:`MultipleKernelRidgeClassifier` (β learned on
 the simplex jointly with a kernel ridge predictor).
-Backend choice: :func:`backend` (context manager) or ``FUSIONOPS_BACKEND``;
+Backend choice: :func:`backend` (context manager, per thread) or ``FUSIONOPS_BACKEND``; which
+backend served the calls so far: :func:`dispatch_counts`;
 ``python -m fusionops.info`` prints what is built and usable here.
 """
 
@@ -37,6 +38,7 @@ from fusionops.ops import (
     tensor_fusion,
 )
 from fusionops.pairs import skew_pairs
+from fusionops.registry import dispatch_counts, reset_dispatch_counts
 from fusionops.selection import SkewPairSelection, select_skew_pairs
 
 _extension.warn_if_missing()
@@ -60,10 +62,12 @@ __all__ = [
     "SkewPairSelection",
     "TensorFusion",
     "backend",
+    "dispatch_counts",
     "layer_summaries",
     "low_rank_fusion",
     "multiple_kernel",
     "product_fusion",
+    "reset_dispatch_counts",
     "select_skew_pairs",
     "skew_pair_attention",
     "skew_pairs",

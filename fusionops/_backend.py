@@ -9,21 +9,27 @@ Backends, by name:
 
 ``fusionops.backend(name)`` (a context manager) or the environment variable
 ``FUSIONOPS_BACKEND`` (read once, when fusionops is imported, so that eager calls and
-compiled graphs see the same value) forces one; a forced backend that cannot serve a call raises
-:class:`BackendUnavailableError` with the reasons of every backend. Otherwise the first
-backend of :data:`DEFAULT_ORDER` for the device that can serve the call is used.
+compiled graphs see the same value) forces one; a block forces it for its own thread only. A
+forced backend that cannot serve a call raises :class:`BackendUnavailableError` with the
+reasons of every backend. Otherwise the first backend of :data:`DEFAULT_ORDER` for the device
+that can serve the call is used, after the op's size rule (``OpDef.prefers_fused``).
+
+What each op is (its kernels, size rule) comes from the registry, ``fusionops.registry``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Iterator
 
 import torch
 
 from fusionops import _extension
+from fusionops.registry import COUNTS, CUDA_MAX_MODALITIES, OpDef, has_compiled_kernels
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -42,9 +48,13 @@ DEFAULT_ORDER = {
     "cuda": ("triton", "cuda", "reference"),
 }
 
+# The fused backends that can serve each device type (built here or not), for tests and tools.
+DEVICE_BACKENDS = {"cpu": ("cpu", "triton"), "cuda": ("cuda", "triton")}
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-_forced: str | None = None
+# The backend forced by fusionops.backend blocks, per thread (torch.compile guards on it).
+_local = threading.local()
 # Read at import: torch.compile guards on module globals, not on later environment changes.
 _env_forced: str = os.environ.get("FUSIONOPS_BACKEND", "")
 
@@ -61,26 +71,28 @@ def _check_name(name: str, source: str) -> str:
 
 @contextlib.contextmanager
 def backend(name: str | None) -> Iterator[None]:
-    """Force backend ``name`` for the fusionops calls made inside the block.
+    """Force backend ``name`` for the fusionops calls made inside the block, in this thread.
 
     ``None`` restores automatic choice inside the block (overriding ``FUSIONOPS_BACKEND``
     is not possible that way: the variable is read when no block forces a backend).
+    Other threads keep their own choice.
     """
-    global _forced
     if name is not None:
         _check_name(name, "fusionops.backend")
-    previous = _forced
-    _forced = name
+    previous = getattr(_local, "forced", None)
+    _local.forced = name
     try:
         yield
     finally:
-        _forced = previous
+        _local.forced = previous
 
 
 def forced_backend() -> str | None:
-    """The backend forced by a ``fusionops.backend`` block or ``FUSIONOPS_BACKEND``."""
-    if _forced is not None:
-        return _forced
+    """The backend forced in this thread by a ``fusionops.backend`` block, else by
+    ``FUSIONOPS_BACKEND``."""
+    forced = getattr(_local, "forced", None)
+    if forced is not None:
+        return forced
     return _check_name(_env_forced, "FUSIONOPS_BACKEND") if _env_forced else None
 
 
@@ -100,55 +112,94 @@ def triton_unsupported_reason(device: torch.device) -> str | None:
     return None
 
 
-def common_reasons(name: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Reasons, shared by every op, why backend ``name`` cannot serve ``device``/``dtype``."""
-    reasons: list[str] = []
+def reasons(op: OpDef, name: str, device: torch.device, dtype: torch.dtype, modalities: int = 1) -> list[str]:
+    """Why backend ``name`` cannot serve ``op`` on ``device``/``dtype`` with ``modalities``
+    modalities (empty: it can)."""
+    why: list[str] = []
     if name == "reference":
-        return reasons
+        return why
     if dtype not in FLOAT_DTYPES:
-        reasons.append(f"dtype {dtype} is not one of {FLOAT_DTYPES}")
+        why.append(f"dtype {dtype} is not one of {FLOAT_DTYPES}")
     if name == "cpu":
         if device.type != "cpu":
-            reasons.append(f"the cpu backend serves CPU tensors, got device {device}")
-        if not _extension.extension_loaded():
-            reasons.append(f"the compiled extension is not built ({_extension.extension_error()})")
+            why.append(f"the cpu backend serves CPU tensors, got device {device}")
+        elif not _extension.extension_loaded():
+            why.append(f"the compiled extension is not built ({_extension.extension_error()})")
+        elif not has_compiled_kernels(op.kernels, "CPU"):
+            why.append(
+                f"the compiled extension fusionops._C has no {op.name} kernels (built from older "
+                "sources): rebuild it with pip install --no-build-isolation -e ."
+            )
     elif name == "triton":
-        why = triton_unsupported_reason(device)
-        if why:
-            reasons.append(why)
+        if (reason := triton_unsupported_reason(device)) is not None:
+            why.append(reason)
     elif name == "cuda":
         if device.type != "cuda":
-            reasons.append(f"the cuda backend serves CUDA tensors, got device {device}")
+            why.append(f"the cuda backend serves CUDA tensors, got device {device}")
+        elif not op.cuda_kernels:
+            why.append(f"CUDA C++ kernels for {op.name} are not implemented yet")
         elif not _extension.extension_built_with_cuda():
-            reasons.append(
+            why.append(
                 "the compiled extension was built without CUDA: install a CUDA build of "
                 "torch and a CUDA toolkit, then rebuild with FUSIONOPS_WITH_CUDA=1 "
                 "pip install --no-build-isolation -e ."
             )
-    return reasons
+        elif not has_compiled_kernels(op.kernels, "CUDA"):
+            why.append(
+                f"the compiled extension fusionops._C has no CUDA {op.name} kernels (built from older "
+                "sources): rebuild it with FUSIONOPS_WITH_CUDA=1 pip install --no-build-isolation -e ."
+            )
+        if op.cuda_kernels and modalities > CUDA_MAX_MODALITIES:
+            why.append(
+                f"the CUDA kernels take at most {CUDA_MAX_MODALITIES} modalities, got {modalities} "
+                "(the triton and reference backends take any number)"
+            )
+    return why
 
 
-ReasonFn = Callable[[str], list[str]]
-
-
-def choose(op: str, device: torch.device, reasons: ReasonFn, order: tuple[str, ...] | None = None) -> str:
-    """Pick the backend for one call of ``op``.
-
-    ``reasons(name)`` lists why backend ``name`` cannot serve this call (empty: it can).
-    ``order`` replaces :data:`DEFAULT_ORDER` for this call (an op's shape-aware preference).
-    """
-    forced = forced_backend()
-    if forced is not None:
-        why = reasons(forced)
-        if not why:
-            return forced
-        raise BackendUnavailableError(
-            f"{op}: the forced backend {forced!r} cannot serve this call:\n"
-            + "\n".join(f"  - {r}" for r in why)
-            + "\nBackends that could: "
-            + (", ".join(n for n in BACKENDS if not reasons(n)) or "none")
-        )
-    for name in order or DEFAULT_ORDER.get(device.type, ("reference",)):
-        if not reasons(name):
+@functools.cache
+def _automatic(op: OpDef, device: torch.device, dtype: torch.dtype, many: bool, fused: bool) -> str:
+    """The automatic choice, cached: it depends on the call only through these arguments
+    (``many``: more modalities than the CUDA kernels take; ``fused``: the size rule's verdict).
+    :func:`refresh` forgets it (after the extension or the environment changed)."""
+    modalities = CUDA_MAX_MODALITIES + 1 if many else 1
+    for name in DEFAULT_ORDER.get(device.type, ("reference",)):
+        if name != "reference" and not fused:
+            continue
+        if not reasons(op, name, device, dtype, modalities):
             return name
     return "reference"
+
+
+def refresh() -> None:
+    """Forget cached choices and kernel lookups (tests that fake a missing build call this)."""
+    _automatic.cache_clear()
+    has_compiled_kernels.cache_clear()
+
+
+def choose(
+    op: OpDef, device: torch.device, dtype: torch.dtype, modalities: int, size: object, training: bool = True
+) -> str:
+    """The backend serving one call of ``op``: the forced one (or an error listing why it
+    cannot serve, and which could), else the automatic choice. ``size`` is the op's size
+    metric for its CPU rule (an int, or a SymInt when traced with dynamic shapes); ``training``:
+    the call records a gradient (``registry.needs_grad``)."""
+    forced = forced_backend()
+    if forced is not None:
+        why = reasons(op, forced, device, dtype, modalities)
+        if why:
+            could = [n for n in BACKENDS if not reasons(op, n, device, dtype, modalities)]
+            raise BackendUnavailableError(
+                f"{op.name}: the forced backend {forced!r} cannot serve this call:\n"
+                + "\n".join(f"  - {r}" for r in why)
+                + "\nBackends that could: "
+                + (", ".join(could) or "none")
+            )
+        name = forced
+    else:
+        fused = op.prefers_fused(device, size, modalities, training)
+        choice = _automatic.__wrapped__ if torch.compiler.is_compiling() else _automatic
+        name = choice(op, device, dtype, modalities > CUDA_MAX_MODALITIES, fused)
+    if not torch.compiler.is_compiling():
+        COUNTS[(op.name, name)] += 1
+    return name

@@ -14,25 +14,49 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fusionops.ops.tensor_fusion import _reasons  # noqa: E402
+import fusionops  # noqa: E402  (registers every op)
+from fusionops import _backend  # noqa: E402
+from fusionops.registry import OPS, OpDef  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The fused backends that serve each device type (whether built here or not).
-KERNEL_BACKENDS = {"cpu": ("cpu", "triton"), "cuda": ("cuda", "triton")}
+KERNEL_BACKENDS = _backend.DEVICE_BACKENDS
 
 # Backends that must be usable (CI sets FUSIONOPS_REQUIRE_BACKENDS=cpu,triton): for these a
 # missing build fails the run instead of silently skipping every kernel test.
 REQUIRED = {b for b in os.environ.get("FUSIONOPS_REQUIRE_BACKENDS", "").split(",") if b}
 
 
-def skip_unless_usable(backend: str, device: str, dtype: torch.dtype = torch.float32) -> None:
-    why = _reasons(backend, torch.device(device), dtype)
+def op_of_module(module: str) -> OpDef:
+    """The registered op a test module tests, from its name: ``test_<op>_…`` or, for ops whose
+    name has more words, its first two (``test_skew_pair_kernels`` → ``skew_pair_attention``)."""
+    stem = module.rsplit(".", 1)[-1].removeprefix("test_")
+    found = [
+        op
+        for op in OPS.values()
+        if stem.startswith(op.name) or op.name.startswith("_".join(stem.split("_")[:2]))
+    ]
+    if len(found) != 1:
+        raise LookupError(f"cannot tell which op {module} tests (matches: {[op.name for op in found]})")
+    return found[0]
+
+
+def skip_unless_usable(
+    backend: str, device: str, dtype: torch.dtype = torch.float32, op: OpDef | None = None
+) -> None:
+    """Skip (with the registry's reasons) unless ``backend`` serves ``op`` (default: the op of
+    the calling test module) on ``device``; fail instead when the backend is required and the
+    op has kernels for it."""
+    if op is None:
+        op = op_of_module(sys._getframe(1).f_globals["__name__"])
+    why = _backend.reasons(op, backend, torch.device(device), dtype)
     if not why:
         return
     device_match = {"cpu": "cpu", "cuda": "cuda"}.get(backend, device) == device
-    if backend in REQUIRED and device_match:
+    has_kernels = backend != "cuda" or op.cuda_kernels
+    if backend in REQUIRED and device_match and has_kernels:
         pytest.fail(f"backend {backend!r} is required (FUSIONOPS_REQUIRE_BACKENDS) but: {why}")
-    pytest.skip(f"backend {backend!r} on {device}: " + "; ".join(why))
+    pytest.skip(f"{op.name}, backend {backend!r} on {device}: " + "; ".join(why))
 
 
 def pytest_generate_tests(metafunc) -> None:
@@ -53,7 +77,7 @@ def device(request) -> str:
 @pytest.fixture
 def kernel_backend(request, device) -> str:
     """A fused backend for ``device``; skipped, with its reasons, when not usable here."""
-    skip_unless_usable(request.param, device)
+    skip_unless_usable(request.param, device, op=op_of_module(request.module.__name__))
     return request.param
 
 
@@ -97,7 +121,6 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.d
 def assert_compiled_matches_reference(model: torch.nn.Module, xs: list[torch.Tensor], backend: str) -> None:
     """``torch.compile(model, fullgraph=True)`` run with ``backend`` forced gives the eager
     reference's output and parameter gradients (float32 tolerance)."""
-    import fusionops
 
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

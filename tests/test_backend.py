@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import torch
 import fusionops
 from fusionops import _backend, _extension
 from fusionops.info import report
+from fusionops.registry import OPS
 
 
 def _xs():
@@ -40,31 +43,39 @@ def test_forced_backend_that_cannot_serve_lists_reasons():
 
 def test_missing_extension_reasons(monkeypatch):
     monkeypatch.setattr(_extension, "_load_error", "ImportError: simulated")
-    with (
-        fusionops.backend("cpu"),
-        pytest.raises(fusionops.BackendUnavailableError, match="extension is not built.*simulated"),
-    ):
-        fusionops.tensor_fusion(_xs())
-    assert (
-        _backend.choose(
-            "op",
-            torch.device("cpu"),
-            lambda b: _backend.common_reasons(b, torch.device("cpu"), torch.float32),
+    _backend.refresh()
+    try:
+        with (
+            fusionops.backend("cpu"),
+            pytest.raises(fusionops.BackendUnavailableError, match="extension is not built.*simulated"),
+        ):
+            fusionops.tensor_fusion(_xs())
+        assert (
+            _backend.choose(OPS["tensor_fusion"], torch.device("cpu"), torch.float32, 2, 1 << 30)
+            == "reference"
         )
-        == "reference"
-    )
+    finally:
+        monkeypatch.undo()
+        _backend.refresh()
 
 
 def test_extension_without_an_ops_kernels(monkeypatch):
     """An extension built from older sources (no kernels for a newer op) is not offered for
     that op, and the reason says to rebuild; the automatic choice falls back to the reference."""
-    from fusionops.ops import _dispatch
-
-    monkeypatch.setitem(_dispatch.CPU_KERNELS, "product_fusion", "_no_such_kernel_cpu")
-    xs = [torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)]
-    with fusionops.backend("cpu"), pytest.raises(fusionops.BackendUnavailableError, match="rebuild it"):
-        fusionops.product_fusion(xs)
-    assert torch.equal(fusionops.product_fusion(xs), xs[0] * xs[1] * xs[2])
+    op = OPS["product_fusion"]
+    monkeypatch.setitem(OPS, "product_fusion", dataclasses.replace(op, kernels=("_no_such_kernel",)))
+    monkeypatch.setattr(
+        importlib.import_module("fusionops.ops.product_fusion"), "OPDEF", OPS["product_fusion"]
+    )
+    _backend.refresh()
+    try:
+        xs = [torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)]
+        with fusionops.backend("cpu"), pytest.raises(fusionops.BackendUnavailableError, match="rebuild it"):
+            fusionops.product_fusion(xs)
+        assert torch.equal(fusionops.product_fusion(xs), xs[0] * xs[1] * xs[2])
+    finally:
+        monkeypatch.undo()
+        _backend.refresh()
 
 
 def test_env_and_context(monkeypatch):
@@ -80,14 +91,12 @@ def test_env_and_context(monkeypatch):
 
 def test_automatic_choice_prefers_compiled_cpu():
     expected = "cpu" if _extension.extension_loaded() else "reference"
-    got = _backend.choose(
-        "op", torch.device("cpu"), lambda b: _backend.common_reasons(b, torch.device("cpu"), torch.float32)
-    )
-    assert got == expected
+    for op in OPS.values():
+        assert _backend.choose(op, torch.device("cpu"), torch.float32, 3, 1 << 30) == expected, op.name
 
 
 def test_non_float_dtype_reason():
-    reasons = _backend.common_reasons("cpu", torch.device("cpu"), torch.int32)
+    reasons = _backend.reasons(OPS["tensor_fusion"], "cpu", torch.device("cpu"), torch.int32)
     assert any("dtype torch.int32" in r for r in reasons)
 
 

@@ -6,7 +6,6 @@ says how to get them. The kernels' numerics are tested on a GPU by the kernel te
 from __future__ import annotations
 
 import glob
-import importlib
 import os
 import re
 import shutil
@@ -17,13 +16,10 @@ import torch
 
 import fusionops
 from fusionops import _backend, _extension
-from fusionops.ops._dispatch import CUDA_KERNEL_OPS, CUDA_MAX_MODALITIES, fused_kernels
+from fusionops.registry import CUDA_MAX_MODALITIES, OPS
 
-# The modules, not the functions of the same names.
-pf = importlib.import_module("fusionops.ops.product_fusion")
-tf = importlib.import_module("fusionops.ops.tensor_fusion")
-lmf = importlib.import_module("fusionops.ops.low_rank_fusion")
-CUDA_OPS = [pf, tf, lmf]  # the op modules with CUDA C++ kernels
+# The registered ops that declare CUDA C++ kernels.
+CUDA_OPS = [op for op in OPS.values() if op.cuda_kernels]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.device("cuda")
@@ -40,59 +36,45 @@ def test_plain_cuda_kernels_compile_with_nvcc():
     assert "compiled" in done.stdout
 
 
-def test_product_fusion_has_cuda_kernels():
-    assert "product_fusion" in CUDA_KERNEL_OPS
-    assert isinstance(pf._kernels("cuda"), pf._CompiledKernels) and pf._kernels("cuda").device == "cuda"
-    assert isinstance(pf._kernels("cpu"), pf._CompiledKernels) and pf._kernels("cpu").device == "cpu"
+def test_ops_with_cuda_kernels():
+    assert {op.name for op in CUDA_OPS} == {"tensor_fusion", "low_rank_fusion", "product_fusion"}
+    for op in CUDA_OPS:  # one wrapper serves cpu and cuda: the dispatcher picks by device
+        assert op.kernels_for("cuda") is op.kernels_for("cpu") is op.compiled
 
 
-def test_fused_kernels_without_cuda_kernels_names_the_choices():
-    with pytest.raises(ValueError, match=r"backend 'cuda' has no fused kernels.*expected 'cpu' or 'triton'"):
-        fused_kernels("op", "cuda", object(), "product_fusion")
+def test_kernels_for_an_unknown_backend_names_the_choices():
+    with pytest.raises(
+        ValueError, match=r"backend 'reference' has no fused kernels.*'cpu', 'cuda' or 'triton'"
+    ):
+        OPS["product_fusion"].kernels_for("reference")
 
 
 @pytest.mark.skipif(_extension.extension_built_with_cuda(), reason="the extension was built with CUDA")
-def test_cuda_backend_on_a_build_without_cuda_says_how_to_build():
-    reasons = pf._reasons("cuda", CUDA, torch.float32, 2)
+@pytest.mark.parametrize("op", CUDA_OPS, ids=lambda op: op.name)
+def test_cuda_backend_on_a_build_without_cuda_says_how_to_build(op):
+    reasons = _backend.reasons(op, "cuda", CUDA, torch.float32, 2)
     assert any("built without CUDA" in r and "FUSIONOPS_WITH_CUDA=1" in r for r in reasons), reasons
     assert not any("not implemented" in r for r in reasons), reasons
-    # What product_fusion does for a CUDA tensor with the cuda backend forced.
     with fusionops.backend("cuda"), pytest.raises(fusionops.BackendUnavailableError) as info:
-        _backend.choose(pf.OP, CUDA, lambda b: pf._reasons(b, CUDA, torch.float32, 2))
+        _backend.choose(op, CUDA, torch.float32, 2, 1)
     msg = str(info.value)
-    assert "forced backend 'cuda' cannot serve" in msg
-    assert "built without CUDA" in msg
+    assert "forced backend 'cuda' cannot serve" in msg and "built without CUDA" in msg
 
 
-def test_cuda_backend_takes_at_most_eight_modalities():
-    assert not any("at most" in r for r in pf._reasons("cuda", CUDA, torch.float32, pf.CUDA_MAX_MODALITIES))
-    reasons = pf._reasons("cuda", CUDA, torch.float32, pf.CUDA_MAX_MODALITIES + 1)
-    assert any("at most 8 modalities, got 9" in r for r in reasons), reasons
+def test_ops_without_cuda_kernels_say_so():
+    for op in OPS.values():
+        if not op.cuda_kernels:
+            reasons = _backend.reasons(op, "cuda", CUDA, torch.float32)
+            assert any("not implemented" in r for r in reasons), (op.name, reasons)
 
 
-# ---- tensor fusion and low-rank fusion (and product fusion, by the same rules) --------------
-
-
-@pytest.mark.parametrize("module", CUDA_OPS, ids=lambda m: m.OP)
-def test_ops_with_cuda_kernels_route_cuda_to_them(module):
-    assert module.OP in CUDA_KERNEL_OPS
-    assert (
-        isinstance(module._kernels("cuda"), module._CompiledKernels)
-        and module._kernels("cuda").device == "cuda"
-    )
-    assert (
-        isinstance(module._kernels("cpu"), module._CompiledKernels) and module._kernels("cpu").device == "cpu"
-    )
-    assert module.CUDA_MAX_MODALITIES == CUDA_MAX_MODALITIES == 8
-
-
-@pytest.mark.parametrize("module", CUDA_OPS, ids=lambda m: m.OP)
-def test_cuda_kernels_take_at_most_eight_modalities(module):
-    assert not any("at most" in r for r in module._reasons("cuda", CUDA, torch.float32, 8))
-    reasons = module._reasons("cuda", CUDA, torch.float32, 9)
+@pytest.mark.parametrize("op", CUDA_OPS, ids=lambda op: op.name)
+def test_cuda_kernels_take_at_most_eight_modalities(op):
+    assert not any("at most" in r for r in _backend.reasons(op, "cuda", CUDA, torch.float32, 8))
+    reasons = _backend.reasons(op, "cuda", CUDA, torch.float32, 9)
     assert any("at most 8 modalities, got 9" in r and "triton" in r for r in reasons), reasons
     # Only the cuda backend has the limit.
-    assert not any("at most" in r for r in module._reasons("triton", CUDA, torch.float32, 9))
+    assert not any("at most" in r for r in _backend.reasons(op, "triton", CUDA, torch.float32, 9))
 
 
 def test_kernel_limit_matches_the_cuda_sources():
@@ -101,30 +83,26 @@ def test_kernel_limit_matches_the_cuda_sources():
     assert found is not None and int(found.group(1)) == CUDA_MAX_MODALITIES
 
 
-@pytest.mark.skipif(_extension.extension_built_with_cuda(), reason="the extension was built with CUDA")
-@pytest.mark.parametrize("module", [tf, lmf], ids=lambda m: m.OP)
-def test_new_cuda_ops_on_a_build_without_cuda_say_how_to_build(module):
-    reasons = module._reasons("cuda", CUDA, torch.float32, 2)
-    assert any("built without CUDA" in r and "FUSIONOPS_WITH_CUDA=1" in r for r in reasons), reasons
-    assert not any("not implemented" in r for r in reasons), reasons
-    with fusionops.backend("cuda"), pytest.raises(fusionops.BackendUnavailableError) as info:
-        _backend.choose(module.OP, CUDA, lambda b: module._reasons(b, CUDA, torch.float32, 2))
-    assert "built without CUDA" in str(info.value)
-
-
-def test_gpu_default_prefers_triton_until_cuda_is_measured():
+def test_gpu_default_prefers_triton_until_cuda_is_measured(monkeypatch):
     """The CUDA C++ kernels have not been timed against Triton on a GPU yet (issue 7 asks for
     the measurement before making either the default), so the automatic order tries Triton
     first; cuda serves when Triton cannot, and whenever it is forced."""
     assert _backend.DEFAULT_ORDER["cuda"] == ("triton", "cuda", "reference")
+    op = OPS["tensor_fusion"]
 
     def usable(*names):
-        return lambda b: [] if b in names else ["not here"]
+        monkeypatch.setattr(_backend, "reasons", lambda o, b, *a: [] if b in names else ["not here"])
+        _backend.refresh()
 
-    assert _backend.choose("op", CUDA, usable("triton", "cuda", "reference")) == "triton"
-    assert _backend.choose("op", CUDA, usable("cuda", "reference")) == "cuda"
+    usable("triton", "cuda", "reference")
+    assert _backend.choose(op, CUDA, torch.float32, 2, 1) == "triton"
+    usable("cuda", "reference")
+    assert _backend.choose(op, CUDA, torch.float32, 2, 1) == "cuda"
+    usable("triton", "cuda", "reference")
     with fusionops.backend("cuda"):
-        assert _backend.choose("op", CUDA, usable("triton", "cuda", "reference")) == "cuda"
+        assert _backend.choose(op, CUDA, torch.float32, 2, 1) == "cuda"
+    monkeypatch.undo()
+    _backend.refresh()
 
 
 def _schemas(text: str) -> dict[str, str]:
@@ -137,26 +115,27 @@ def _schemas(text: str) -> dict[str, str]:
     return out
 
 
-def test_cuda_schemas_mirror_the_cpu_ones_and_are_all_implemented():
+def test_one_schema_per_kernel_with_cpu_and_cuda_implementations():
+    """Every compiled kernel has one schema (csrc/ops.cpp); csrc/cpu/ implements it under the
+    CPU key and csrc/cuda/ under the CUDA key, with the same name; no file declares a twin."""
     with open(os.path.join(ROOT, "csrc", "ops.cpp")) as f:
-        cpu = _schemas(f.read())
-    names = set()
-    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))):
-        with open(path) as f:
-            text = f.read()
-        defined = _schemas(text)
-        assert defined, path
-        names |= set(defined)
-        for name, rest in defined.items():
-            assert name.endswith("_cuda"), (path, name)
-            twin = name.removesuffix("_cuda") + "_cpu"
-            assert cpu.get(twin) == rest, f"{path}: {name} differs from {twin}: {rest!r} vs {cpu.get(twin)!r}"
-        implemented = set(re.findall(r'm\.impl\("(\w+)"', text))
-        assert implemented == set(defined), path
-        assert "TORCH_LIBRARY_IMPL(fusionops, CUDA, m)" in text, path
-        assert "CUDAGuard" in text and "getCurrentCUDAStream" in text, path
-    for op, kernel in (("tensor_fusion", "_tf_projected_fwd_cuda"), ("low_rank_fusion", "_lmf_fwd_cuda")):
-        assert kernel in names, (op, kernel)
+        schemas = set(_schemas(f.read()))
+    implemented: dict[str, set[str]] = {"CPU": set(), "CUDA": set()}
+    for sub, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        for path in sorted(glob.glob(os.path.join(ROOT, "csrc", sub, "*.cpp"))):
+            with open(path) as f:
+                text = f.read()
+            assert not _schemas(text), f"{path} declares schemas: they belong in csrc/ops.cpp"
+            names = set(re.findall(r'm\.impl\("(\w+)"', text))
+            if names:
+                assert f"TORCH_LIBRARY_IMPL(fusionops, {key}, m)" in text, path
+                assert names <= schemas, (path, names - schemas)
+            implemented[key] |= names
+            if key == "CUDA" and names:
+                assert "CUDAGuard" in text and "getCurrentCUDAStream" in text, path
+    for op in OPS.values():
+        assert set(op.kernels) <= implemented["CPU"], op.name
+        assert (set(op.kernels) <= implemented["CUDA"]) == op.cuda_kernels, op.name
 
 
 # Stand-ins for the three torch CUDA headers the bindings include, with the signatures the

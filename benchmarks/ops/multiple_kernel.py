@@ -57,8 +57,6 @@ from benchmarks.ways import compiled
 from fusionops import reference
 from fusionops.base_kernels import BaseKernel, KernelSpec, as_base_kernels
 
-_op = importlib.import_module("fusionops.ops.multiple_kernel")  # the package re-exports the function
-
 # One object per base kernel, shared by every case's inputs (torch.compile guards on them).
 KERNELS: dict[str, KernelSpec] = {
     "rbf": "rbf",
@@ -297,7 +295,6 @@ SPEC = OpSpec(
     title="multiple kernel fusion",
     case_type=Case,
     fused=_fused,
-    reasons=_op._reasons,
     baselines=(
         Baseline("reference", "reference", lambda: reference.multiple_kernel),
         Baseline("compile(reference)", "compile", lambda: compiled(reference.multiple_kernel), compiled=True),

@@ -72,7 +72,7 @@ class ThreadSums {
 };
 
 // ---- argument checks (the Python op layer guarantees all of these) --------------------
-// `op` names the op in the messages, e.g. "_tf_features_fwd_cpu".
+// `op` names the op in the messages, e.g. "_tf_features_fwd".
 
 // xs: M >= 1 cpu tensors (N, d_m), d_m >= 1, one floating dtype; mask: None or bool (N, M).
 void check_modalities(const char* op, at::TensorList xs, const std::optional<at::Tensor>& mask);

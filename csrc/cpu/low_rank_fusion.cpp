@@ -286,7 +286,7 @@ void backward_kernel(const Problem& p, const at::Tensor& g, std::vector<at::Tens
 
 at::Tensor lmf_fwd(at::TensorList xs, at::TensorList factors, const at::Tensor& rank_weight,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask) {
-  constexpr const char* kOp = "_lmf_fwd_cpu";
+  constexpr const char* kOp = "_lmf_fwd";
   const BelowAutograd below_autograd;
   const Problem p = make_problem(kOp, xs, factors, rank_weight, mask);
   const auto dtype = xs[0].scalar_type();
@@ -309,7 +309,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::optional<at::T
            std::optional<at::Tensor>>
 lmf_bwd(const at::Tensor& grad, at::TensorList xs, at::TensorList factors, const at::Tensor& rank_weight,
         const std::optional<at::Tensor>& mask, bool need_dx, bool need_dfactors, bool need_dw, bool need_db) {
-  constexpr const char* kOp = "_lmf_bwd_cpu";
+  constexpr const char* kOp = "_lmf_bwd";
   const BelowAutograd below_autograd;
   const Problem p = make_problem(kOp, xs, factors, rank_weight, mask);
   const auto dtype = xs[0].scalar_type();
@@ -340,6 +340,6 @@ lmf_bwd(const at::Tensor& grad, at::TensorList xs, at::TensorList factors, const
 }  // namespace fusionops::cpu
 
 TORCH_LIBRARY_IMPL(fusionops, CPU, m) {
-  m.impl("_lmf_fwd_cpu", &fusionops::cpu::lmf_fwd);
-  m.impl("_lmf_bwd_cpu", &fusionops::cpu::lmf_bwd);
+  m.impl("_lmf_fwd", &fusionops::cpu::lmf_fwd);
+  m.impl("_lmf_bwd", &fusionops::cpu::lmf_bwd);
 }

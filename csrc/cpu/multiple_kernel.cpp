@@ -490,7 +490,7 @@ void backward_kernel(const Problem& p, const Needs& need, const at::Tensor& grad
 
 at::Tensor mkl_fwd(at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& beta, at::IntArrayRef kinds,
                    const at::Tensor& params, at::IntArrayRef degrees) {
-  constexpr const char* kOp = "_mkl_fwd_cpu";
+  constexpr const char* kOp = "_mkl_fwd";
   const BelowAutograd below_autograd;
   const Problem p = make_problem(kOp, xs_a, xs_b, beta, kinds, params, degrees);
   const auto dtype = xs_a[0].scalar_type();
@@ -502,7 +502,7 @@ at::Tensor mkl_fwd(at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& b
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> mkl_bwd(
     const at::Tensor& grad, at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& beta, at::IntArrayRef kinds,
     const at::Tensor& params, at::IntArrayRef degrees, const c10::List<bool>& needs) {
-  constexpr const char* kOp = "_mkl_bwd_cpu";
+  constexpr const char* kOp = "_mkl_bwd";
   const BelowAutograd below_autograd;
   const Problem p = make_problem(kOp, xs_a, xs_b, beta, kinds, params, degrees);
   const auto dtype = xs_a[0].scalar_type();
@@ -546,6 +546,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
 }  // namespace fusionops::cpu
 
 TORCH_LIBRARY_IMPL(fusionops, CPU, m) {
-  m.impl("_mkl_fwd_cpu", &fusionops::cpu::mkl_fwd);
-  m.impl("_mkl_bwd_cpu", &fusionops::cpu::mkl_bwd);
+  m.impl("_mkl_fwd", &fusionops::cpu::mkl_fwd);
+  m.impl("_mkl_bwd", &fusionops::cpu::mkl_bwd);
 }

@@ -204,7 +204,7 @@ bool all_contiguous(const std::vector<at::Tensor>& ts) {
 }
 
 at::Tensor product_fwd(at::TensorList inputs) {
-  constexpr const char* kOp = "_product_fwd_cpu";
+  constexpr const char* kOp = "_product_fwd";
   const BelowAutograd below_autograd;
   const std::vector<at::Tensor> xs = operands(kOp, inputs);
   const int64_t N = xs[0].size(0), d = xs[0].size(1);
@@ -216,7 +216,7 @@ at::Tensor product_fwd(at::TensorList inputs) {
 }
 
 std::vector<at::Tensor> product_bwd(const at::Tensor& grad, at::TensorList inputs) {
-  constexpr const char* kOp = "_product_bwd_cpu";
+  constexpr const char* kOp = "_product_bwd";
   const BelowAutograd below_autograd;
   const std::vector<at::Tensor> xs = operands(kOp, inputs);
   const int64_t N = xs[0].size(0), d = xs[0].size(1);
@@ -234,6 +234,6 @@ std::vector<at::Tensor> product_bwd(const at::Tensor& grad, at::TensorList input
 }  // namespace fusionops::cpu
 
 TORCH_LIBRARY_IMPL(fusionops, CPU, m) {
-  m.impl("_product_fwd_cpu", &fusionops::cpu::product_fwd);
-  m.impl("_product_bwd_cpu", &fusionops::cpu::product_bwd);
+  m.impl("_product_fwd", &fusionops::cpu::product_fwd);
+  m.impl("_product_bwd", &fusionops::cpu::product_bwd);
 }

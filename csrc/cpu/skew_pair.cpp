@@ -549,7 +549,7 @@ at::Tensor skew_pair_fwd(const at::Tensor& ha, const at::Tensor& hb, const at::T
                          const std::optional<at::Tensor>& bq, const std::optional<at::Tensor>& bk,
                          const std::optional<at::Tensor>& bv, const std::optional<at::Tensor>& bo, int64_t heads,
                          int64_t window) {
-  constexpr const char* kOp = "_skew_pair_fwd_cpu";
+  constexpr const char* kOp = "_skew_pair_fwd";
   const BelowAutograd below_autograd;
   const Problem p = make_problem(kOp, ha, hb, pairs, heads, window);
   const auto dtype = ha.scalar_type();
@@ -566,7 +566,7 @@ std::vector<at::Tensor> skew_pair_bwd(const at::Tensor& grad, const at::Tensor& 
                                       const std::optional<at::Tensor>& bq, const std::optional<at::Tensor>& bk,
                                       const std::optional<at::Tensor>& bv, int64_t heads, int64_t window,
                                       const c10::List<bool>& needs) {
-  constexpr const char* kOp = "_skew_pair_bwd_cpu";
+  constexpr const char* kOp = "_skew_pair_bwd";
   const BelowAutograd below_autograd;
   const Problem p = make_problem(kOp, ha, hb, pairs, heads, window);
   const auto dtype = ha.scalar_type();
@@ -613,6 +613,6 @@ std::vector<at::Tensor> skew_pair_bwd(const at::Tensor& grad, const at::Tensor& 
 }  // namespace fusionops::cpu
 
 TORCH_LIBRARY_IMPL(fusionops, CPU, m) {
-  m.impl("_skew_pair_fwd_cpu", &fusionops::cpu::skew_pair_fwd);
-  m.impl("_skew_pair_bwd_cpu", &fusionops::cpu::skew_pair_bwd);
+  m.impl("_skew_pair_fwd", &fusionops::cpu::skew_pair_fwd);
+  m.impl("_skew_pair_bwd", &fusionops::cpu::skew_pair_bwd);
 }

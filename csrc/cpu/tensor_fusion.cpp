@@ -461,20 +461,20 @@ at::Tensor blas_weight(const at::Tensor& weight, at::ScalarType acc) {
 // (each skips autograd for its inner ATen calls: see BelowAutograd in common.h)
 
 at::Tensor tf_features_fwd(at::TensorList xs, const std::optional<at::Tensor>& mask) {
-  constexpr const char* kOp = "_tf_features_fwd_cpu";
+  constexpr const char* kOp = "_tf_features_fwd";
   const BelowAutograd below_autograd;
   check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
   const Features f = make_features(xs, mask, at::toOpMathType(dtype));
   at::Tensor out = at::empty({f.N, f.K}, xs[0].options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "_tf_features_fwd_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "_tf_features_fwd",
                                   [&] { features_forward_kernel<scalar_t>(f, out); });
   return out;
 }
 
 std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList xs,
                                         const std::optional<at::Tensor>& mask) {
-  constexpr const char* kOp = "_tf_features_bwd_cpu";
+  constexpr const char* kOp = "_tf_features_bwd";
   const BelowAutograd below_autograd;
   check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
@@ -482,14 +482,14 @@ std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList x
   const Features f = make_features(xs, mask, acc);
   check_2d(kOp, "grad", grad, f.N, f.K, dtype);
   std::vector<at::Tensor> dx = empty_dx(f, acc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "_tf_features_bwd_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "_tf_features_bwd",
                                   [&] { features_backward_kernel<scalar_t>(grad, f, dx); });
   return finish_dx(std::move(dx), mask, dtype);
 }
 
 at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& mask) {
-  constexpr const char* kOp = "_tf_projected_fwd_cpu";
+  constexpr const char* kOp = "_tf_projected_fwd";
   const BelowAutograd below_autograd;
   check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
@@ -500,11 +500,11 @@ at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const s
   at::Tensor y = at::zeros({f.N, w.size(0)}, w.options());
   if (f.N > 0) {
     const Plan p = make_plan(f.D, f.N, w.size(0), kBlockRows);
-    AT_DISPATCH_FLOATING_TYPES(acc, "_tf_projected_fwd_cpu", [&] { projected_forward_kernel<scalar_t>(f, w, p, y); });
+    AT_DISPATCH_FLOATING_TYPES(acc, "_tf_projected_fwd", [&] { projected_forward_kernel<scalar_t>(f, w, p, y); });
   }
   if (bias) {
     TORCH_CHECK(bias->scalar_type() == dtype && bias->dim() == 1 && bias->size(0) == w.size(0),
-                "fusionops::_tf_projected_fwd_cpu: bias must be a ", dtype, " tensor of shape (", w.size(0),
+                "fusionops::_tf_projected_fwd: bias must be a ", dtype, " tensor of shape (", w.size(0),
                 "), got ", bias->scalar_type(), " of shape ", bias->sizes());
     y.add_(bias->to(acc));
   }
@@ -514,7 +514,7 @@ at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const s
 std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> tf_projected_bwd(
     const at::Tensor& grad, at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& mask,
     bool need_dx, bool need_dw, bool need_db) {
-  constexpr const char* kOp = "_tf_projected_bwd_cpu";
+  constexpr const char* kOp = "_tf_projected_bwd";
   const BelowAutograd below_autograd;
   check_modalities(kOp, xs, mask);
   const auto dtype = xs[0].scalar_type();
@@ -527,7 +527,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at:
   std::vector<at::Tensor> dx = need_dx ? empty_dx(f, acc) : std::vector<at::Tensor>{};
   at::Tensor dw = need_dw ? at::zeros(w.sizes(), w.options()) : at::Tensor();
   if (f.N > 0) {
-    AT_DISPATCH_FLOATING_TYPES(acc, "_tf_projected_bwd_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(acc, "_tf_projected_bwd", [&] {
       const Plan whole = make_plan(f.D, f.N, w.size(0), kBlockRows);
       if (whole.split == 0) {
         if (need_dw || need_dx) projected_whole_bwd_kernel<scalar_t>(f, g, w, whole, need_dw, need_dx, dw, dx);
@@ -547,8 +547,8 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at:
 }  // namespace fusionops::cpu
 
 TORCH_LIBRARY_IMPL(fusionops, CPU, m) {
-  m.impl("_tf_features_fwd_cpu", &fusionops::cpu::tf_features_fwd);
-  m.impl("_tf_features_bwd_cpu", &fusionops::cpu::tf_features_bwd);
-  m.impl("_tf_projected_fwd_cpu", &fusionops::cpu::tf_projected_fwd);
-  m.impl("_tf_projected_bwd_cpu", &fusionops::cpu::tf_projected_bwd);
+  m.impl("_tf_features_fwd", &fusionops::cpu::tf_features_fwd);
+  m.impl("_tf_features_bwd", &fusionops::cpu::tf_features_bwd);
+  m.impl("_tf_projected_fwd", &fusionops::cpu::tf_projected_fwd);
+  m.impl("_tf_projected_bwd", &fusionops::cpu::tf_projected_bwd);
 }

@@ -1,7 +1,7 @@
 // Torch binding of the CUDA kernels of low-rank fusion (kernels/low_rank_fusion_kernels.cu).
 // Compiled only in a CUDA build (setup.py adds csrc/cuda/ when torch is a CUDA build and a
 // toolkit is present); the kernels themselves have no torch headers and are compile-checked on
-// every CI run by .ci/nvcc_check. The schemas mirror the _cpu ones of csrc/ops.cpp.
+// every CI run by .ci/nvcc_check. The schemas are declared once, in csrc/ops.cpp; these are their CUDA implementations.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -49,7 +49,7 @@ Factors make_factors(const char* op, const Modalities& p, at::TensorList xs, at:
 
 at::Tensor lmf_fwd(at::TensorList xs, at::TensorList factors, const at::Tensor& rank_weight,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask) {
-  constexpr const char* kOp = "_lmf_fwd_cuda";
+  constexpr const char* kOp = "_lmf_fwd";
   const Modalities p = binding::modalities(kOp, xs, mask);
   const Factors f = make_factors(kOp, p, xs, factors, rank_weight);
   const auto dtype = xs[0].scalar_type();
@@ -70,7 +70,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::optional<at::T
            std::optional<at::Tensor>>
 lmf_bwd(const at::Tensor& grad, at::TensorList xs, at::TensorList factors, const at::Tensor& rank_weight,
         const std::optional<at::Tensor>& mask, bool need_dx, bool need_dfactors, bool need_dw, bool need_db) {
-  constexpr const char* kOp = "_lmf_bwd_cuda";
+  constexpr const char* kOp = "_lmf_bwd";
   const Modalities p = binding::modalities(kOp, xs, mask);
   const Factors f = make_factors(kOp, p, xs, factors, rank_weight);
   const auto dtype = xs[0].scalar_type();
@@ -115,18 +115,7 @@ lmf_bwd(const at::Tensor& grad, at::TensorList xs, at::TensorList factors, const
 }  // namespace
 }  // namespace fusionops::cuda
 
-TORCH_LIBRARY_FRAGMENT(fusionops, m) {
-  // Low-rank fusion on CUDA (DESIGN.md section 2); contract in fusionops/ops/_kernels.py.
-  m.def(
-      "_lmf_fwd_cuda(Tensor[] xs, Tensor[] factors, Tensor rank_weight, Tensor? bias, Tensor? mask) "
-      "-> Tensor");
-  m.def(
-      "_lmf_bwd_cuda(Tensor grad, Tensor[] xs, Tensor[] factors, Tensor rank_weight, Tensor? mask, "
-      "bool need_dx, bool need_dfactors, bool need_dw, bool need_db) "
-      "-> (Tensor[], Tensor[], Tensor?, Tensor?)");
-}
-
 TORCH_LIBRARY_IMPL(fusionops, CUDA, m) {
-  m.impl("_lmf_fwd_cuda", &fusionops::cuda::lmf_fwd);
-  m.impl("_lmf_bwd_cuda", &fusionops::cuda::lmf_bwd);
+  m.impl("_lmf_fwd", &fusionops::cuda::lmf_fwd);
+  m.impl("_lmf_bwd", &fusionops::cuda::lmf_bwd);
 }

@@ -52,7 +52,7 @@ struct Pointers {
 };
 
 at::Tensor product_fwd(at::TensorList xs) {
-  constexpr const char* kOp = "_product_fwd_cuda";
+  constexpr const char* kOp = "_product_fwd";
   check_operands(kOp, xs);
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const int64_t N = xs[0].size(0), d = xs[0].size(1);
@@ -66,7 +66,7 @@ at::Tensor product_fwd(at::TensorList xs) {
 }
 
 std::vector<at::Tensor> product_bwd(const at::Tensor& grad, at::TensorList xs) {
-  constexpr const char* kOp = "_product_bwd_cuda";
+  constexpr const char* kOp = "_product_bwd";
   check_operands(kOp, xs);
   const int64_t N = xs[0].size(0), d = xs[0].size(1);
   TORCH_CHECK(grad.device() == xs[0].device() && grad.scalar_type() == xs[0].scalar_type() && grad.dim() == 2 &&
@@ -93,13 +93,7 @@ std::vector<at::Tensor> product_bwd(const at::Tensor& grad, at::TensorList xs) {
 }  // namespace
 }  // namespace fusionops::cuda
 
-TORCH_LIBRARY_FRAGMENT(fusionops, m) {
-  // Product fusion on CUDA (DESIGN.md section 3); contract in fusionops/ops/_kernels.py.
-  m.def("_product_fwd_cuda(Tensor[] xs) -> Tensor");
-  m.def("_product_bwd_cuda(Tensor grad, Tensor[] xs) -> Tensor[]");
-}
-
 TORCH_LIBRARY_IMPL(fusionops, CUDA, m) {
-  m.impl("_product_fwd_cuda", &fusionops::cuda::product_fwd);
-  m.impl("_product_bwd_cuda", &fusionops::cuda::product_bwd);
+  m.impl("_product_fwd", &fusionops::cuda::product_fwd);
+  m.impl("_product_bwd", &fusionops::cuda::product_bwd);
 }

@@ -1,7 +1,7 @@
 // Torch binding of the CUDA kernels of tensor fusion (kernels/tensor_fusion_kernels.cu).
 // Compiled only in a CUDA build (setup.py adds csrc/cuda/ when torch is a CUDA build and a
 // toolkit is present); the kernels themselves have no torch headers and are compile-checked on
-// every CI run by .ci/nvcc_check. The schemas mirror the _cpu ones of csrc/ops.cpp.
+// every CI run by .ci/nvcc_check. The schemas are declared once, in csrc/ops.cpp; these are their CUDA implementations.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -58,7 +58,7 @@ Projected projected(const char* op, at::TensorList xs, const at::Tensor& weight,
 }
 
 at::Tensor tf_features_fwd(at::TensorList xs, const std::optional<at::Tensor>& mask) {
-  constexpr const char* kOp = "_tf_features_fwd_cuda";
+  constexpr const char* kOp = "_tf_features_fwd";
   const Modalities p = binding::modalities(kOp, xs, mask);
   const int64_t K = binding::feature_count(kOp, p);
   const c10::cuda::CUDAGuard guard(xs[0].device());
@@ -70,7 +70,7 @@ at::Tensor tf_features_fwd(at::TensorList xs, const std::optional<at::Tensor>& m
 
 std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList xs,
                                         const std::optional<at::Tensor>& mask) {
-  constexpr const char* kOp = "_tf_features_bwd_cuda";
+  constexpr const char* kOp = "_tf_features_bwd";
   const Modalities p = binding::modalities(kOp, xs, mask);
   const int64_t K = binding::feature_count(kOp, p);
   check_tensor(kOp, "grad", grad, {p.N, K}, xs[0].scalar_type(), xs[0].device());
@@ -84,7 +84,7 @@ std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList x
 
 at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& mask) {
-  constexpr const char* kOp = "_tf_projected_fwd_cuda";
+  constexpr const char* kOp = "_tf_projected_fwd";
   const auto [p, K, O, dtype, device] = projected(kOp, xs, weight, mask);
   if (bias) check_tensor(kOp, "bias", *bias, {O}, dtype, device);
   const c10::cuda::CUDAGuard guard(device);
@@ -99,7 +99,7 @@ at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const s
 std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> tf_projected_bwd(
     const at::Tensor& grad, at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& mask,
     bool need_dx, bool need_dw, bool need_db) {
-  constexpr const char* kOp = "_tf_projected_bwd_cuda";
+  constexpr const char* kOp = "_tf_projected_bwd";
   const auto [p, K, O, dtype, device] = projected(kOp, xs, weight, mask);
   check_tensor(kOp, "grad", grad, {p.N, O}, dtype, device);
   const c10::cuda::CUDAGuard guard(device);
@@ -128,19 +128,9 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at:
 }  // namespace
 }  // namespace fusionops::cuda
 
-TORCH_LIBRARY_FRAGMENT(fusionops, m) {
-  // Tensor fusion on CUDA (DESIGN.md section 1); contract in fusionops/ops/_kernels.py.
-  m.def("_tf_features_fwd_cuda(Tensor[] xs, Tensor? mask) -> Tensor");
-  m.def("_tf_features_bwd_cuda(Tensor grad, Tensor[] xs, Tensor? mask) -> Tensor[]");
-  m.def("_tf_projected_fwd_cuda(Tensor[] xs, Tensor weight, Tensor? bias, Tensor? mask) -> Tensor");
-  m.def(
-      "_tf_projected_bwd_cuda(Tensor grad, Tensor[] xs, Tensor weight, Tensor? mask, bool need_dx, "
-      "bool need_dw, bool need_db) -> (Tensor[], Tensor?, Tensor?)");
-}
-
 TORCH_LIBRARY_IMPL(fusionops, CUDA, m) {
-  m.impl("_tf_features_fwd_cuda", &fusionops::cuda::tf_features_fwd);
-  m.impl("_tf_features_bwd_cuda", &fusionops::cuda::tf_features_bwd);
-  m.impl("_tf_projected_fwd_cuda", &fusionops::cuda::tf_projected_fwd);
-  m.impl("_tf_projected_bwd_cuda", &fusionops::cuda::tf_projected_bwd);
+  m.impl("_tf_features_fwd", &fusionops::cuda::tf_features_fwd);
+  m.impl("_tf_features_bwd", &fusionops::cuda::tf_features_bwd);
+  m.impl("_tf_projected_fwd", &fusionops::cuda::tf_projected_fwd);
+  m.impl("_tf_projected_bwd", &fusionops::cuda::tf_projected_bwd);
 }

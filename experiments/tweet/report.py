@@ -207,6 +207,15 @@ def robustness_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def backends_line(res: dict[str, Any]) -> str:
+    """``tensor_fusion cpu 1200, low_rank_fusion cpu 1200, …`` from ``res["backends"]``."""
+    counts = res.get("backends") or {}
+    return (
+        "; ".join(f"{op} " + ", ".join(f"{b} {n}" for b, n in per.items()) for op, per in counts.items())
+        or "none recorded"
+    )
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The whole ``results.md``: settings, the summary, and the three tables."""
     cfg = res["config"]
@@ -220,6 +229,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['seconds']:.0f} s). Data: {task}; seeds {', '.join(map(str, seeds)) or '—'}; "
         f"overrides {cfg.get('overrides') or 'none'}. Values: test set, mean ± sd over seeds; "
         "bold = best fusion of the row.",
+        "",
+        f"fusionops backends that served the layers (calls): {backends_line(res)}.",
         "",
         "## Summary",
         "",

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import fusionops
 from experiments import atomic
 from experiments.atomic import write_json as write_json_atomic
 from experiments.tweet import report
@@ -29,6 +30,7 @@ from experiments.tweet.config import TweetConfig, load_config
 from experiments.tweet.data import Split, TweetData, load_data
 from experiments.tweet.synthetic import SYNTHETIC_DEFAULTS, make_synthetic
 from experiments.tweet.train import evaluate, main_train
+from fusionops import _backend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FUSIONS = ("concat", "product", "tensorfusion", "lowrank")
@@ -191,9 +193,15 @@ def aggregate(runs: Sequence[dict[str, Any]], robust: Sequence[dict[str, Any]]) 
 
 
 def _environment() -> dict[str, Any]:
+    from fusionops import _extension, info
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "fusionops": fusionops.__version__,
+        "triton": info.version_of("triton"),
+        "fusionops_extension": "loaded" if _extension.extension_loaded() else _extension.extension_error(),
+        "forced_backend": _backend.forced_backend(),
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
     }
@@ -226,6 +234,7 @@ def run_study(
         f"{', '.join(size_label(s) for s in study.sizes)}; {len(seeds)} seed(s); "
         f"σ {', '.join(f'{s:g}' for s in study.sigmas)} × std; {total} blocks → {out}"
     )
+    fusionops.reset_dispatch_counts()
     runs: list[dict[str, Any]] = []
     robust: list[dict[str, Any]] = []
     rocs: dict[str, dict[str, Any]] = {}
@@ -245,6 +254,8 @@ def run_study(
             "tweet_configs": {f: _jsonable(dataclasses.asdict(c)) for f, c in configs.items()},
             "data": data_info,
             "environment": _environment(),
+            # Which fusionops backend served each op's calls in this study (eager calls).
+            "backends": fusionops.dispatch_counts(),
             "runs": runs,
             "robustness_runs": robust,
             **aggregate(runs, robust),

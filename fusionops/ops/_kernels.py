@@ -212,3 +212,8 @@ class MultipleKernelKernels(Protocol):
         """``(dxs_a, dxs_b, dbeta (M,), dparams (M,))`` given ``grad = dL/dK`` (N_a, N_b), any
         strides (stride 0 included). ``needs`` has four flags in that order; a part whose flag is
         False is returned as an empty list or an empty tensor."""
+
+
+def empty_grad(like: Tensor) -> Tensor:
+    """Stand-in for a gradient that was not asked for (custom ops cannot return None)."""
+    return like.new_empty(0)

@@ -14,36 +14,19 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from fusionops import reference
-from fusionops._backend import choose
+from fusionops import _backend, reference
 from fusionops._checks import check_like, check_mask, check_modalities, check_shape
-from fusionops.ops._dispatch import CUDA_MAX_MODALITIES as CUDA_MAX_MODALITIES  # re-exported
-from fusionops.ops._dispatch import (
-    compiled,
-    cuda_modality_reasons,
-    empty_grad,
-    fused_kernels,
-    kernel_reasons,
-    size_order,
-)
-from fusionops.ops._kernels import LowRankFusionKernels
+from fusionops.ops import _autocast, _eager
+from fusionops.ops._eager import EagerCall
+from fusionops.ops._kernels import LowRankFusionKernels, empty_grad
+from fusionops.registry import OpDef, needs_grad, register
 
 OP = "low_rank_fusion"
 
-# Automatic choice on CPU: below this many elements of the projections (N * R * O * M) the
-# reference was measured as fast or faster (the fused call's fixed cost, mostly torch.library's
-# Python autograd wrapper, dominates); from 2^17 on the fused path never lost.
-# `python -m benchmarks.crossover --op low_rank_fusion` (CSV in benchmarks/results/).
-CPU_FUSED_MIN_ELEMENTS = 1 << 17
-
 
 class _CompiledKernels:
-    """The C++ (``device="cpu"``) or CUDA C++ (``"cuda"``, csrc/cuda/; only in CUDA builds, at most
-    ``CUDA_MAX_MODALITIES`` modalities: ``_reasons`` says so otherwise) kernels of
-    ``fusionops._C``, behind the kernel contract."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
+    """The kernels of ``fusionops._C`` behind the kernel contract: one schema each, C++ for CPU
+    tensors and CUDA C++ for CUDA tensors (the dispatcher picks by device)."""
 
     def forward(
         self,
@@ -53,7 +36,7 @@ class _CompiledKernels:
         bias: Tensor | None,
         mask: Tensor | None,
     ) -> Tensor:
-        return compiled("lmf_fwd", self.device)(xs, factors, rank_weight, bias, mask)
+        return torch.ops.fusionops._lmf_fwd.default(xs, factors, rank_weight, bias, mask)
 
     def backward(
         self,
@@ -67,25 +50,69 @@ class _CompiledKernels:
         need_dw: bool,
         need_db: bool,
     ) -> tuple[list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
-        dxs, dfs, dw, db = compiled("lmf_bwd", self.device)(
+        dxs, dfs, dw, db = torch.ops.fusionops._lmf_bwd.default(
             grad, xs, factors, rank_weight, mask, need_dx, need_dfactors, need_dw, need_db
         )
         return list(dxs), list(dfs), dw, db
 
 
-def _kernels(backend: str) -> LowRankFusionKernels:
-    return cast(
-        LowRankFusionKernels,
-        fused_kernels(OP, backend, _CompiledKernels("cpu"), "low_rank_fusion", cuda=_CompiledKernels("cuda")),
+# Automatic choice on CPU: below CPU_FUSED_MIN_ELEMENTS elements of the projections
+# (N * R * O * M) the reference was measured as fast or faster.
+# `python -m benchmarks.crossover --op low_rank_fusion` (CSV in benchmarks/results/).
+CPU_FUSED_MIN_ELEMENTS = 0
+
+OPDEF = register(
+    OpDef(
+        name=OP,
+        reference=reference.low_rank_fusion,
+        compiled=_CompiledKernels(),
+        kernels=("_lmf_fwd", "_lmf_bwd"),
+        triton_module="low_rank_fusion",
+        size_metric="N*R*O*M",
+        cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        cuda_kernels=True,
+        autocast="lower",
     )
+)
 
 
-def _reasons(backend: str, device: torch.device, dtype: torch.dtype, modalities: int = 1) -> list[str]:
-    return kernel_reasons(OP, backend, device, dtype) + cuda_modality_reasons(backend, modalities)
+def _kernels(backend: str) -> LowRankFusionKernels:
+    return cast(LowRankFusionKernels, OPDEF.kernels_for(backend))
 
 
-def _order(device: torch.device, projection_elements: int) -> tuple[str, ...] | None:
-    return size_order(device, projection_elements, CPU_FUSED_MIN_ELEMENTS)
+class _Call(EagerCall):
+    """Eager low-rank fusion: flat = (*xs, *factors, rank_weight, bias, mask)."""
+
+    __slots__ = ("m",)
+
+    def __init__(self, kernels: LowRankFusionKernels, m: int) -> None:
+        super().__init__(kernels)
+        self.m = m
+
+    def forward(self, flat):
+        m = self.m
+        xs, factors = list(flat[:m]), list(flat[m : 2 * m])
+        return self.kernels.forward(xs, factors, flat[2 * m], flat[2 * m + 1], flat[2 * m + 2]).contiguous()
+
+    def backward(self, grad, flat, needs):
+        m = self.m
+        need_dx, need_df = any(needs[:m]), any(needs[m : 2 * m])
+        need_dw, need_db = needs[2 * m], needs[2 * m + 1]
+        dxs, dfs, dw, db = self.kernels.backward(
+            grad, list(flat[:m]), list(flat[m : 2 * m]), flat[2 * m], flat[2 * m + 2],
+            need_dx, need_df, need_dw, need_db,
+        )  # fmt: skip
+        dxs = (
+            [d.contiguous() if n else None for d, n in zip(dxs, needs, strict=False)]
+            if need_dx
+            else [None] * m
+        )
+        dfs = (
+            [d.contiguous() if n else None for d, n in zip(dfs, needs[m:], strict=False)]
+            if need_df
+            else [None] * m
+        )
+        return (*dxs, *dfs, dw.contiguous() if need_dw else None, db.contiguous() if need_db else None, None)
 
 
 @torch.library.custom_op("fusionops::low_rank_fusion", mutates_args=())
@@ -189,6 +216,8 @@ def _grad(ctx, grad: Tensor):
 
 
 _fused.register_autograd(_grad, setup_context=_setup)
+for _name in ("low_rank_fusion", "low_rank_fusion_backward"):
+    _autocast.register(_name, OPDEF.autocast)
 
 
 def check_factors(op: str, factors: Sequence[Tensor], dims: Sequence[int], like: Tensor) -> tuple[int, int]:
@@ -265,16 +294,26 @@ def low_rank_fusion(
         check_shape(OP, "bias", bias, (out,), " (O, the last dim of the factors)")
     check_mask(OP, mask, lead, len(xs), first.device)
 
+    if _autocast.enabled(first.device):
+        return _autocast.call_without_autocast(
+            OPDEF.autocast, first.device, low_rank_fusion, xs, factors, rank_weight, bias, mask=mask
+        )
     n = math.prod(lead)
-    backend = choose(
-        OP,
+    backend = _backend.choose(
+        OPDEF,
         first.device,
-        lambda b: _reasons(b, first.device, first.dtype, len(xs)),
-        _order(first.device, n * rank * out * len(xs)),
+        first.dtype,
+        len(xs),
+        n * rank * out * len(xs),
+        needs_grad(xs, factors, rank_weight, bias),
     )
     if backend == "reference":
         return reference.low_rank_fusion(xs, factors, rank_weight, bias, mask)
     xs2 = [x.reshape(n, x.shape[-1]) for x in xs]
     mask2 = None if mask is None else mask.reshape(n, len(xs))
-    y = torch.ops.fusionops.low_rank_fusion(xs2, list(factors), rank_weight, bias, mask2, backend)
+    if torch.compiler.is_compiling():  # the custom op: what compiled graphs and exports hold
+        y = torch.ops.fusionops.low_rank_fusion(xs2, list(factors), rank_weight, bias, mask2, backend)
+    else:
+        call = _Call(_kernels(backend), len(xs))
+        y = _eager.apply(call, (*xs2, *factors, rank_weight, bias, mask2))
     return y.reshape(*lead, out)

@@ -16,28 +16,19 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from fusionops import reference
-from fusionops._backend import choose
+from fusionops import _backend, reference
 from fusionops._checks import check_like, check_modalities, check_shape
 from fusionops.base_kernels import KernelSpec, as_base_kernels, kernel_params
-from fusionops.ops._dispatch import empty_grad, fused_kernels, kernel_reasons, size_order
-from fusionops.ops._kernels import MultipleKernelKernels
+from fusionops.ops import _autocast, _eager
+from fusionops.ops._eager import EagerCall
+from fusionops.ops._kernels import MultipleKernelKernels, empty_grad
+from fusionops.registry import OpDef, needs_grad, register
 
 OP = "multiple_kernel"
 
-# Automatic choice on CPU: below this many output elements (N_a * N_b) the reference is used.
-# The fused call's fixed cost (about 0.1 ms: checks and torch.library's autograd wrapper) loses
-# to the reference's few small passes there; the reference's cost per output element (one pass
-# over an (N_a, N_b) matrix per step of every base kernel) is what the fused kernel saves, so
-# output elements, not GEMM work, predict the crossover: measured for widths (16, 8, 32) and
-# (128, 64, 300), RBF and mixed kinds, the fused kernel won forward and fwd+bwd from
-# N_a = N_b = 384 on, tied or lost at 256 and below.
-# `python -m benchmarks.crossover --op multiple_kernel` (CSV in benchmarks/results/).
-CPU_FUSED_MIN_ELEMENTS = 1 << 17
 
-
-class _CppKernels:
-    """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
+class _CompiledKernels:
+    """The C++ kernels of ``fusionops._C`` behind the kernel contract (no CUDA C++ ones yet)."""
 
     def forward(
         self,
@@ -48,7 +39,7 @@ class _CppKernels:
         params: Tensor,
         degrees: list[int],
     ) -> Tensor:
-        return torch.ops.fusionops._mkl_fwd_cpu(xs_a, xs_b, beta, kinds, params, degrees)
+        return torch.ops.fusionops._mkl_fwd.default(xs_a, xs_b, beta, kinds, params, degrees)
 
     def backward(
         self,
@@ -61,18 +52,83 @@ class _CppKernels:
         degrees: list[int],
         needs: list[bool],
     ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
-        dxa, dxb, dbeta, dparams = torch.ops.fusionops._mkl_bwd_cpu(
+        dxa, dxb, dbeta, dparams = torch.ops.fusionops._mkl_bwd.default(
             grad, xs_a, xs_b, beta, kinds, params, degrees, needs
         )
         return list(dxa), list(dxb), dbeta, dparams
 
 
+# Automatic choice on CPU: below CPU_FUSED_MIN_ELEMENTS output elements (N_a * N_b) the
+# reference is used. The reference's cost per output element (one pass over an (N_a, N_b)
+# matrix per step of every base kernel) is what the fused kernel saves, so output elements,
+# not GEMM work, predict the crossover.
+# `python -m benchmarks.crossover --op multiple_kernel` (CSV in benchmarks/results/).
+CPU_FUSED_MIN_ELEMENTS = 1 << 17
+
+OPDEF = register(
+    OpDef(
+        name=OP,
+        reference=reference.multiple_kernel,
+        compiled=_CompiledKernels(),
+        kernels=("_mkl_fwd", "_mkl_bwd"),
+        triton_module="multiple_kernel",
+        size_metric="N_a*N_b",
+        cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        autocast="keep",
+    )
+)
+
+
 def _kernels(backend: str) -> MultipleKernelKernels:
-    return cast(MultipleKernelKernels, fused_kernels(OP, backend, _CppKernels(), "multiple_kernel"))
+    return cast(MultipleKernelKernels, OPDEF.kernels_for(backend))
 
 
-def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    return kernel_reasons(OP, backend, device, dtype)
+class _Call(EagerCall):
+    """Eager multiple kernel fusion: flat = (*xs_a, *xs_b, beta, params). In the symmetric
+    case (``xs_b`` holds the tensors of ``xs_a``) the kernels get ``xs_a`` twice, so they see
+    it; autograd adds the gradients of both uses."""
+
+    __slots__ = ("m", "kinds", "degrees", "symmetric")
+
+    def __init__(self, kernels, m: int, kinds: list[int], degrees: list[int], symmetric: bool) -> None:
+        super().__init__(kernels)
+        self.m, self.kinds, self.degrees, self.symmetric = m, kinds, degrees, symmetric
+
+    def _sides(self, flat):
+        m = self.m
+        xs_a = list(flat[:m])
+        return xs_a, (xs_a if self.symmetric else list(flat[m : 2 * m]))
+
+    def forward(self, flat):
+        xs_a, xs_b = self._sides(flat)
+        m = self.m
+        return self.kernels.forward(
+            xs_a, xs_b, flat[2 * m], self.kinds, flat[2 * m + 1], self.degrees
+        ).contiguous()
+
+    def backward(self, grad, flat, needs):
+        m = self.m
+        xs_a, xs_b = self._sides(flat)
+        flags = [any(needs[:m]), any(needs[m : 2 * m]), bool(needs[2 * m]), bool(needs[2 * m + 1])]
+        dxa, dxb, dbeta, dparams = self.kernels.backward(
+            grad, xs_a, xs_b, flat[2 * m], self.kinds, flat[2 * m + 1], self.degrees, flags
+        )
+        dxa = (
+            [d.contiguous() if n else None for d, n in zip(dxa, needs, strict=False)]
+            if flags[0]
+            else [None] * m
+        )
+        dxb = (
+            [d.contiguous() if n else None for d, n in zip(dxb, needs[m:], strict=False)]
+            if flags[1]
+            else [None] * m
+        )
+        return (
+            *dxa,
+            *dxb,
+            dbeta.contiguous() if flags[2] else None,
+            dparams.contiguous() if flags[3] else None,
+        )
 
 
 @torch.library.custom_op("fusionops::multiple_kernel", mutates_args=())
@@ -178,6 +234,8 @@ def _grad(ctx, grad: Tensor):
 
 
 _fused.register_autograd(_grad, setup_context=_setup)
+for _name in ("multiple_kernel", "multiple_kernel_backward"):
+    _autocast.register(_name, OPDEF.autocast)
 
 
 def _check_sides(xs_a: Sequence[Tensor], xs_b: Sequence[Tensor]) -> list[int]:
@@ -247,11 +305,28 @@ def multiple_kernel(
     first = xs_a[0]
     _check_beta(beta, len(dims), first)
     specs = as_base_kernels(OP, kernels, len(dims))
-    order = size_order(first.device, first.shape[0] * xs_b[0].shape[0], CPU_FUSED_MIN_ELEMENTS)
-    backend = choose(OP, first.device, lambda b: _reasons(b, first.device, first.dtype), order)
+    if _autocast.enabled(first.device):
+        return _autocast.call_without_autocast(
+            OPDEF.autocast, first.device, multiple_kernel, xs_a, xs_b, beta, specs
+        )
+    size = first.shape[0] * xs_b[0].shape[0]
+    backend = _backend.choose(
+        OPDEF,
+        first.device,
+        first.dtype,
+        len(dims),
+        size,
+        needs_grad(xs_a, xs_b, beta, [k.gamma for k in specs], [k.offset for k in specs]),
+    )
     if backend == "reference":
         return reference.multiple_kernel(xs_a, xs_b, beta, specs)
     kinds = [k.code for k in specs]
     degrees = [k.degree if k.kind == "polynomial" else 0 for k in specs]
     params = kernel_params(specs, dims, first)
-    return torch.ops.fusionops.multiple_kernel(list(xs_a), list(xs_b), beta, kinds, params, degrees, backend)
+    if torch.compiler.is_compiling():  # the custom op: what compiled graphs and exports hold
+        return torch.ops.fusionops.multiple_kernel(
+            list(xs_a), list(xs_b), beta, kinds, params, degrees, backend
+        )
+    symmetric = all(b is a for a, b in zip(xs_a, xs_b, strict=True))
+    call = _Call(_kernels(backend), len(dims), kinds, degrees, symmetric)
+    return _eager.apply(call, (*xs_a, *xs_b, beta, params))

@@ -14,53 +14,63 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from fusionops import reference
-from fusionops._backend import choose
+from fusionops import _backend, reference
 from fusionops._checks import check_modalities
-from fusionops.ops._dispatch import CUDA_MAX_MODALITIES as CUDA_MAX_MODALITIES  # re-exported
-from fusionops.ops._dispatch import compiled, cuda_modality_reasons, fused_kernels, kernel_reasons, size_order
+from fusionops.ops import _autocast, _eager
+from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import ProductFusionKernels
+from fusionops.registry import OpDef, needs_grad, register
 
 OP = "product_fusion"
 
+
+class _CompiledKernels:
+    """The kernels of ``fusionops._C`` behind the kernel contract: one schema each, C++ for CPU
+    tensors and CUDA C++ for CUDA tensors (the dispatcher picks by device)."""
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        return torch.ops.fusionops._product_fwd.default(xs)
+
+    def backward(self, grad: Tensor, xs: list[Tensor]) -> list[Tensor]:
+        return list(torch.ops.fusionops._product_bwd.default(grad, xs))
+
+
 # Automatic choice on CPU: the fused kernel replaces the reference's M - 1 passes over memory
-# by one, so it wins from three modalities and N * d >= 2^20 elements. With two modalities
-# both are one multiply at memory speed and ATen's was never beaten (best 0.96x), so two
-# modalities always go to the reference unless a backend is forced.
+# by one. Below CPU_FUSED_MIN_ELEMENTS elements (N * d) or CPU_FUSED_MIN_MODALITIES modalities
+# the reference was measured as fast or faster.
 # `python -m benchmarks.crossover --op product_fusion` (CSV in benchmarks/results/).
 CPU_FUSED_MIN_ELEMENTS = 1 << 20
 CPU_FUSED_MIN_MODALITIES = 3
 
-
-class _CompiledKernels:
-    """The C++ (``device="cpu"``) or CUDA C++ (``"cuda"``, csrc/cuda/; only in CUDA builds, at most
-    ``CUDA_MAX_MODALITIES`` modalities: ``_reasons`` says so otherwise) kernels of
-    ``fusionops._C``, behind the kernel contract."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-
-    def forward(self, xs: list[Tensor]) -> Tensor:
-        return compiled("product_fwd", self.device)(xs)
-
-    def backward(self, grad: Tensor, xs: list[Tensor]) -> list[Tensor]:
-        return list(compiled("product_bwd", self.device)(grad, xs))
+OPDEF = register(
+    OpDef(
+        name=OP,
+        reference=reference.product_fusion,
+        compiled=_CompiledKernels(),
+        kernels=("_product_fwd", "_product_bwd"),
+        triton_module="product_fusion",
+        size_metric="N*d",
+        cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        cpu_min_modalities=CPU_FUSED_MIN_MODALITIES,
+        cuda_kernels=True,
+        autocast="keep",
+    )
+)
 
 
 def _kernels(backend: str) -> ProductFusionKernels:
-    return cast(
-        ProductFusionKernels,
-        fused_kernels(OP, backend, _CompiledKernels("cpu"), "product_fusion", cuda=_CompiledKernels("cuda")),
-    )
+    return cast(ProductFusionKernels, OPDEF.kernels_for(backend))
 
 
-def _reasons(backend: str, device: torch.device, dtype: torch.dtype, modalities: int = 1) -> list[str]:
-    return kernel_reasons(OP, backend, device, dtype) + cuda_modality_reasons(backend, modalities)
+class _Call(EagerCall):
+    """Eager product: flat = xs."""
 
+    def forward(self, flat):
+        return self.kernels.forward(list(flat)).contiguous()
 
-def _order(device: torch.device, elements: int, modalities: int) -> tuple[str, ...] | None:
-    counted = elements if modalities >= CPU_FUSED_MIN_MODALITIES else 0
-    return size_order(device, counted, CPU_FUSED_MIN_ELEMENTS)
+    def backward(self, grad, flat, needs):
+        dxs = self.kernels.backward(grad, list(flat))
+        return tuple(d.contiguous() if n else None for d, n in zip(dxs, needs, strict=True))
 
 
 @torch.library.custom_op("fusionops::product_fusion", mutates_args=())
@@ -95,6 +105,8 @@ def _grad(ctx, grad: Tensor):
 
 
 _fused.register_autograd(_grad, setup_context=_setup)
+for _name in ("product_fusion", "product_fusion_backward"):
+    _autocast.register(_name, OPDEF.autocast)
 
 
 def product_fusion(xs: Sequence[Tensor]) -> Tensor:
@@ -112,14 +124,15 @@ def product_fusion(xs: Sequence[Tensor]) -> Tensor:
                 "modalities of one width elementwise (project them to a common width first)"
             )
     first = xs[0]
+    if _autocast.enabled(first.device):
+        return _autocast.call_without_autocast(OPDEF.autocast, first.device, product_fusion, xs)
     n = math.prod(lead)
-    backend = choose(
-        OP,
-        first.device,
-        lambda b: _reasons(b, first.device, first.dtype, len(xs)),
-        _order(first.device, n * dims[0], len(xs)),
-    )
+    backend = _backend.choose(OPDEF, first.device, first.dtype, len(xs), n * dims[0], needs_grad(xs))
     if backend == "reference":
         return reference.product_fusion(xs)
     xs2 = [x.reshape(n, dims[0]) for x in xs]
-    return torch.ops.fusionops.product_fusion(xs2, backend).reshape(first.shape)
+    if torch.compiler.is_compiling():  # the custom op: what compiled graphs and exports hold
+        out = torch.ops.fusionops.product_fusion(xs2, backend)
+    else:
+        out = _eager.apply(_Call(_kernels(backend)), tuple(xs2))
+    return out.reshape(first.shape)

@@ -13,51 +13,83 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from fusionops import reference
-from fusionops._backend import FLOAT_DTYPES, choose
+from fusionops import _backend, reference
+from fusionops._backend import FLOAT_DTYPES
 from fusionops._checks import check_like, check_shape
-from fusionops.ops._dispatch import empty_grad, fused_kernels, kernel_reasons, size_order
-from fusionops.ops._kernels import SkewPairKernels
+from fusionops.ops import _autocast, _eager
+from fusionops.ops._eager import EagerCall
+from fusionops.ops._kernels import SkewPairKernels, empty_grad
 from fusionops.pairs import check_pairs_fit, pair_list
+from fusionops.registry import OpDef, needs_grad, register
 
 OP = "skew_pair_attention"
-
-# Automatic choice on CPU: the fused kernels beat the reference's per-pair, per-head loop at
-# every size measured (N·P·D from 1280 up, 2.3x to 8x, forward and fwd+bwd), so there is no
-# size below which the reference is chosen.
-# `python -m benchmarks.crossover --op skew_pair_attention` (CSV in benchmarks/results/).
-CPU_FUSED_MIN_ELEMENTS = 0
 
 # Order of the gradients the backward returns (the op's differentiable inputs).
 GRAD_NAMES = ("ha", "hb", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")
 
 
-class _CppKernels:
-    """The C++ kernels of ``fusionops._C``, behind the kernel contract."""
+class _CompiledKernels:
+    """The C++ kernels of ``fusionops._C`` behind the kernel contract (no CUDA C++ ones yet)."""
 
     def forward(self, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window) -> Tensor:
-        return torch.ops.fusionops._skew_pair_fwd_cpu(
+        return torch.ops.fusionops._skew_pair_fwd.default(
             ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window
         )
 
     def backward(self, grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, heads, window, needs) -> list[Tensor]:
         return list(
-            torch.ops.fusionops._skew_pair_bwd_cpu(
+            torch.ops.fusionops._skew_pair_bwd.default(
                 grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, heads, window, needs
             )
         )
 
 
+# Automatic choice on CPU: the fused kernels beat the reference's per-pair, per-head loop at
+# every size measured, so there is no size below which the reference is chosen.
+# `python -m benchmarks.crossover --op skew_pair_attention` (CSV in benchmarks/results/).
+CPU_FUSED_MIN_ELEMENTS = 0
+
+OPDEF = register(
+    OpDef(
+        name=OP,
+        reference=reference.skew_pair_attention,
+        compiled=_CompiledKernels(),
+        kernels=("_skew_pair_fwd", "_skew_pair_bwd"),
+        triton_module="skew_pair",
+        size_metric="N*P*D",
+        cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        autocast="lower",
+    )
+)
+
+
 def _kernels(backend: str) -> SkewPairKernels:
-    return cast(SkewPairKernels, fused_kernels(OP, backend, _CppKernels(), "skew_pair"))
+    return cast(SkewPairKernels, OPDEF.kernels_for(backend))
 
 
-def _reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    return kernel_reasons(OP, backend, device, dtype)
+class _Call(EagerCall):
+    """Eager skew-pair attention: flat = (ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo)."""
 
+    __slots__ = ("heads", "window")
 
-def _order(device: torch.device, out_elements: int) -> tuple[str, ...] | None:
-    return size_order(device, out_elements, CPU_FUSED_MIN_ELEMENTS)
+    def __init__(self, kernels: SkewPairKernels, heads: int, window: int) -> None:
+        super().__init__(kernels)
+        self.heads, self.window = heads, window
+
+    def forward(self, flat):
+        return self.kernels.forward(*flat, self.heads, self.window).contiguous()
+
+    def backward(self, grad, flat, needs):
+        ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo = flat
+        flags = [bool(needs[k]) for k in (0, 1, 3, 4, 5, 6)]
+        flags += [
+            bool(needs[k]) and b is not None for k, b in zip((7, 8, 9, 10), (bq, bk, bv, bo), strict=True)
+        ]
+        grads = self.kernels.backward(
+            grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, self.heads, self.window, flags
+        )
+        g = [t.contiguous() if need else None for t, need in zip(grads, flags, strict=True)]
+        return g[0], g[1], None, *g[2:]
 
 
 @torch.library.custom_op("fusionops::skew_pair_attention", mutates_args=())
@@ -139,6 +171,8 @@ def _grad(ctx, grad: Tensor):
 
 
 _fused.register_autograd(_grad, setup_context=_setup)
+for _name in ("skew_pair_attention", "skew_pair_attention_backward"):
+    _autocast.register(_name, OPDEF.autocast)
 
 
 def _check_stack(name: str, t: object, ref: Tensor | None) -> None:
@@ -233,17 +267,23 @@ def skew_pair_attention(
             check_like(OP, name, b, ha)
             check_shape(OP, name, b, (d,), f" (D,) with D = {d}")
 
-    backend = choose(
-        OP,
-        ha.device,
-        lambda b: _reasons(b, ha.device, ha.dtype),
-        _order(ha.device, n * len(table) * d),
+    if _autocast.enabled(ha.device):
+        return _autocast.call_without_autocast(
+            OPDEF.autocast, ha.device, skew_pair_attention, ha, hb, table, wq, wk, wv, wo, bq, bk, bv, bo,
+            heads=heads, window=window,
+        )  # fmt: skip
+    backend = _backend.choose(
+        OPDEF, ha.device, ha.dtype, 2, n * len(table) * d, needs_grad(ha, hb, wq, wk, wv, wo, bq, bk, bv, bo)
     )
     if backend == "reference":
         return reference.skew_pair_attention(
             ha, hb, table, wq, wk, wv, wo, bq, bk, bv, bo, heads=heads, window=window
         )
     index = torch.tensor(table, dtype=torch.int64, device=ha.device)
-    return torch.ops.fusionops.skew_pair_attention(
-        ha, hb, index, wq, wk, wv, wo, bq, bk, bv, bo, heads, window, backend
+    if torch.compiler.is_compiling():  # the custom op: what compiled graphs and exports hold
+        return torch.ops.fusionops.skew_pair_attention(
+            ha, hb, index, wq, wk, wv, wo, bq, bk, bv, bo, heads, window, backend
+        )
+    return _eager.apply(
+        _Call(_kernels(backend), heads, window), (ha, hb, index, wq, wk, wv, wo, bq, bk, bv, bo)
     )

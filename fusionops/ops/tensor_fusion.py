@@ -19,8 +19,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from fusionops import reference
-from fusionops._backend import choose
+from fusionops import _backend, reference
 from fusionops._checks import (
     check_like,
     check_mask,
@@ -28,45 +27,28 @@ from fusionops._checks import (
     check_shape,
     feature_count,
 )
-from fusionops.ops._dispatch import CUDA_MAX_MODALITIES as CUDA_MAX_MODALITIES  # re-exported
-from fusionops.ops._dispatch import (
-    compiled,
-    cuda_modality_reasons,
-    empty_grad,
-    fused_kernels,
-    kernel_reasons,
-    size_order,
-)
-from fusionops.ops._kernels import TensorFusionKernels
+from fusionops.ops import _autocast, _eager
+from fusionops.ops._eager import EagerCall
+from fusionops.ops._kernels import TensorFusionKernels, empty_grad
+from fusionops.registry import OpDef, needs_grad, register
 
 OP = "tensor_fusion"
 
-# Automatic choice on CPU: below this many elements of Z (N * K) the reference (materialise,
-# then one GEMM) was measured faster than the fused path, whose fixed per-call cost (about
-# 0.3 ms, mostly torch.library's Python autograd wrapper, not the kernels) then dominates;
-# Z is at most 4 MB there. Forcing a backend bypasses this. Measured by
-# `python -m benchmarks.crossover` (CSV in benchmarks/results/).
-CPU_FUSED_MIN_ELEMENTS = 1 << 20
-
 
 class _CompiledKernels:
-    """The C++ (``device="cpu"``) or CUDA C++ (``"cuda"``, csrc/cuda/; only in CUDA builds, at most
-    ``CUDA_MAX_MODALITIES`` modalities: ``_reasons`` says so otherwise) kernels of
-    ``fusionops._C``, behind the kernel contract."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
+    """The kernels of ``fusionops._C`` behind the kernel contract: one schema each, C++ for CPU
+    tensors and CUDA C++ for CUDA tensors (the dispatcher picks by device)."""
 
     def features_forward(self, xs: list[Tensor], mask: Tensor | None) -> Tensor:
-        return compiled("tf_features_fwd", self.device)(xs, mask)
+        return torch.ops.fusionops._tf_features_fwd.default(xs, mask)
 
     def features_backward(self, grad: Tensor, xs: list[Tensor], mask: Tensor | None) -> list[Tensor]:
-        return list(compiled("tf_features_bwd", self.device)(grad, xs, mask))
+        return list(torch.ops.fusionops._tf_features_bwd.default(grad, xs, mask))
 
     def projected_forward(
         self, xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None
     ) -> Tensor:
-        return compiled("tf_projected_fwd", self.device)(xs, weight, bias, mask)
+        return torch.ops.fusionops._tf_projected_fwd.default(xs, weight, bias, mask)
 
     def projected_backward(
         self,
@@ -78,25 +60,34 @@ class _CompiledKernels:
         need_dw: bool,
         need_db: bool,
     ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
-        dxs, dw, db = compiled("tf_projected_bwd", self.device)(
+        dxs, dw, db = torch.ops.fusionops._tf_projected_bwd.default(
             grad, xs, weight, mask, need_dx, need_dw, need_db
         )
         return list(dxs), dw, db
 
 
-def _kernels(backend: str) -> TensorFusionKernels:
-    return cast(
-        TensorFusionKernels,
-        fused_kernels(OP, backend, _CompiledKernels("cpu"), "tensor_fusion", cuda=_CompiledKernels("cuda")),
+# Automatic choice on CPU: below CPU_FUSED_MIN_ELEMENTS elements of Z (N * K) the reference
+# (materialise, then one GEMM) was measured faster than the fused path. Forcing a backend
+# bypasses this. Measured by `python -m benchmarks.crossover` (CSV in benchmarks/results/).
+CPU_FUSED_MIN_ELEMENTS = 0
+
+OPDEF = register(
+    OpDef(
+        name=OP,
+        reference=reference.tensor_fusion,
+        compiled=_CompiledKernels(),
+        kernels=("_tf_features_fwd", "_tf_features_bwd", "_tf_projected_fwd", "_tf_projected_bwd"),
+        triton_module="tensor_fusion",
+        size_metric="N*K",
+        cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        cuda_kernels=True,
+        autocast="lower",
     )
+)
 
 
-def _reasons(backend: str, device: torch.device, dtype: torch.dtype, modalities: int = 1) -> list[str]:
-    return kernel_reasons(OP, backend, device, dtype) + cuda_modality_reasons(backend, modalities)
-
-
-def _order(device: torch.device, z_elements: int) -> tuple[str, ...] | None:
-    return size_order(device, z_elements, CPU_FUSED_MIN_ELEMENTS)
+def _kernels(backend: str) -> TensorFusionKernels:
+    return cast(TensorFusionKernels, OPDEF.kernels_for(backend))
 
 
 # --- features: Z = flatten(z_1 ⊗ … ⊗ z_M) ------------------------------------------------
@@ -105,6 +96,23 @@ def _order(device: torch.device, z_elements: int) -> tuple[str, ...] | None:
 @torch.library.custom_op("fusionops::tensor_fusion_features", mutates_args=())
 def _features(xs: list[Tensor], mask: Tensor | None, backend: str) -> Tensor:
     return _kernels(backend).features_forward(xs, mask).contiguous()
+
+
+class _FeaturesCall(EagerCall):
+    """Eager features: flat = (*xs, mask)."""
+
+    __slots__ = ("m",)
+
+    def __init__(self, kernels: TensorFusionKernels, m: int) -> None:
+        super().__init__(kernels)
+        self.m = m
+
+    def forward(self, flat):
+        return self.kernels.features_forward(list(flat[: self.m]), flat[self.m]).contiguous()
+
+    def backward(self, grad, flat, needs):
+        dxs = self.kernels.features_backward(grad, list(flat[: self.m]), flat[self.m])
+        return (*(d.contiguous() if n else None for d, n in zip(dxs, needs, strict=False)), None)
 
 
 @_features.register_fake
@@ -223,6 +231,39 @@ def _projected_grad(ctx, grad: Tensor):
 _projected.register_autograd(_projected_grad, setup_context=_projected_setup)
 
 
+class _ProjectedCall(EagerCall):
+    """Eager projection: flat = (*xs, weight, bias, mask)."""
+
+    __slots__ = ("m",)
+
+    def __init__(self, kernels: TensorFusionKernels, m: int) -> None:
+        super().__init__(kernels)
+        self.m = m
+
+    def forward(self, flat):
+        m = self.m
+        return self.kernels.projected_forward(list(flat[:m]), flat[m], flat[m + 1], flat[m + 2]).contiguous()
+
+    def backward(self, grad, flat, needs):
+        m = self.m
+        need_dx, need_dw, need_db = any(needs[:m]), needs[m], needs[m + 1]
+        dxs, dw, db = self.kernels.projected_backward(
+            grad, list(flat[:m]), flat[m], flat[m + 2], need_dx, need_dw, need_db
+        )
+        dxs = (
+            [d.contiguous() if n else None for d, n in zip(dxs, needs, strict=False)]
+            if need_dx
+            else [None] * m
+        )
+        return (*dxs, dw.contiguous() if need_dw else None, db.contiguous() if need_db else None, None)
+
+
+for _name in ("tensor_fusion_features", "tensor_fusion_features_backward"):
+    _autocast.register(_name, "keep")
+for _name in ("tensor_fusion_projected", "tensor_fusion_projected_backward"):
+    _autocast.register(_name, OPDEF.autocast)
+
+
 # --- public function ----------------------------------------------------------------------
 
 
@@ -259,8 +300,8 @@ def tensor_fusion(
             raise ValueError(f"{OP}: bias was given without weight; pass weight (O, {k}) too")
     else:
         check_like(OP, "weight", weight, first)
-        factors = " * ".join(f"({d} + 1)" for d in dims)
         if weight.dim() != 2 or weight.shape[1] != k:
+            factors = " * ".join(f"({d} + 1)" for d in dims)  # built only for the message
             raise ValueError(
                 f"{OP}: weight must have shape (O, K) with K = {factors} = {k} for input "
                 f"dims {tuple(dims)}, got {tuple(weight.shape)}"
@@ -269,21 +310,27 @@ def tensor_fusion(
             check_like(OP, "bias", bias, first)
             check_shape(OP, "bias", bias, (weight.shape[0],), " (O, the rows of weight)")
     check_mask(OP, mask, lead, len(xs), first.device)
+    if _autocast.enabled(first.device):  # features: elementwise products, kept in their dtype
+        rule = "keep" if weight is None else OPDEF.autocast
+        return _autocast.call_without_autocast(rule, first.device, tensor_fusion, xs, weight, bias, mask=mask)
 
     n = math.prod(lead)
-    backend = choose(
-        OP,
-        first.device,
-        lambda b: _reasons(b, first.device, first.dtype, len(xs)),
-        _order(first.device, n * k),
-    )
+    backend = _backend.choose(OPDEF, first.device, first.dtype, len(xs), n * k, needs_grad(xs, weight, bias))
     if backend == "reference":
         return reference.tensor_fusion(xs, weight, bias, mask)
 
-    xs2 = [x.reshape(n, x.shape[-1]) for x in xs]
-    mask2 = None if mask is None else mask.reshape(n, len(xs))
-    if weight is None:
-        out = torch.ops.fusionops.tensor_fusion_features(xs2, mask2, backend)
+    if len(lead) == 1:  # rows already: no reshape (a view, but a call each)
+        xs2, mask2 = list(xs), mask
     else:
-        out = torch.ops.fusionops.tensor_fusion_projected(xs2, weight, bias, mask2, backend)
-    return out.reshape(*lead, out.shape[-1])
+        xs2 = [x.reshape(n, x.shape[-1]) for x in xs]
+        mask2 = None if mask is None else mask.reshape(n, len(xs))
+    if torch.compiler.is_compiling():  # the custom ops: what compiled graphs and exports hold
+        if weight is None:
+            out = torch.ops.fusionops.tensor_fusion_features(xs2, mask2, backend)
+        else:
+            out = torch.ops.fusionops.tensor_fusion_projected(xs2, weight, bias, mask2, backend)
+    elif weight is None:
+        out = _eager.apply(_FeaturesCall(_kernels(backend), len(xs)), (*xs2, mask2))
+    else:
+        out = _eager.apply(_ProjectedCall(_kernels(backend), len(xs)), (*xs2, weight, bias, mask2))
+    return out if len(lead) == 1 else out.reshape(*lead, out.shape[-1])

@@ -1,0 +1,168 @@
+"""The op registry: what each fused op is, declared once.
+
+Every op module (``fusionops/ops/<op>.py``) registers one :class:`OpDef`: its name, its
+reference, the compiled kernels (schemas in ``csrc/ops.cpp``) and the Triton module that serve
+it, its automatic CPU size rule and how it behaves under autocast. Backend choice
+(``fusionops._backend``), ``python -m fusionops.info``, the test suite's backend
+parametrisation and skip reasons (``tests/conftest.py``) and the benchmarks' specs all read
+:data:`OPS`; nothing else lists the ops.
+
+Adding an op: write its reference (``fusionops/reference/``), its kernels (``csrc/cpu/``,
+``csrc/cuda/``, ``fusionops/triton/``, schemas in ``csrc/ops.cpp``), its module in
+``fusionops/ops/`` with checks, the custom op and one ``register(OpDef(...))``, then its tests
+and its benchmark spec (README, "Contributing").
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+# The most modalities one launch of the CUDA C++ kernels takes (kMaxModalities in
+# csrc/cuda/kernels/common.h).
+CUDA_MAX_MODALITIES = 8
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One fused op.
+
+    ``compiled`` is the op's wrapper over the kernels of ``fusionops._C`` (one schema per
+    kernel, implemented under the CPU key and, in CUDA builds, the CUDA key: the dispatcher
+    picks by device, so the ``cpu`` and ``cuda`` backends share it); ``kernels`` are those
+    schemas' names (checked for presence: an extension built from older sources lacks them).
+
+    The automatic choice on CPU sends a call to the reference when its size (``size_metric``,
+    computed by the op) is below the op's threshold or it has fewer than ``cpu_min_modalities``
+    modalities: measured faster there by ``python -m benchmarks.crossover``. The threshold is
+    ``cpu_min_size`` for calls that record a gradient (forward + backward) and
+    ``cpu_min_size_forward`` for the others (inference: only the forward kernels compete).
+
+    ``autocast``: under ``torch.autocast`` a ``"lower"`` op runs in the autocast dtype, as
+    ``nn.Linear`` does (GEMM-like ops); a ``"keep"`` op runs in its inputs' dtype, as ATen's
+    elementwise and distance ops do. Either way the output dtype does not depend on the
+    backend or the size.
+    """
+
+    name: str
+    reference: Callable[..., Any]
+    compiled: object
+    kernels: tuple[str, ...]
+    triton_module: str
+    size_metric: str
+    cpu_min_size: int = 0
+    cpu_min_size_forward: int = 0
+    cpu_min_modalities: int = 1
+    cuda_kernels: bool = False
+    autocast: Literal["lower", "keep"] = "keep"
+
+    def kernels_for(self, backend: str) -> Any:
+        """The kernels serving ``backend`` (``cpu``, ``cuda`` or ``triton``)."""
+        if backend in ("cpu", "cuda"):
+            return self.compiled
+        if backend == "triton":
+            return importlib.import_module(f"fusionops.triton.{self.triton_module}")
+        raise ValueError(
+            f"{self.name}: backend {backend!r} has no fused kernels (the reference is served by "
+            "fusionops.reference; expected 'cpu', 'cuda' or 'triton')"
+        )
+
+    def prefers_fused(self, device: torch.device, size: object, modalities: int, training: bool) -> bool:
+        """The size rule: whether the automatic choice offers the fused kernels this call.
+
+        A symbolic size (torch.export with a dynamic dim, ``torch.compile(dynamic=True)``)
+        takes the fused kernels: comparing it would add a guard that a dynamic dim cannot
+        satisfy, and in a compiled graph the eager fixed cost that the rule avoids is gone.
+        """
+        if device.type != "cpu":
+            return True
+        if modalities < self.cpu_min_modalities:
+            return False
+        threshold = self.cpu_min_size if training else self.cpu_min_size_forward
+        return not isinstance(size, int) or size >= threshold
+
+    def size_rule(self) -> str:
+        """The CPU size rule in words, for ``fusionops.info``."""
+        lines = []
+        for mode, threshold in (
+            ("with gradients", self.cpu_min_size),
+            ("inference", self.cpu_min_size_forward),
+        ):
+            parts = [f"{self.size_metric} < {threshold}"] if threshold > 0 else []
+            if self.cpu_min_modalities > 1:
+                parts.append(f"fewer than {self.cpu_min_modalities} modalities")
+            if parts:
+                lines.append(f"{mode}: calls with " + " or ".join(parts) + " go to the reference")
+            else:
+                lines.append(f"{mode}: every call goes to the fused kernels")
+        return "; ".join(lines) + " (measured faster there)"
+
+
+def needs_grad(*tensors: object) -> bool:
+    """Whether a call records a gradient: grad mode on and some tensor (or list of tensors)
+    requiring one. Selects the training or inference size rule."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            if t.requires_grad:
+                return True
+        elif isinstance(t, (list, tuple)):
+            for u in t:
+                if isinstance(u, torch.Tensor) and u.requires_grad:
+                    return True
+    return False
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register(op: OpDef) -> OpDef:
+    if op.name in OPS:
+        raise ValueError(f"op {op.name!r} is registered twice")
+    OPS[op.name] = op
+    return op
+
+
+def get(name: str) -> OpDef:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown op {name!r}; registered ops: {', '.join(OPS)}") from None
+
+
+@functools.cache
+def has_compiled_kernels(kernels: tuple[str, ...], dispatch_key: str) -> bool:
+    """Whether ``fusionops._C`` implements every schema of ``kernels`` for ``dispatch_key``."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    try:
+        return all(has(f"fusionops::{k}", dispatch_key) for k in kernels)
+    except RuntimeError:  # a schema the loaded extension does not declare
+        return False
+
+
+# Which backend served each eager call: (op, backend) -> calls. Read by
+# fusionops.dispatch_counts(); compiled graphs are counted once, when traced.
+COUNTS: Counter[tuple[str, str]] = Counter()
+
+
+def dispatch_counts() -> dict[str, dict[str, int]]:
+    """Calls per op and backend since the process started (or :func:`reset_dispatch_counts`).
+
+    Eager calls are counted each time; a ``torch.compile``d region is counted when it is
+    traced, not per run.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for (name, backend), n in sorted(COUNTS.items()):
+        out.setdefault(name, {})[backend] = n
+    return out
+
+
+def reset_dispatch_counts() -> None:
+    COUNTS.clear()
