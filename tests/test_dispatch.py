@@ -17,7 +17,13 @@ needs_cpu = pytest.mark.skipif(not _extension.extension_loaded(), reason="the C+
 
 
 def test_every_op_is_registered_once_with_its_reference_and_kernels():
-    assert set(OPS) == {"tensor_fusion", "low_rank_fusion", "product_fusion", "skew_pair_attention", "multiple_kernel"}
+    assert set(OPS) == {
+        "tensor_fusion",
+        "low_rank_fusion",
+        "product_fusion",
+        "skew_pair_attention",
+        "multiple_kernel",
+    }
     for op in OPS.values():
         assert op.reference is getattr(fusionops.reference, op.name)
         assert op.kernels and all(k.startswith("_") for k in op.kernels)

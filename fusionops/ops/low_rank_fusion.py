@@ -56,10 +56,14 @@ class _CompiledKernels:
         return list(dxs), list(dfs), dw, db
 
 
-# Automatic choice on CPU: below CPU_FUSED_MIN_ELEMENTS elements of the projections
-# (N * R * O * M) the reference was measured as fast or faster.
-# `python -m benchmarks.crossover --op low_rank_fusion` (CSV in benchmarks/results/).
+# Automatic choice on CPU, on N * R * O * M: the fused kernels were never lost at any measured
+# size (from 3072), forward or with gradients (1.0-2.1x).
+# The rule: a size is "lost" when fused[cpu] was slower than the reference there in both of two
+# runs of `python -m benchmarks.crossover` (a single reading is within this machine's run-to-run
+# noise of about 10%); each threshold is the smallest measured size from which nothing is lost.
+# CSVs: benchmarks/results/crossover_<op>_cpu_2026-12-04_run{1,2}.csv.
 CPU_FUSED_MIN_ELEMENTS = 0
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 
 OPDEF = register(
     OpDef(
@@ -70,6 +74,7 @@ OPDEF = register(
         triton_module="low_rank_fusion",
         size_metric="N*R*O*M",
         cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        cpu_min_size_forward=CPU_FUSED_MIN_ELEMENTS_FORWARD,
         cuda_kernels=True,
         autocast="lower",
     )

@@ -63,7 +63,14 @@ class _CompiledKernels:
 # matrix per step of every base kernel) is what the fused kernel saves, so output elements,
 # not GEMM work, predict the crossover.
 # `python -m benchmarks.crossover --op multiple_kernel` (CSV in benchmarks/results/).
-CPU_FUSED_MIN_ELEMENTS = 1 << 17
+# With gradients, mixed kinds on widths (128, 64, 300) lost by 2-4% up to N_a*N_b = 2^18 in both
+# runs (RBF and narrow widths won from 64); forward alone is never lost from 2^14.
+# The rule: a size is "lost" when fused[cpu] was slower than the reference there in both of two
+# runs of `python -m benchmarks.crossover` (a single reading is within this machine's run-to-run
+# noise of about 10%); each threshold is the smallest measured size from which nothing is lost.
+# CSVs: benchmarks/results/crossover_<op>_cpu_2026-12-04_run{1,2}.csv.
+CPU_FUSED_MIN_ELEMENTS = 1 << 20
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 1 << 14
 
 OPDEF = register(
     OpDef(
@@ -74,6 +81,7 @@ OPDEF = register(
         triton_module="multiple_kernel",
         size_metric="N_a*N_b",
         cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        cpu_min_size_forward=CPU_FUSED_MIN_ELEMENTS_FORWARD,
         autocast="keep",
     )
 )

@@ -35,11 +35,16 @@ class _CompiledKernels:
         return list(torch.ops.fusionops._product_bwd.default(grad, xs))
 
 
-# Automatic choice on CPU: the fused kernel replaces the reference's M - 1 passes over memory
-# by one. Below CPU_FUSED_MIN_ELEMENTS elements (N * d) or CPU_FUSED_MIN_MODALITIES modalities
-# the reference was measured as fast or faster.
-# `python -m benchmarks.crossover --op product_fusion` (CSV in benchmarks/results/).
+# Automatic choice on CPU, on N * d: the fused kernel replaces the reference's M - 1 passes over
+# memory by one, but costs more per call. With two modalities ATen's single multiply was never
+# beaten (0.2-0.98x), so they always go to the reference; with three or more the fused kernel
+# is never lost from N*d = 2^20 with gradients and 2^22 without.
+# The rule: a size is "lost" when fused[cpu] was slower than the reference there in both of two
+# runs of `python -m benchmarks.crossover` (a single reading is within this machine's run-to-run
+# noise of about 10%); each threshold is the smallest measured size from which nothing is lost.
+# CSVs: benchmarks/results/crossover_<op>_cpu_2026-12-04_run{1,2}.csv.
 CPU_FUSED_MIN_ELEMENTS = 1 << 20
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 1 << 22
 CPU_FUSED_MIN_MODALITIES = 3
 
 OPDEF = register(
@@ -51,6 +56,7 @@ OPDEF = register(
         triton_module="product_fusion",
         size_metric="N*d",
         cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        cpu_min_size_forward=CPU_FUSED_MIN_ELEMENTS_FORWARD,
         cpu_min_modalities=CPU_FUSED_MIN_MODALITIES,
         cuda_kernels=True,
         autocast="keep",

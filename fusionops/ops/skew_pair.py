@@ -45,9 +45,13 @@ class _CompiledKernels:
 
 
 # Automatic choice on CPU: the fused kernels beat the reference's per-pair, per-head loop at
-# every size measured, so there is no size below which the reference is chosen.
-# `python -m benchmarks.crossover --op skew_pair_attention` (CSV in benchmarks/results/).
+# every size measured (N*P*D from 1280; 2.3-14x), so there is no size rule.
+# The rule: a size is "lost" when fused[cpu] was slower than the reference there in both of two
+# runs of `python -m benchmarks.crossover` (a single reading is within this machine's run-to-run
+# noise of about 10%); each threshold is the smallest measured size from which nothing is lost.
+# CSVs: benchmarks/results/crossover_<op>_cpu_2026-12-04_run{1,2}.csv.
 CPU_FUSED_MIN_ELEMENTS = 0
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 
 OPDEF = register(
     OpDef(
@@ -58,6 +62,7 @@ OPDEF = register(
         triton_module="skew_pair",
         size_metric="N*P*D",
         cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        cpu_min_size_forward=CPU_FUSED_MIN_ELEMENTS_FORWARD,
         autocast="lower",
     )
 )

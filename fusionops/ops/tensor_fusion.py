@@ -66,10 +66,16 @@ class _CompiledKernels:
         return list(dxs), dw, db
 
 
-# Automatic choice on CPU: below CPU_FUSED_MIN_ELEMENTS elements of Z (N * K) the reference
-# (materialise, then one GEMM) was measured faster than the fused path. Forcing a backend
-# bypasses this. Measured by `python -m benchmarks.crossover` (CSV in benchmarks/results/).
+# Automatic choice on CPU, on N * K (elements of Z). With gradients the fused path was never
+# lost at any measured size (N*K from 2000; 1.0-3.2x). Inference (forward only): with two or
+# three modalities of width 16-64 the reference's one GEMM on a materialised Z beat the fused
+# forward up to N*K = 1183744 (0.8-0.99x), so smaller inference calls go to the reference.
+# The rule: a size is "lost" when fused[cpu] was slower than the reference there in both of two
+# runs of `python -m benchmarks.crossover` (a single reading is within this machine's run-to-run
+# noise of about 10%); each threshold is the smallest measured size from which nothing is lost.
+# CSVs: benchmarks/results/crossover_<op>_cpu_2026-12-04_run{1,2}.csv.
 CPU_FUSED_MIN_ELEMENTS = 0
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 1257728
 
 OPDEF = register(
     OpDef(
@@ -80,6 +86,7 @@ OPDEF = register(
         triton_module="tensor_fusion",
         size_metric="N*K",
         cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        cpu_min_size_forward=CPU_FUSED_MIN_ELEMENTS_FORWARD,
         cuda_kernels=True,
         autocast="lower",
     )
