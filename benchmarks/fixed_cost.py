@@ -6,8 +6,9 @@ At research batch sizes (and below) what a call costs before and after its kerne
 much as the kernels. Per op, a tiny case and a research-size case, fp32 on CPU, timed in one
 run with the ways interleaved round by round (median of the rounds, microseconds per call):
 
-* ``public`` (the automatic choice) and ``public[cpu]`` (the C++ kernels forced): the fusionops
-  function, checks, backend choice and autograd included;
+* ``public`` (the automatic choice) and ``public[cpu]`` (the C++ kernels forced, the
+  ``fusionops.backend`` block entered once around each timed batch): the fusionops function,
+  checks, backend choice and autograd included;
 * ``raw kernel``: the compiled forward kernel called directly (``torch.ops.fusionops._*_fwd``,
   inputs not requiring grad): the floor a wrapper can reach, forward only;
 * ``linear on Z`` (tensor fusion only): ``F.linear`` on a materialised Z, what the fused call
@@ -158,17 +159,16 @@ def cases() -> list[Case]:
     ]
 
 
-def _ways(case: Case) -> dict[str, Callable[[], Tensor]]:
-    def forced(fn: Callable[[], Tensor], name: str | None) -> Callable[[], Tensor]:
-        def call() -> Tensor:
-            with fusionops.backend(name):
-                return fn()
-
-        return call
-
-    ways = {"public": case.public, "public[cpu]": forced(case.public, "cpu"), "reference": case.reference}
+def _ways(case: Case) -> dict[str, tuple[Callable[[], Tensor], str | None]]:
+    """Way name -> (function, the backend forced around its timing: the block is entered once
+    per timed batch, so its own cost is not counted per call)."""
+    ways = {
+        "public": (case.public, None),
+        "public[cpu]": (case.public, "cpu"),
+        "reference": (case.reference, None),
+    }
     if case.linear_on_z is not None:
-        ways["linear on Z"] = case.linear_on_z
+        ways["linear on Z"] = (case.linear_on_z, None)
     return ways
 
 
@@ -203,23 +203,23 @@ def _time(step: Callable[[], object], budget_s: float) -> float:
 def measure(case: Case, rounds: int, budget_s: float) -> dict[tuple[str, str], float]:
     """Median µs per call of every (way, mode), the ways interleaved within each round."""
     grad = torch.randn_like(case.reference().detach())
-    steps: dict[tuple[str, str], Callable[[], object]] = {}
+    steps: dict[tuple[str, str], tuple[Callable[[], object], str | None]] = {}
     for mode in MODES:
-        for name, fn in _ways(case).items():
-            steps[(name, mode)] = _step(fn, mode, case.leaves, grad)
-        with torch.no_grad():
-            steps[("raw kernel", mode)] = case.raw  # forward kernel only, in every mode's table
-    for step in steps.values():  # warm up (allocator, first-call lookups)
-        for _ in range(3):
-            step()
+        for name, (fn, backend) in _ways(case).items():
+            steps[(name, mode)] = (_step(fn, mode, case.leaves, grad), backend)
+
+        def raw() -> object:  # the forward kernel only, in every mode's table
+            with torch.no_grad():
+                return case.raw()
+
+        steps[("raw kernel", mode)] = (raw, None)
     samples: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for key, step in steps.items():
-            if key[0] == "raw kernel":
-                with torch.no_grad():
-                    samples[key].append(_time(step, budget_s))
-            else:
-                samples[key].append(_time(step, budget_s))
+    for r in range(rounds + 1):  # round 0 warms up (allocator, first-call lookups)
+        for key, (step, backend) in steps.items():
+            with fusionops.backend(backend):
+                t = _time(step, budget_s)
+            if r:
+                samples[key].append(t)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 

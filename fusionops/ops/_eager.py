@@ -10,7 +10,8 @@ is more than the kernels themselves at research batch sizes. Eager calls therefo
 An op describes one call with an :class:`EagerCall`: the flat list of its tensor arguments
 (``None`` for absent optional ones) and two methods, ``forward(flat)`` and
 ``backward(grad, flat, needs)`` (``needs``: one flag per flat argument; returns one gradient
-or None per flat argument). Autograd saves the inputs only.
+or None per flat argument; ``flat`` there is what ``saved(flat)`` kept). Autograd saves
+inputs only, never an intermediate.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class EagerCall:
     def forward(self, flat: tuple[Tensor | None, ...]) -> Tensor:
         raise NotImplementedError
 
+    def saved(self, flat: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+        """What autograd keeps for ``backward`` (default: every input; ops drop what their
+        gradient rule never reads, e.g. the bias, by putting None in its place)."""
+        return flat
+
     def backward(
         self, grad: Tensor, flat: tuple[Tensor | None, ...], needs: tuple[bool, ...]
     ) -> tuple[Tensor | None, ...]:
@@ -42,7 +48,7 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: EagerCall, *flat: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.call = call
-        ctx.save_for_backward(*flat)
+        ctx.save_for_backward(*call.saved(flat))
         return call.forward(flat)
 
     @staticmethod

@@ -99,6 +99,10 @@ class _Call(EagerCall):
         xs, factors = list(flat[:m]), list(flat[m : 2 * m])
         return self.kernels.forward(xs, factors, flat[2 * m], flat[2 * m + 1], flat[2 * m + 2]).contiguous()
 
+    def saved(self, flat):
+        m = self.m
+        return (*flat[: 2 * m + 1], None, flat[2 * m + 2])  # the bias is not read by backward
+
     def backward(self, grad, flat, needs):
         m = self.m
         need_dx, need_df = any(needs[:m]), any(needs[m : 2 * m])

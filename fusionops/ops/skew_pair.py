@@ -75,21 +75,23 @@ def _kernels(backend: str) -> SkewPairKernels:
 class _Call(EagerCall):
     """Eager skew-pair attention: flat = (ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo)."""
 
-    __slots__ = ("heads", "window")
+    __slots__ = ("heads", "window", "has_bo")
 
-    def __init__(self, kernels: SkewPairKernels, heads: int, window: int) -> None:
+    def __init__(self, kernels: SkewPairKernels, heads: int, window: int, has_bo: bool) -> None:
         super().__init__(kernels)
-        self.heads, self.window = heads, window
+        self.heads, self.window, self.has_bo = heads, window, has_bo
+
+    def saved(self, flat):
+        return (*flat[:10], None)  # bo is not read by backward (its gradient is a sum of grad)
 
     def forward(self, flat):
         return self.kernels.forward(*flat, self.heads, self.window).contiguous()
 
     def backward(self, grad, flat, needs):
-        ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo = flat
+        ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, _ = flat
         flags = [bool(needs[k]) for k in (0, 1, 3, 4, 5, 6)]
-        flags += [
-            bool(needs[k]) and b is not None for k, b in zip((7, 8, 9, 10), (bq, bk, bv, bo), strict=True)
-        ]
+        present = (bq is not None, bk is not None, bv is not None, self.has_bo)
+        flags += [bool(needs[k]) and has for k, has in zip((7, 8, 9, 10), present, strict=True)]
         grads = self.kernels.backward(
             grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, self.heads, self.window, flags
         )
@@ -289,6 +291,5 @@ def skew_pair_attention(
         return torch.ops.fusionops.skew_pair_attention(
             ha, hb, index, wq, wk, wv, wo, bq, bk, bv, bo, heads, window, backend
         )
-    return _eager.apply(
-        _Call(_kernels(backend), heads, window), (ha, hb, index, wq, wk, wv, wo, bq, bk, bv, bo)
-    )
+    call = _Call(_kernels(backend), heads, window, bo is not None)
+    return _eager.apply(call, (ha, hb, index, wq, wk, wv, wo, bq, bk, bv, bo))

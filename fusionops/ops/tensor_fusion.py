@@ -251,6 +251,9 @@ class _ProjectedCall(EagerCall):
         m = self.m
         return self.kernels.projected_forward(list(flat[:m]), flat[m], flat[m + 1], flat[m + 2]).contiguous()
 
+    def saved(self, flat):
+        return (*flat[: self.m + 1], None, flat[self.m + 2])  # the bias is not read by backward
+
     def backward(self, grad, flat, needs):
         m = self.m
         need_dx, need_dw, need_db = any(needs[:m]), needs[m], needs[m + 1]
