@@ -29,7 +29,13 @@ from collections.abc import Iterator
 import torch
 
 from fusionops import _extension
-from fusionops.registry import COUNTS, CUDA_MAX_MODALITIES, OpDef, has_compiled_kernels
+from fusionops.registry import (
+    COUNTS,
+    CUDA_MAX_MODALITIES,
+    OpDef,
+    forget_compiled_kernels,
+    has_compiled_kernels,
+)
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -174,7 +180,7 @@ def _automatic(op: OpDef, device: torch.device, dtype: torch.dtype, many: bool, 
 def refresh() -> None:
     """Forget cached choices and kernel lookups (tests that fake a missing build call this)."""
     _automatic.cache_clear()
-    has_compiled_kernels.cache_clear()
+    forget_compiled_kernels()
 
 
 def choose(

@@ -15,7 +15,6 @@ and its benchmark spec (README, "Contributing").
 
 from __future__ import annotations
 
-import functools
 import importlib
 from collections import Counter
 from collections.abc import Callable
@@ -127,6 +126,8 @@ def register(op: OpDef) -> OpDef:
     if op.name in OPS:
         raise ValueError(f"op {op.name!r} is registered twice")
     OPS[op.name] = op
+    for key in DISPATCH_KEYS:
+        has_compiled_kernels(op.kernels, key)
     return op
 
 
@@ -137,14 +138,35 @@ def get(name: str) -> OpDef:
         raise ValueError(f"unknown op {name!r}; registered ops: {', '.join(OPS)}") from None
 
 
-@functools.cache
+# (kernels, dispatch key) -> whether fusionops._C implements them all. Filled when an op
+# registers (and again by fusionops._backend.refresh), so that code traced by torch.compile
+# only reads a dict: the dispatcher lookup itself cannot be traced.
+_PRESENT: dict[tuple[tuple[str, ...], str], bool] = {}
+DISPATCH_KEYS = ("CPU", "CUDA")
+
+
 def has_compiled_kernels(kernels: tuple[str, ...], dispatch_key: str) -> bool:
     """Whether ``fusionops._C`` implements every schema of ``kernels`` for ``dispatch_key``."""
+    found = _PRESENT.get((kernels, dispatch_key))
+    if found is None:
+        found = _PRESENT[(kernels, dispatch_key)] = _lookup(kernels, dispatch_key)
+    return found
+
+
+def _lookup(kernels: tuple[str, ...], dispatch_key: str) -> bool:
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     try:
         return all(has(f"fusionops::{k}", dispatch_key) for k in kernels)
     except RuntimeError:  # a schema the loaded extension does not declare
         return False
+
+
+def forget_compiled_kernels() -> None:
+    """Look the kernels of every registered op up again (after the extension changed)."""
+    _PRESENT.clear()
+    for op in OPS.values():
+        for key in DISPATCH_KEYS:
+            has_compiled_kernels(op.kernels, key)
 
 
 # Which backend served each eager call: (op, backend) -> calls. Read by

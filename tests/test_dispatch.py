@@ -180,3 +180,27 @@ def test_eager_path_matches_the_custom_op_path():
     torch.testing.assert_close(y, y2, rtol=0, atol=0)
     for a, e in zip(grads, grads2, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@needs_cpu
+def test_compiled_code_follows_the_backend_block_of_its_thread():
+    """torch.compile guards on the thread's forced backend: a block with another backend gets
+    a graph of its own (the choice is fixed at trace time, not silently reused)."""
+    graphs: list[str] = []
+
+    def record(gm, inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda xs, w: fusionops.tensor_fusion(xs, w), backend=record, fullgraph=True)
+    xs, w = [torch.randn(4, 3), torch.randn(4, 2)], torch.randn(5, 12)
+    with fusionops.backend("reference"):
+        expected = fn(xs, w)
+    with fusionops.backend("cpu"):
+        got = fn(xs, w)
+    with fusionops.backend("reference"):
+        fn(xs, w)  # the first graph again: no third trace
+    assert len(graphs) == 2
+    assert "tensor_fusion_projected" not in graphs[0] and "tensor_fusion_projected" in graphs[1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
