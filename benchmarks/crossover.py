@@ -1,5 +1,5 @@
 """Where the fused C++ kernels start beating the reference on CPU, per op (the evidence behind
-each op's ``CPU_FUSED_MIN_ELEMENTS`` in ``fusionops/ops/<op>.py``, the automatic choice's threshold).
+each op's ``cpu_min_size`` (with gradients) and ``cpu_min_size_forward`` (inference) in the registry).
 
     python -m benchmarks.crossover [--op NAME ...] [--out DIR]
 

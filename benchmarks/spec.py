@@ -73,7 +73,7 @@ class CaseBase:
 
     @property
     def crossover_elements(self) -> int:
-        """The size the op's automatic CPU choice compares with its ``CPU_FUSED_MIN_ELEMENTS``."""
+        """The size the op's automatic CPU choice compares with its registry thresholds."""
         raise NotImplementedError
 
     @classmethod

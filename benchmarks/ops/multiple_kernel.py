@@ -134,7 +134,7 @@ class Case(CaseBase):
     @property
     def crossover_elements(self) -> int:
         # The output elements, what fusionops.ops.multiple_kernel's size rule compares with
-        # CPU_FUSED_MIN_ELEMENTS.
+        # registry thresholds.
         return self.n * self.n_b
 
 
