@@ -204,3 +204,35 @@ def test_compiled_code_follows_the_backend_block_of_its_thread():
     assert len(graphs) == 2
     assert "tensor_fusion_projected" not in graphs[0] and "tensor_fusion_projected" in graphs[1]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu
+@pytest.mark.parametrize("op", ["tensor_fusion", "low_rank_fusion", "product_fusion"])
+@pytest.mark.parametrize("backend", [None, "cpu", "reference"])
+def test_hot_path_reads_nothing_back_to_the_host(monkeypatch, op, backend):
+    """No .item(), .tolist(), .cpu() or .numpy() on tensors in the Python of a forward +
+    backward of tensor, low-rank and product fusion, so a CUDA graph can capture a training
+    step (on a GPU each would be a host synchronisation)."""
+    torch.manual_seed(0)
+    xs = [torch.randn(6, 4, requires_grad=True) for _ in range(3)]
+    if op == "tensor_fusion":
+        args = (xs, torch.randn(3, 125, requires_grad=True), torch.randn(3, requires_grad=True))
+    elif op == "low_rank_fusion":
+        factors = [torch.randn(2, 5, 3, requires_grad=True) for _ in xs]
+        args = (xs, factors, torch.randn(2, requires_grad=True), torch.randn(3, requires_grad=True))
+    else:
+        args = (xs,)
+
+    def refuse(name):
+        def read_back(self, *a, **k):
+            raise AssertionError(f"{op}: Tensor.{name}() called in the hot path")
+
+        return read_back
+
+    fn = getattr(fusionops, op)
+    fn(*args)  # first call outside the check (one-time lookups)
+    for name in ("item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    with fusionops.backend(backend):
+        y = fn(*args)
+        y.sum().backward()
