@@ -12,20 +12,56 @@ An op describes one call with an :class:`EagerCall`: the flat list of its tensor
 ``backward(grad, flat, needs)`` (``needs``: one flag per flat argument; returns one gradient
 or None per flat argument; ``flat`` there is what ``saved(flat)`` kept). Autograd saves
 inputs only, never an intermediate.
+
+Second order (``create_graph=True``): the kernels' backward is not itself differentiable. An
+op whose call defines ``reference_grads`` gets its first-order gradients from the reference
+recomputed on the saved inputs, by PyTorch's autograd with ``create_graph``, so they can be
+differentiated again (this recomputation materialises what the reference materialises, e.g.
+tensor fusion's Z). The other ops raise :class:`DoubleBackwardError` at that first backward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 
+class DoubleBackwardError(RuntimeError):
+    """A backward with ``create_graph=True`` through an op whose fused kernels have no
+    differentiable backward."""
+
+
+def no_double_backward(op: str) -> DoubleBackwardError:
+    return DoubleBackwardError(
+        f"fusionops.{op}: double backward (a backward with create_graph=True) is not supported "
+        f"by its fused kernels; run it on the reference for second-order gradients "
+        f"(with fusionops.backend('reference'): ...)"
+    )
+
+
+def grads_through(
+    reference: Callable[[], Tensor],
+    grad: Tensor,
+    inputs: Sequence[Tensor | None],
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """The gradients of ``reference()`` (the op's reference, recomputed on the saved inputs)
+    for the ``inputs`` that need one, as a graph that can be differentiated again."""
+    wanted = [t for t, n in zip(inputs, needs, strict=True) if n and t is not None]
+    with torch.enable_grad():
+        out = reference()
+    found = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    return [next(found) if n and t is not None else None for t, n in zip(inputs, needs, strict=True)]
+
+
 class EagerCall:
     """One eager call of a fused op (subclassed per op)."""
 
     __slots__ = ("kernels",)
+    op: str = ""  # the public op's name, for messages
 
     def __init__(self, kernels: Any) -> None:
         self.kernels = kernels
@@ -43,6 +79,13 @@ class EagerCall:
     ) -> tuple[Tensor | None, ...]:
         raise NotImplementedError
 
+    def reference_grads(
+        self, grad: Tensor, flat: tuple[Tensor | None, ...], needs: tuple[bool, ...]
+    ) -> tuple[Tensor | None, ...]:
+        """``backward`` as a differentiable graph (through the reference), for second order;
+        ops whose reference is not wired here refuse."""
+        raise no_double_backward(self.op)
+
 
 class _Function(torch.autograd.Function):
     @staticmethod
@@ -53,6 +96,8 @@ class _Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+            return (None, *ctx.call.reference_grads(grad, ctx.saved_tensors, ctx.needs_input_grad[1:]))
         return (None, *ctx.call.backward(grad, ctx.saved_tensors, ctx.needs_input_grad[1:]))
 
 

@@ -88,6 +88,8 @@ def _kernels(backend: str) -> LowRankFusionKernels:
 class _Call(EagerCall):
     """Eager low-rank fusion: flat = (*xs, *factors, rank_weight, bias, mask)."""
 
+    op = OP
+
     __slots__ = ("m",)
 
     def __init__(self, kernels: LowRankFusionKernels, m: int) -> None:
@@ -122,6 +124,26 @@ class _Call(EagerCall):
             else [None] * m
         )
         return (*dxs, *dfs, dw.contiguous() if need_dw else None, db.contiguous() if need_db else None, None)
+
+    def reference_grads(self, grad, flat, needs):
+        m = self.m
+        grads = _reference_grads(
+            grad, list(flat[:m]), list(flat[m : 2 * m]), flat[2 * m], flat[2 * m + 2], needs[: 2 * m + 1]
+        )
+        return (*grads, grad.sum(0) if needs[2 * m + 1] else None, None)  # bias: not saved; dy/db = 1
+
+
+def _reference_grads(
+    grad: Tensor, xs: list[Tensor], factors: list[Tensor], rank_weight: Tensor, mask: Tensor | None, needs
+) -> list[Tensor | None]:
+    """Second order: gradients of xs, factors and rank_weight through the reference, without the
+    bias (it only shifts y; see ops/_eager.py)."""
+    return _eager.grads_through(
+        lambda: reference.low_rank_fusion(xs, factors, rank_weight, None, mask),
+        grad,
+        [*xs, *factors, rank_weight],
+        needs,
+    )
 
 
 @torch.library.custom_op("fusionops::low_rank_fusion", mutates_args=())
@@ -211,6 +233,10 @@ def _grad(ctx, grad: Tensor):
     need_df = any(ctx.needs_input_grad[1])
     need_dw = bool(ctx.needs_input_grad[2])
     need_db = ctx.has_bias and bool(ctx.needs_input_grad[3])
+    if torch.is_grad_enabled():  # create_graph=True
+        needs = [*ctx.needs_input_grad[0], *ctx.needs_input_grad[1], need_dw]
+        grads = _reference_grads(grad, xs, factors, rank_weight, mask, needs)
+        return grads[:m], grads[m : 2 * m], grads[2 * m], grad.sum(0) if need_db else None, None, None
     dxs, dfs, dw, db = torch.ops.fusionops.low_rank_fusion_backward(
         grad, xs, factors, rank_weight, mask, need_dx, need_df, need_dw, need_db, ctx.backend
     )

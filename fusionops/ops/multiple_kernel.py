@@ -96,6 +96,8 @@ class _Call(EagerCall):
     case (``xs_b`` holds the tensors of ``xs_a``) the kernels get ``xs_a`` twice, so they see
     it; autograd adds the gradients of both uses."""
 
+    op = OP
+
     __slots__ = ("m", "kinds", "degrees", "symmetric")
 
     def __init__(self, kernels, m: int, kinds: list[int], degrees: list[int], symmetric: bool) -> None:
@@ -217,6 +219,8 @@ def _setup(ctx, inputs, output) -> None:
 
 
 def _grad(ctx, grad: Tensor):
+    if torch.is_grad_enabled():  # create_graph=True
+        raise _eager.no_double_backward(OP)
     saved = ctx.saved_tensors
     m = ctx.m
     xs_a, xs_b = list(saved[:m]), list(saved[m : 2 * m])

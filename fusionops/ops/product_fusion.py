@@ -71,12 +71,22 @@ def _kernels(backend: str) -> ProductFusionKernels:
 class _Call(EagerCall):
     """Eager product: flat = xs."""
 
+    op = OP
+
     def forward(self, flat):
         return self.kernels.forward(list(flat)).contiguous()
 
     def backward(self, grad, flat, needs):
         dxs = self.kernels.backward(grad, list(flat))
         return tuple(d.contiguous() if n else None for d, n in zip(dxs, needs, strict=True))
+
+    def reference_grads(self, grad, flat, needs):
+        return tuple(_reference_grads(grad, list(flat), needs))
+
+
+def _reference_grads(grad: Tensor, xs: list[Tensor], needs) -> list[Tensor | None]:
+    """Second order: the gradients through the reference (see ops/_eager.py)."""
+    return _eager.grads_through(lambda: reference.product_fusion(xs), grad, xs, needs)
 
 
 @torch.library.custom_op("fusionops::product_fusion", mutates_args=())
@@ -106,6 +116,8 @@ def _setup(ctx, inputs, output) -> None:
 
 
 def _grad(ctx, grad: Tensor):
+    if torch.is_grad_enabled():  # create_graph=True
+        return _reference_grads(grad, list(ctx.saved_tensors), ctx.needs_input_grad[0]), None
     dxs = torch.ops.fusionops.product_fusion_backward(grad, list(ctx.saved_tensors), ctx.backend)
     return list(dxs), None
 

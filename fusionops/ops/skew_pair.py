@@ -75,6 +75,8 @@ def _kernels(backend: str) -> SkewPairKernels:
 class _Call(EagerCall):
     """Eager skew-pair attention: flat = (ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo)."""
 
+    op = OP
+
     __slots__ = ("heads", "window", "has_bo")
 
     def __init__(self, kernels: SkewPairKernels, heads: int, window: int, has_bo: bool) -> None:
@@ -166,6 +168,8 @@ def _setup(ctx, inputs, output) -> None:
 
 
 def _grad(ctx, grad: Tensor):
+    if torch.is_grad_enabled():  # create_graph=True
+        raise _eager.no_double_backward(OP)
     ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv = ctx.saved_tensors
     flags = ctx.needs_input_grad
     needs = [bool(flags[k]) for k in (0, 1, 3, 4, 5, 6)]

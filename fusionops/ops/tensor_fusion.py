@@ -108,6 +108,8 @@ def _features(xs: list[Tensor], mask: Tensor | None, backend: str) -> Tensor:
 class _FeaturesCall(EagerCall):
     """Eager features: flat = (*xs, mask)."""
 
+    op = OP
+
     __slots__ = ("m",)
 
     def __init__(self, kernels: TensorFusionKernels, m: int) -> None:
@@ -120,6 +122,17 @@ class _FeaturesCall(EagerCall):
     def backward(self, grad, flat, needs):
         dxs = self.kernels.features_backward(grad, list(flat[: self.m]), flat[self.m])
         return (*(d.contiguous() if n else None for d, n in zip(dxs, needs, strict=False)), None)
+
+    def reference_grads(self, grad, flat, needs):
+        m = self.m
+        return (*_features_reference_grads(grad, list(flat[:m]), flat[m], needs[:m]), None)
+
+
+def _features_reference_grads(
+    grad: Tensor, xs: list[Tensor], mask: Tensor | None, needs
+) -> list[Tensor | None]:
+    """Second order: the features' gradients through the reference (see ops/_eager.py)."""
+    return _eager.grads_through(lambda: reference.tensor_fusion(xs, None, None, mask), grad, xs, needs)
 
 
 @_features.register_fake
@@ -149,6 +162,8 @@ def _features_setup(ctx, inputs, output) -> None:
 def _features_grad(ctx, grad: Tensor):
     saved = ctx.saved_tensors
     xs, mask = list(saved[: ctx.n_xs]), saved[ctx.n_xs]
+    if torch.is_grad_enabled():  # create_graph=True
+        return _features_reference_grads(grad, xs, mask, ctx.needs_input_grad[0]), None, None
     dxs = torch.ops.fusionops.tensor_fusion_features_backward(grad, xs, mask, ctx.backend)
     return list(dxs), None, None
 
@@ -223,6 +238,9 @@ def _projected_grad(ctx, grad: Tensor):
     need_dx = any(ctx.needs_input_grad[0])  # a list: one flag per modality
     need_dw = bool(ctx.needs_input_grad[1])
     need_db = ctx.has_bias and bool(ctx.needs_input_grad[2])
+    if torch.is_grad_enabled():  # create_graph=True
+        *dxs, dw = _projected_reference_grads(grad, xs, weight, mask, [*ctx.needs_input_grad[0], need_dw])
+        return dxs, dw, grad.sum(0) if need_db else None, None, None
     dxs, dw, db = torch.ops.fusionops.tensor_fusion_projected_backward(
         grad, xs, weight, mask, need_dx, need_dw, need_db, ctx.backend
     )
@@ -240,6 +258,8 @@ _projected.register_autograd(_projected_grad, setup_context=_projected_setup)
 
 class _ProjectedCall(EagerCall):
     """Eager projection: flat = (*xs, weight, bias, mask)."""
+
+    op = OP
 
     __slots__ = ("m",)
 
@@ -266,6 +286,21 @@ class _ProjectedCall(EagerCall):
             else [None] * m
         )
         return (*dxs, dw.contiguous() if need_dw else None, db.contiguous() if need_db else None, None)
+
+    def reference_grads(self, grad, flat, needs):
+        m = self.m
+        grads = _projected_reference_grads(grad, list(flat[:m]), flat[m], flat[m + 2], needs[: m + 1])
+        return (*grads, grad.sum(0) if needs[m + 1] else None, None)  # bias: not saved; dy/db = 1
+
+
+def _projected_reference_grads(
+    grad: Tensor, xs: list[Tensor], weight: Tensor, mask: Tensor | None, needs
+) -> list[Tensor | None]:
+    """Second order: gradients of xs and weight through the reference, without the bias (it
+    only shifts y). This materialises Z, as the reference does."""
+    return _eager.grads_through(
+        lambda: reference.tensor_fusion(xs, weight, None, mask), grad, [*xs, weight], needs
+    )
 
 
 for _name in ("tensor_fusion_features", "tensor_fusion_features_backward"):
