@@ -38,6 +38,7 @@ from fusionops.registry import (
 )
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+FUSED_BACKENDS = BACKENDS[1:]
 
 # Fastest first. Triton on CPU runs in the (slow) interpreter, so it is only used on CPU
 # when forced.
@@ -163,6 +164,22 @@ def reasons(op: OpDef, name: str, device: torch.device, dtype: torch.dtype, moda
     return why
 
 
+def entry_kernels(op: OpDef, backend: object, device: torch.device, dtype: torch.dtype, modalities: int):
+    """The kernels of ``backend`` for a call of a registered op (``torch.ops.fusionops.*``,
+    whose last argument names the backend): an error unless that backend can serve it."""
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(
+            f"{op.name}: backend must be one of {', '.join(map(repr, FUSED_BACKENDS))} (the "
+            f"registered ops run fused kernels; the reference is fusionops.reference), got {backend!r}"
+        )
+    why = reasons(op, backend, device, dtype, modalities)
+    if why:
+        raise BackendUnavailableError(
+            f"{op.name}: backend {backend!r} cannot serve this call:\n" + "\n".join(f"  - {r}" for r in why)
+        )
+    return op.kernels_for(backend)
+
+
 @functools.cache
 def _automatic(op: OpDef, device: torch.device, dtype: torch.dtype, many: bool, fused: bool) -> str:
     """The automatic choice, cached: it depends on the call only through these arguments
@@ -183,6 +200,9 @@ def refresh() -> None:
     forget_compiled_kernels()
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def choose(
     op: OpDef, device: torch.device, dtype: torch.dtype, modalities: int, size: object, training: bool = True
 ) -> str:
@@ -191,7 +211,15 @@ def choose(
     metric for its CPU rule (an int, or a SymInt when traced with dynamic shapes); ``training``:
     the call records a gradient (``registry.needs_grad``)."""
     forced = forced_backend()
-    if forced is not None:
+    if _functorch_active():  # vmap, grad, jacrev…: the kernels have no batching/functorch rules
+        if forced not in (None, "reference"):
+            raise BackendUnavailableError(
+                f"{op.name}: the forced backend {forced!r} cannot serve a call inside a torch.func "
+                "transform (vmap, grad, jacrev, ...): the fused kernels have no batching or functorch "
+                "rules. Backends that could: reference (the automatic choice there)"
+            )
+        name = "reference"
+    elif forced is not None:
         why = reasons(op, forced, device, dtype, modalities)
         if why:
             could = [n for n in BACKENDS if not reasons(op, n, device, dtype, modalities)]

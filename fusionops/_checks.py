@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 
 def check_modalities(op: str, xs: Sequence[Tensor], name: str = "xs") -> tuple[torch.Size, list[int]]:
@@ -95,3 +96,33 @@ def check_layer_widths(layer: str, input_dims: Sequence[int], xs: object) -> Non
             f"{layer}: the layer was built for input_dims {tuple(input_dims)}, "
             f"got modalities of widths {dims}"
         )
+
+
+def check_rows(op: str, lead: torch.Size) -> int:
+    """The registered ops (``torch.ops.fusionops.*``) take rows: modalities of shape ``(N, d)``."""
+    if len(lead) != 1:
+        raise ValueError(
+            f"{op}: the registered op takes rows, xs[m] of shape (N, d_m); got leading shape "
+            f"{tuple(lead)} (the public function fusionops.{op} flattens any leading shape)"
+        )
+    return int(lead[0])
+
+
+def check_grad(op: str, grad: object, shape: tuple[int, ...], ref: Tensor) -> None:
+    """The upstream gradient of a backward op: the output's shape, dtype and device."""
+    if not isinstance(grad, Tensor):
+        raise TypeError(f"{op}: grad must be a tensor, got {type(grad).__name__}")
+    check_like(op, "grad", grad, ref)
+    check_shape(op, "grad", grad, shape, " (the shape of the op's output)")
+
+
+def values_readable(t: Tensor) -> bool:
+    """Whether a check may read ``t``'s values on the host: not while torch.compile or export
+    traces, not for meta or fake tensors (no values), not for a tensor batched by vmap (one
+    value per batch entry; the check would see a wrapper)."""
+    return not (
+        torch.compiler.is_compiling()
+        or t.device.type == "meta"
+        or is_fake(t)
+        or torch._C._functorch.is_batchedtensor(t)
+    )

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fusionops._checks import values_readable
+
 # The kind codes the kernels take (``kinds`` in fusionops/ops/_kernels.py).
 LINEAR, RBF, POLYNOMIAL = 0, 1, 2
 KIND_CODES = {"linear": LINEAR, "rbf": RBF, "polynomial": POLYNOMIAL}
@@ -97,7 +99,7 @@ def _check_scalar(op: str, name: str, value: object, *, positive: bool) -> None:
             raise ValueError(
                 f"{op}: {name} must be a floating 0-d tensor, got shape {tuple(value.shape)} {value.dtype}"
             )
-        if torch.compiler.is_compiling():  # reading the value would break the graph
+        if not values_readable(value):  # traced, meta or vmapped: no value to check here
             return
         number = float(value.detach().item())
     else:

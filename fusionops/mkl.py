@@ -113,6 +113,9 @@ class MultipleKernelRidge:
             raise ValueError(
                 f"{type(self).__name__}.fit: y must have {n} rows (one per sample), got {tuple(t.shape)}"
             )
+        if not bool(torch.isfinite(t).all()):
+            bad = (~torch.isfinite(t)).any(1).nonzero()[:5, 0].tolist()
+            raise ValueError(f"{type(self).__name__}.fit: y holds non-finite values (rows {bad}…)")
         return t
 
     # ---- fit / predict --------------------------------------------------------------------
@@ -196,6 +199,9 @@ class MultipleKernelRidgeClassifier(MultipleKernelRidge):
             raise ValueError(
                 f"{type(self).__name__}.fit: y must be (N,) class labels, got {tuple(labels.shape)}"
             )
+        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+            bad = (~torch.isfinite(labels)).nonzero()[:5, 0].tolist()
+            raise ValueError(f"{type(self).__name__}.fit: y holds non-finite labels (rows {bad}…)")
         self.classes_, index = torch.unique(labels, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import skip_unless_usable
 
 import fusionops
 
@@ -157,3 +158,13 @@ def test_low_rank_device_mismatch_is_named():
 def test_product_bad_input(backend, xs, exc, pattern):
     with fusionops.backend(backend), pytest.raises(exc, match=pattern):
         fusionops.product_fusion(xs)
+
+
+def test_triton_refuses_factors_past_its_int32_offsets():
+    """A clear error before any allocation (it was a bare assert after allocating the packed
+    copy, and gone under python -O). Stride-0 factors make the size free to build."""
+    skip_unless_usable("triton", "cpu")
+    big = torch.randn(1, 1, 1).expand(1 << 16, 3, 1 << 16)
+    xs = [torch.randn(4, 2), torch.randn(4, 2)]
+    with fusionops.backend("triton"), pytest.raises(ValueError, match=r"over its int32 offset limit"):
+        fusionops.low_rank_fusion(xs, [big, big], torch.randn(1 << 16))

@@ -144,3 +144,15 @@ def test_estimator_bad_arguments():
     clf = fusionops.MultipleKernelRidgeClassifier(KERNELS, steps=1)
     with pytest.raises(ValueError, match=r"y needs at least two classes, got \[1\]"):
         clf.fit(A, torch.ones(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_estimators_name_non_finite_labels(bad):
+    """Non-finite targets are blamed on y (they used to surface as a complaint about beta)."""
+    y = torch.randn(4)
+    y[2] = bad
+    with pytest.raises(ValueError, match=r"MultipleKernelRidge.fit: y holds non-finite values \(rows \[2\]"):
+        fusionops.MultipleKernelRidge(KERNELS, steps=2).fit(A, y)
+    labels = torch.tensor([0.0, 1.0, bad, 1.0])
+    with pytest.raises(ValueError, match=r"Classifier.fit: y holds non-finite labels \(rows \[2\]"):
+        fusionops.MultipleKernelRidgeClassifier(KERNELS, steps=1).fit(A, labels)

@@ -102,10 +102,10 @@ class _Function(torch.autograd.Function):
 
 
 # torch.autograd.Function.apply binds default arguments and unwraps functorch's dead wrappers
-# (about 5 µs) before the C++ apply; neither applies here unless a functorch transform is
-# active, so the C++ apply is called directly otherwise.
+# (about 5 µs) before the C++ apply; neither applies here (a call inside a torch.func transform
+# never reaches the fused kernels: fusionops._backend.choose), so the C++ apply is called
+# directly.
 _c_apply = super(torch.autograd.Function, _Function).apply
-_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def apply(call: EagerCall, flat: tuple[Tensor | None, ...]) -> Tensor:
@@ -113,7 +113,5 @@ def apply(call: EagerCall, flat: tuple[Tensor | None, ...]) -> Tensor:
     if torch.is_grad_enabled():
         for t in flat:
             if t is not None and t.requires_grad:
-                if _functorch_active():
-                    return _Function.apply(call, *flat)
                 return _c_apply(call, *flat)
     return call.forward(flat)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from fusionops import _backend, reference
-from fusionops._checks import check_like, check_mask, check_modalities, check_shape
+from fusionops._backend import entry_kernels
+from fusionops._checks import check_grad, check_like, check_mask, check_modalities, check_rows, check_shape
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import LowRankFusionKernels, empty_grad
@@ -155,7 +156,8 @@ def _fused(
     mask: Tensor | None,
     backend: str,
 ) -> Tensor:
-    return _kernels(backend).forward(xs, factors, rank_weight, bias, mask).contiguous()
+    kernels = _entry(xs, factors, rank_weight, bias, mask, backend)
+    return kernels.forward(xs, factors, rank_weight, bias, mask).contiguous()
 
 
 @_fused.register_fake
@@ -183,7 +185,8 @@ def _fused_backward(
     need_db: bool,
     backend: str,
 ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
-    dxs, dfs, dw, db = _kernels(backend).backward(
+    kernels = _entry(xs, factors, rank_weight, None, mask, backend, grad)
+    dxs, dfs, dw, db = kernels.backward(
         grad, xs, factors, rank_weight, mask, need_dx, need_dfactors, need_dw, need_db
     )
     return (
@@ -292,6 +295,44 @@ def check_factors(op: str, factors: Sequence[Tensor], dims: Sequence[int], like:
     return rank, out
 
 
+def _check_args(
+    xs: Sequence[Tensor],
+    factors: Sequence[Tensor],
+    rank_weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+) -> tuple[torch.Size, int, int]:
+    """Every argument of a call; returns the leading shape, R and O."""
+    lead, dims = check_modalities(OP, xs)
+    first = xs[0]
+    rank, out = check_factors(OP, factors, dims, first)
+    check_like(OP, "rank_weight", rank_weight, first)
+    check_shape(OP, "rank_weight", rank_weight, (rank,), " (R, the rank of the factors)")
+    if bias is not None:
+        check_like(OP, "bias", bias, first)
+        check_shape(OP, "bias", bias, (out,), " (O, the last dim of the factors)")
+    check_mask(OP, mask, lead, len(xs), first.device)
+    return lead, rank, out
+
+
+def _entry(
+    xs: list[Tensor],
+    factors: list[Tensor],
+    rank_weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    backend: str,
+    grad: Tensor | None = None,
+) -> LowRankFusionKernels:
+    """A registered op's checks (its arguments are rows; ``grad``: the backward op's upstream
+    gradient), then the kernels of ``backend``."""
+    lead, _, out = _check_args(xs, factors, rank_weight, bias, mask)
+    n = check_rows(OP, lead)
+    if grad is not None:
+        check_grad(OP, grad, (n, out), xs[0])
+    return cast(LowRankFusionKernels, entry_kernels(OPDEF, backend, xs[0].device, xs[0].dtype, len(xs)))
+
+
 def low_rank_fusion(
     xs: Sequence[Tensor],
     factors: Sequence[Tensor],
@@ -319,15 +360,8 @@ def low_rank_fusion(
         ``(*, O)``. The fused kernels never hold every row's projections ``(*, R, O)``: they
         work on blocks of rows and recompute in backward.
     """
-    lead, dims = check_modalities(OP, xs)
+    lead, rank, out = _check_args(xs, factors, rank_weight, bias, mask)
     first = xs[0]
-    rank, out = check_factors(OP, factors, dims, first)
-    check_like(OP, "rank_weight", rank_weight, first)
-    check_shape(OP, "rank_weight", rank_weight, (rank,), " (R, the rank of the factors)")
-    if bias is not None:
-        check_like(OP, "bias", bias, first)
-        check_shape(OP, "bias", bias, (out,), " (O, the last dim of the factors)")
-    check_mask(OP, mask, lead, len(xs), first.device)
 
     if _autocast.enabled(first.device):
         return _autocast.call_without_autocast(

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from fusionops import _backend, reference
-from fusionops._checks import check_like, check_modalities, check_shape
-from fusionops.base_kernels import KernelSpec, as_base_kernels, kernel_params
+from fusionops._backend import entry_kernels
+from fusionops._checks import check_grad, check_like, check_modalities, check_shape, values_readable
+from fusionops.base_kernels import BaseKernel, KernelSpec, as_base_kernels, kernel_params
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import MultipleKernelKernels, empty_grad
@@ -151,7 +152,8 @@ def _fused(
     degrees: list[int],
     backend: str,
 ) -> Tensor:
-    return _kernels(backend).forward(xs_a, xs_b, beta, kinds, params, degrees).contiguous()
+    kernels = _entry(xs_a, xs_b, beta, kinds, params, degrees, backend)
+    return kernels.forward(xs_a, xs_b, beta, kinds, params, degrees).contiguous()
 
 
 @_fused.register_fake
@@ -179,9 +181,8 @@ def _fused_backward(
     needs: list[bool],
     backend: str,
 ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
-    dxa, dxb, dbeta, dparams = _kernels(backend).backward(
-        grad, xs_a, xs_b, beta, kinds, params, degrees, needs
-    )
+    kernels = _entry(xs_a, xs_b, beta, kinds, params, degrees, backend, grad)
+    dxa, dxb, dbeta, dparams = kernels.backward(grad, xs_a, xs_b, beta, kinds, params, degrees, needs)
     return (
         [d.contiguous() for d in dxa] if needs[0] else [],
         [d.contiguous() for d in dxb] if needs[1] else [],
@@ -275,7 +276,7 @@ def _check_sides(xs_a: Sequence[Tensor], xs_b: Sequence[Tensor]) -> list[int]:
 def _check_beta(beta: Tensor, modalities: int, like: Tensor) -> None:
     check_like(OP, "beta", beta, like)
     check_shape(OP, "beta", beta, (modalities,), " (one weight per modality)")
-    if torch.compiler.is_compiling():  # reading the values would break the graph
+    if not values_readable(beta):  # traced, meta or vmapped: no values to check here
         return
     values = beta.detach().tolist()  # M numbers: one transfer, checked on the host
     if not all(math.isfinite(v) for v in values):
@@ -285,6 +286,55 @@ def _check_beta(beta: Tensor, modalities: int, like: Tensor) -> None:
             f"{OP}: beta must be >= 0 (a negative weight can make the combined kernel "
             f"indefinite), got {values}"
         )
+
+
+def _check_codes(kinds: list[int], params: Tensor, degrees: list[int], modalities: int, like: Tensor) -> None:
+    """The registered op's encoded base kernels (what :func:`kernel_params` and
+    ``BaseKernel.code`` produce): one kind code, parameter and degree per modality."""
+    codes = {BaseKernel(kind).code: kind for kind in ("linear", "rbf", "polynomial")}
+    if len(kinds) != modalities or any(k not in codes for k in kinds):
+        raise ValueError(
+            f"{OP}: kinds must hold one code per modality ({modalities}) from {codes}, got {list(kinds)}"
+        )
+    if len(degrees) != modalities:
+        raise ValueError(f"{OP}: degrees must hold one int per modality ({modalities}), got {list(degrees)}")
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if not isinstance(params, Tensor) or params.dtype != dtype or params.device != like.device:
+        raise TypeError(
+            f"{OP}: params must be a {dtype} tensor on {like.device} (γ or c per modality, as "
+            f"kernel_params builds it), got "
+            + (f"{params.dtype} on {params.device}" if isinstance(params, Tensor) else type(params).__name__)
+        )
+    check_shape(OP, "params", params, (modalities,), " (one γ or c per modality)")
+    values = params.detach().tolist()
+    for m, (kind, value, degree) in enumerate(zip(kinds, values, degrees, strict=True)):
+        if not math.isfinite(value):
+            raise ValueError(f"{OP}: params[{m}] must be finite, got {value}")
+        if codes[kind] == "rbf" and value <= 0:
+            raise ValueError(f"{OP}: params[{m}] (γ of an RBF kernel) must be > 0, got {value:g}")
+        if codes[kind] == "polynomial" and degree < 1:
+            raise ValueError(f"{OP}: degrees[{m}] (of a polynomial kernel) must be >= 1, got {degree}")
+
+
+def _entry(
+    xs_a: list[Tensor],
+    xs_b: list[Tensor],
+    beta: Tensor,
+    kinds: list[int],
+    params: Tensor,
+    degrees: list[int],
+    backend: str,
+    grad: Tensor | None = None,
+) -> MultipleKernelKernels:
+    """A registered op's checks (``grad``: the backward op's upstream gradient), then the
+    kernels of ``backend``."""
+    dims = _check_sides(xs_a, xs_b)
+    first = xs_a[0]
+    _check_beta(beta, len(dims), first)
+    _check_codes(kinds, params, degrees, len(dims), first)
+    if grad is not None:
+        check_grad(OP, grad, (first.shape[0], xs_b[0].shape[0]), first)
+    return cast(MultipleKernelKernels, entry_kernels(OPDEF, backend, first.device, first.dtype, len(dims)))
 
 
 def multiple_kernel(

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from fusionops import _backend, reference
-from fusionops._checks import check_modalities
+from fusionops._backend import entry_kernels
+from fusionops._checks import check_grad, check_modalities, check_rows
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import ProductFusionKernels
@@ -91,7 +92,7 @@ def _reference_grads(grad: Tensor, xs: list[Tensor], needs) -> list[Tensor | Non
 
 @torch.library.custom_op("fusionops::product_fusion", mutates_args=())
 def _fused(xs: list[Tensor], backend: str) -> Tensor:
-    return _kernels(backend).forward(xs).contiguous()
+    return _entry(xs, backend).forward(xs).contiguous()
 
 
 @_fused.register_fake
@@ -101,7 +102,7 @@ def _fused_fake(xs: list[Tensor], backend: str) -> Tensor:
 
 @torch.library.custom_op("fusionops::product_fusion_backward", mutates_args=())
 def _fused_backward(grad: Tensor, xs: list[Tensor], backend: str) -> list[Tensor]:
-    return [d.contiguous() for d in _kernels(backend).backward(grad, xs)]
+    return [d.contiguous() for d in _entry(xs, backend, grad).backward(grad, xs)]
 
 
 @_fused_backward.register_fake
@@ -127,13 +128,8 @@ for _name in ("product_fusion", "product_fusion_backward"):
     _autocast.register(_name, OPDEF.autocast)
 
 
-def product_fusion(xs: Sequence[Tensor]) -> Tensor:
-    """Elementwise product of M modalities of one width (DESIGN.md section 3).
-
-    ``p = x_1 ⊙ x_2 ⊙ … ⊙ x_M``; every ``x_m`` has the same shape ``(*, d)`` (nothing is
-    broadcast), dtype and device. Gradients are computed without division, so zeros in the
-    inputs are fine.
-    """
+def _check_args(xs: Sequence[Tensor]) -> tuple[torch.Size, list[int]]:
+    """Every argument of a call; returns the leading shape and the widths."""
     lead, dims = check_modalities(OP, xs)
     for m, d in enumerate(dims[1:], start=1):
         if d != dims[0]:
@@ -141,6 +137,27 @@ def product_fusion(xs: Sequence[Tensor]) -> Tensor:
                 f"{OP}: xs[{m}] has width {d} but xs[0] has {dims[0]}; product fusion multiplies "
                 "modalities of one width elementwise (project them to a common width first)"
             )
+    return lead, dims
+
+
+def _entry(xs: list[Tensor], backend: str, grad: Tensor | None = None) -> ProductFusionKernels:
+    """A registered op's checks (its arguments are rows; ``grad``: the backward op's upstream
+    gradient), then the kernels of ``backend``."""
+    lead, dims = _check_args(xs)
+    n = check_rows(OP, lead)
+    if grad is not None:
+        check_grad(OP, grad, (n, dims[0]), xs[0])
+    return cast(ProductFusionKernels, entry_kernels(OPDEF, backend, xs[0].device, xs[0].dtype, len(xs)))
+
+
+def product_fusion(xs: Sequence[Tensor]) -> Tensor:
+    """Elementwise product of M modalities of one width (DESIGN.md section 3).
+
+    ``p = x_1 ⊙ x_2 ⊙ … ⊙ x_M``; every ``x_m`` has the same shape ``(*, d)`` (nothing is
+    broadcast), dtype and device. Gradients are computed without division, so zeros in the
+    inputs are fine.
+    """
+    lead, dims = _check_args(xs)
     first = xs[0]
     if _autocast.enabled(first.device):
         return _autocast.call_without_autocast(OPDEF.autocast, first.device, product_fusion, xs)

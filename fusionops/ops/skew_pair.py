@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 
 from fusionops import _backend, reference
-from fusionops._backend import FLOAT_DTYPES
-from fusionops._checks import check_like, check_shape
+from fusionops._backend import FLOAT_DTYPES, entry_kernels
+from fusionops._checks import check_grad, check_like, check_shape
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import SkewPairKernels, empty_grad
-from fusionops.pairs import check_pairs_fit, pair_list
+from fusionops.pairs import PairList, check_pairs_fit, pair_list
 from fusionops.registry import OpDef, needs_grad, register
 
 OP = "skew_pair_attention"
@@ -118,7 +118,8 @@ def _fused(
     window: int,
     backend: str,
 ) -> Tensor:
-    out = _kernels(backend).forward(ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window)
+    kernels = _entry(ha, hb, pairs, (wq, wk, wv, wo), (bq, bk, bv, bo), heads, window, backend)
+    out = kernels.forward(ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window)
     return out.contiguous()
 
 
@@ -145,9 +146,8 @@ def _fused_backward(
     needs: list[bool],
     backend: str,
 ) -> list[Tensor]:
-    grads = _kernels(backend).backward(
-        grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, heads, window, list(needs)
-    )
+    kernels = _entry(ha, hb, pairs, (wq, wk, wv, wo), (bq, bk, bv, None), heads, window, backend, grad)
+    grads = kernels.backward(grad, ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, heads, window, list(needs))
     return [g.contiguous() if need else empty_grad(ha) for g, need in zip(grads, needs, strict=True)]
 
 
@@ -222,6 +222,68 @@ def _check_int(name: str, value: object, least: int) -> int:
     return value
 
 
+def _check_args(
+    ha: Tensor,
+    hb: Tensor,
+    pairs: object,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    bq: Tensor | None,
+    bk: Tensor | None,
+    bv: Tensor | None,
+    bo: Tensor | None,
+    heads: object,
+    window: object,
+) -> tuple[PairList, int, int]:
+    """Every argument of a call; returns the pairs as a table, heads and window."""
+    _check_stack("ha", ha, None)
+    _check_stack("hb", hb, ha)
+    _, la, d = ha.shape
+    lb = hb.shape[1]
+    table = pair_list(OP, pairs)
+    check_pairs_fit(OP, table, la, lb)
+    heads = _check_int("heads", heads, 1)
+    window = _check_int("window", window, 0)
+    if d % heads:
+        raise ValueError(f"{OP}: heads = {heads} does not divide the width D = {d}")
+    for name, w in (("wq", wq), ("wk", wk), ("wv", wv), ("wo", wo)):
+        check_like(OP, name, w, ha)
+        check_shape(OP, name, w, (d, d), f" (D, D) with D = {d}, as nn.Linear(D, D) stores it")
+    for name, b in (("bq", bq), ("bk", bk), ("bv", bv), ("bo", bo)):
+        if b is not None:
+            check_like(OP, name, b, ha)
+            check_shape(OP, name, b, (d,), f" (D,) with D = {d}")
+    return table, heads, window
+
+
+def _entry(
+    ha: Tensor,
+    hb: Tensor,
+    pairs: Tensor,
+    ws: tuple[Tensor, Tensor, Tensor, Tensor],
+    bs: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+    heads: int,
+    window: int,
+    backend: str,
+    grad: Tensor | None = None,
+) -> SkewPairKernels:
+    """A registered op's checks (``pairs``: the int64 ``(P, 2)`` index tensor on the device of
+    ha, read back here to check its values; ``grad``: the backward op's upstream gradient),
+    then the kernels of ``backend``."""
+    table, _, _ = _check_args(ha, hb, pairs, *ws, *bs, heads, window)
+    if pairs.dtype != torch.int64 or pairs.device != ha.device or not pairs.is_contiguous():
+        raise ValueError(
+            f"{OP}: the registered op takes pairs as a contiguous int64 tensor on {ha.device} (the "
+            f"device of ha), got a {'' if pairs.is_contiguous() else 'non-contiguous '}{pairs.dtype} "
+            f"tensor on {pairs.device}"
+        )
+    if grad is not None:
+        check_grad(OP, grad, (ha.shape[0], len(table), ha.shape[2]), ha)
+    return cast(SkewPairKernels, entry_kernels(OPDEF, backend, ha.device, ha.dtype, 2))
+
+
 def skew_pair_attention(
     ha: Tensor,
     hb: Tensor,
@@ -260,23 +322,8 @@ def skew_pair_attention(
     The fused kernels read only the layers that the pairs and their bands touch and keep no
     per-pair intermediates; backward recomputes from the inputs.
     """
-    _check_stack("ha", ha, None)
-    _check_stack("hb", hb, ha)
-    n, la, d = ha.shape
-    lb = hb.shape[1]
-    table = pair_list(OP, pairs)
-    check_pairs_fit(OP, table, la, lb)
-    heads = _check_int("heads", heads, 1)
-    window = _check_int("window", window, 0)
-    if d % heads:
-        raise ValueError(f"{OP}: heads = {heads} does not divide the width D = {d}")
-    for name, w in (("wq", wq), ("wk", wk), ("wv", wv), ("wo", wo)):
-        check_like(OP, name, w, ha)
-        check_shape(OP, name, w, (d, d), f" (D, D) with D = {d}, as nn.Linear(D, D) stores it")
-    for name, b in (("bq", bq), ("bk", bk), ("bv", bv), ("bo", bo)):
-        if b is not None:
-            check_like(OP, name, b, ha)
-            check_shape(OP, name, b, (d,), f" (D,) with D = {d}")
+    table, heads, window = _check_args(ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window)
+    n, d = ha.shape[0], ha.shape[2]
 
     if _autocast.enabled(ha.device):
         return _autocast.call_without_autocast(

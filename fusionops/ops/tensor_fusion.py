@@ -20,10 +20,13 @@ import torch
 from torch import Tensor
 
 from fusionops import _backend, reference
+from fusionops._backend import entry_kernels
 from fusionops._checks import (
+    check_grad,
     check_like,
     check_mask,
     check_modalities,
+    check_rows,
     check_shape,
     feature_count,
 )
@@ -102,7 +105,7 @@ def _kernels(backend: str) -> TensorFusionKernels:
 
 @torch.library.custom_op("fusionops::tensor_fusion_features", mutates_args=())
 def _features(xs: list[Tensor], mask: Tensor | None, backend: str) -> Tensor:
-    return _kernels(backend).features_forward(xs, mask).contiguous()
+    return _entry(xs, None, None, mask, backend).features_forward(xs, mask).contiguous()
 
 
 class _FeaturesCall(EagerCall):
@@ -142,7 +145,8 @@ def _features_fake(xs: list[Tensor], mask: Tensor | None, backend: str) -> Tenso
 
 @torch.library.custom_op("fusionops::tensor_fusion_features_backward", mutates_args=())
 def _features_backward(grad: Tensor, xs: list[Tensor], mask: Tensor | None, backend: str) -> list[Tensor]:
-    return [d.contiguous() for d in _kernels(backend).features_backward(grad, xs, mask)]
+    kernels = _entry(xs, None, None, mask, backend, grad)
+    return [d.contiguous() for d in kernels.features_backward(grad, xs, mask)]
 
 
 @_features_backward.register_fake
@@ -178,7 +182,7 @@ _features.register_autograd(_features_grad, setup_context=_features_setup)
 def _projected(
     xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None, backend: str
 ) -> Tensor:
-    return _kernels(backend).projected_forward(xs, weight, bias, mask).contiguous()
+    return _entry(xs, weight, bias, mask, backend).projected_forward(xs, weight, bias, mask).contiguous()
 
 
 @_projected.register_fake
@@ -199,7 +203,8 @@ def _projected_backward(
     need_db: bool,
     backend: str,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    dxs, dw, db = _kernels(backend).projected_backward(grad, xs, weight, mask, need_dx, need_dw, need_db)
+    kernels = _entry(xs, weight, None, mask, backend, grad)
+    dxs, dw, db = kernels.projected_backward(grad, xs, weight, mask, need_dx, need_dw, need_db)
     dxs = [d.contiguous() for d in dxs] if need_dx else []
     dw = dw.contiguous() if need_dw else empty_grad(weight)
     db = db.contiguous() if need_db else empty_grad(weight)
@@ -309,6 +314,51 @@ for _name in ("tensor_fusion_projected", "tensor_fusion_projected_backward"):
     _autocast.register(_name, OPDEF.autocast)
 
 
+# --- checks: the public function and every registered op's entry --------------------------
+
+
+def _check_args(
+    xs: Sequence[Tensor], weight: Tensor | None, bias: Tensor | None, mask: Tensor | None
+) -> tuple[torch.Size, int]:
+    """Every argument of a call; returns the leading shape and K."""
+    lead, dims = check_modalities(OP, xs)
+    first = xs[0]
+    k = feature_count(dims)
+    if weight is None:
+        if bias is not None:
+            raise ValueError(f"{OP}: bias was given without weight; pass weight (O, {k}) too")
+    else:
+        check_like(OP, "weight", weight, first)
+        if weight.dim() != 2 or weight.shape[1] != k:
+            factors = " * ".join(f"({d} + 1)" for d in dims)  # built only for the message
+            raise ValueError(
+                f"{OP}: weight must have shape (O, K) with K = {factors} = {k} for input "
+                f"dims {tuple(dims)}, got {tuple(weight.shape)}"
+            )
+        if bias is not None:
+            check_like(OP, "bias", bias, first)
+            check_shape(OP, "bias", bias, (weight.shape[0],), " (O, the rows of weight)")
+    check_mask(OP, mask, lead, len(xs), first.device)
+    return lead, k
+
+
+def _entry(
+    xs: list[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    backend: str,
+    grad: Tensor | None = None,
+) -> TensorFusionKernels:
+    """A registered op's checks (its arguments are rows; ``grad``: a backward op's upstream
+    gradient), then the kernels of ``backend``."""
+    lead, k = _check_args(xs, weight, bias, mask)
+    n = check_rows(OP, lead)
+    if grad is not None:
+        check_grad(OP, grad, (n, k if weight is None else weight.shape[0]), xs[0])
+    return cast(TensorFusionKernels, entry_kernels(OPDEF, backend, xs[0].device, xs[0].dtype, len(xs)))
+
+
 # --- public function ----------------------------------------------------------------------
 
 
@@ -337,24 +387,8 @@ def tensor_fusion(
     The backend is chosen by ``fusionops.backend`` / ``FUSIONOPS_BACKEND`` or automatically
     (see ``python -m fusionops.info``).
     """
-    lead, dims = check_modalities(OP, xs)
+    lead, k = _check_args(xs, weight, bias, mask)
     first = xs[0]
-    k = feature_count(dims)
-    if weight is None:
-        if bias is not None:
-            raise ValueError(f"{OP}: bias was given without weight; pass weight (O, {k}) too")
-    else:
-        check_like(OP, "weight", weight, first)
-        if weight.dim() != 2 or weight.shape[1] != k:
-            factors = " * ".join(f"({d} + 1)" for d in dims)  # built only for the message
-            raise ValueError(
-                f"{OP}: weight must have shape (O, K) with K = {factors} = {k} for input "
-                f"dims {tuple(dims)}, got {tuple(weight.shape)}"
-            )
-        if bias is not None:
-            check_like(OP, "bias", bias, first)
-            check_shape(OP, "bias", bias, (weight.shape[0],), " (O, the rows of weight)")
-    check_mask(OP, mask, lead, len(xs), first.device)
     if _autocast.enabled(first.device):  # features: elementwise products, kept in their dtype
         rule = "keep" if weight is None else OPDEF.autocast
         return _autocast.call_without_autocast(rule, first.device, tensor_fusion, xs, weight, bias, mask=mask)

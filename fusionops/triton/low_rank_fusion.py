@@ -277,6 +277,13 @@ def _pack_operands(
     dims = tuple(int(x.shape[1]) for x in xs)
     widths = tuple(triton.cdiv(d, block_k) * block_k for d in dims)
     offsets = tuple(sum(widths[:m]) for m in range(len(widths)))
+    packed = r * sum(widths) * triton.cdiv(o, block_o) * block_o
+    if packed >= 2**31:  # the kernels index the packed factors with int32 offsets
+        raise ValueError(
+            f"low_rank_fusion: the triton backend packs the factors into R x sum(padded d_m) x "
+            f"padded O = {packed} elements, over its int32 offset limit of 2^31 - 1 (factors[0] "
+            f"has shape {tuple(factors[0].shape)}); use the cpu or cuda backend for factors this large"
+        )
     xcat = torch.zeros(triton.cdiv(n, block_n) * block_n, sum(widths), dtype=dtype, device=device)
     fcat = torch.zeros(r, sum(widths), triton.cdiv(o, block_o) * block_o, dtype=dtype, device=device)
     f0 = torch.zeros(len(xs), r, fcat.shape[2], dtype=dtype, device=device)
@@ -286,7 +293,6 @@ def _pack_operands(
         xcat[:n, cols] = x if mask is None else torch.where(mask[:, m, None], x, zero)
         fcat[:, cols, :o] = f[:, 1:, :]
         f0[m, :, :o] = f[:, 0, :]
-    assert fcat.numel() < 2**31, "packed factors too large for int32 offsets"
     return _Operands(xcat, fcat, f0, dims, offsets, *_layout(widths, device))
 
 
