@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TOL, assert_close_to, skip_unless_usable
 from inputs import LAYOUTS, detached64, make_grad, make_mask, make_weight, make_xs
+from torch.profiler import ProfilerActivity, profile
 
 import fusionops
 from fusionops import reference
@@ -262,3 +263,30 @@ def test_poisoning_is_active():
     could not catch an unwritten element)."""
     assert torch.isnan(torch.empty(64)).all()
     assert torch.isnan(torch.empty(3, 5).new_empty(7)).all()
+
+
+def test_expanded_weight_is_not_copied(kernel_backend, device):
+    """A weight expanded along O (a (1, K) tensor viewed as (O, K), stride 0) gives the
+    reference's output and gradients, and the forward allocates nothing of O·K elements."""
+    xs = make_xs((5,), (3, 4), torch.float32, device)
+    o, k = 2048, 4 * 5
+    base = torch.randn(1, k, generator=torch.Generator().manual_seed(9)).to(device).requires_grad_(True)
+    bias = torch.randn(o, generator=torch.Generator().manual_seed(10)).to(device).requires_grad_(True)
+    with (
+        fusionops.backend(kernel_backend),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
+        y = fusionops.tensor_fusion(xs, base.expand(o, k), bias)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest < o * k * 4, f"the forward allocated {largest} bytes: the expanded weight was copied"
+    g = make_grad(tuple(y.shape), torch.float32, device)
+    with fusionops.backend(kernel_backend):
+        y.backward(g)
+    xr, (base64, bias64) = detached64(xs), detached64([base, bias])
+    yr = reference.tensor_fusion(xr, base64.expand(o, k), bias64)
+    yr.backward(g.double())
+    assert_close_to(y, yr, torch.float32, "forward")
+    for m, (x, x64) in enumerate(zip(xs, xr, strict=True)):
+        assert_close_to(x.grad, x64.grad, torch.float32, f"grad of xs[{m}]")
+    assert_close_to(base.grad, base64.grad, torch.float32, "grad of the expanded weight")
+    assert_close_to(bias.grad, bias64.grad, torch.float32, "grad of bias")

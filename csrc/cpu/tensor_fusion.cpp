@@ -109,31 +109,54 @@ void outer_row(const T* const* z, const int64_t* D, int k, T* out) {
 
 // Scratch elements outer_backward_row needs for modalities with widths D[0 : k).
 int64_t outer_backward_scratch(const int64_t* D, int k) {
-  int64_t rest = 1;
-  for (int j = 1; j < k; ++j) rest *= D[j];
-  return 3 * rest;
+  int64_t head = 1, widest = 0;
+  for (int j = 0; j + 1 < k; ++j) head *= D[j];
+  for (int j = 0; j < k; ++j) widest = std::max(widest, D[j]);
+  return 3 * head + widest;
+}
+
+// One step of outer_backward_row: F = L ⊗ z of `rows` rows L[p] and width D (z fastest):
+// dL[p] = <dF_p, z> and acc = Σ_p L[p] dF_p.
+template <typename T>
+FUSIONOPS_SIMD_CLONES void peel_row(const T* __restrict dF, const T* __restrict L, const T* __restrict z,
+                                    int64_t rows, int64_t D, T* __restrict dL, T* __restrict acc) {
+  std::fill(acc, acc + D, T(0));
+  for (int64_t p = 0; p < rows; ++p) {
+    const T* dFp = dF + p * D;
+    const T l = L[p];
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < D; ++i) {
+      dot += dFp[i] * z[i];
+      acc[i] += l * dFp[i];
+    }
+    dL[p] = dot;
+  }
 }
 
 // dx[j] = dF/dx_j (x_j = z[j][1:]) for one row of F = z[0] ⊗ … ⊗ z[k-1], given dL/dF.
-// Peels off the slowest modality, F = z[0] ⊗ R: dx_0[i-1] = <dF_i, R>, dR = Σ_i z[0][i] dF_i,
-// then goes on with R. No division, so zeros in z are fine.
+// Peels off the fastest modality, F = L ⊗ z[k-1] with L the outer product of the others:
+// dx_{k-1}[i-1] = Σ_p L[p] dF[p, i], dL[p] = <dF_p, z[k-1]>, then goes on with L. That is the
+// order of autograd through the reference (which builds Z from modality 1 on), and it matters
+// with non-finite inputs: where some z holds an inf, Σ_p L[p] (Σ_i dF z) is ±inf where
+// Σ_{p,i} L[p] dF z is NaN (inf - inf), so another order gives NaN where the reference gives
+// ±inf or the reverse. No division, so zeros in z are fine.
 template <typename T>
 void outer_backward_row(const T* dF, const T* const* z, const int64_t* D, int k, T* const* dx, T* scratch) {
-  int64_t len = outer_backward_scratch(D, k) / 3;  // prod D[j+1 : k) for j = 0
-  T* R = scratch;
-  T* dR_buffers[2] = {scratch + len, scratch + 2 * len};
-  for (int j = 0; j + 1 < k; ++j) {
-    outer_row(z + j + 1, D + j + 1, k - j - 1, R);
-    T* dR = dR_buffers[j % 2];  // the other buffer holds dF unless j == 0
-    std::fill(dR, dR + len, T(0));
-    for (int64_t i = 0; i < D[j]; ++i) {
-      const T g = dot_axpy(dF + i * len, R, z[j][i], dR, len);
-      if (i > 0) dx[j][i - 1] = g;
-    }
-    dF = dR;
-    len /= D[j + 1];
+  int64_t len = 1;  // prod D[0 : j) for j = k - 1
+  for (int j = 0; j + 1 < k; ++j) len *= D[j];
+  T* L = scratch;
+  T* dL_buffers[2] = {scratch + len, scratch + 2 * len};
+  T* acc = scratch + 3 * len;
+  for (int j = k - 1; j > 0; --j) {
+    outer_row(z, D, j, L);
+    T* dL = dL_buffers[j % 2];  // the other buffer holds dF unless j == k - 1
+    peel_row(dF, L, z[j], len, D[j], dL, acc);
+    std::copy(acc + 1, acc + D[j], dx[j]);
+    dF = dL;
+    len /= D[j - 1];
   }
-  std::copy(dF + 1, dF + D[k - 1], dx[k - 1]);
+  std::copy(dF + 1, dF + D[0], dx[0]);
 }
 
 // ---- features: Z (N, K) --------------------------------------------------------------
@@ -433,8 +456,8 @@ void projected_dx_kernel(const Features& f, const at::Tensor& g, const at::Tenso
 template <typename T>
 void projected_whole_bwd_kernel(const Features& f, const at::Tensor& g, const at::Tensor& w, const Plan& p,
                                 bool need_dw, bool need_dx, at::Tensor& dw, std::vector<at::Tensor>& dx) {
-  Block<T> block(f, p, w.options());
-  const at::Tensor dZ = need_dx ? at::empty({p.rows, p.Kt}, w.options()) : at::Tensor();
+  Block<T> block(f, p, g.options());  // (w is undefined when !need_dx)
+  const at::Tensor dZ = need_dx ? at::empty({p.rows, p.Kt}, g.options()) : at::Tensor();
   const auto dxp = need_dx ? mutable_pointers<T>(dx) : std::vector<T*>{};
   for (int64_t r0 = 0; r0 < f.N; r0 += p.rows) {
     block.load(r0, std::min(p.rows, f.N - r0));
@@ -447,6 +470,9 @@ void projected_whole_bwd_kernel(const Features& f, const at::Tensor& g, const at
     }
   }
 }
+
+// W of more than one row with stride 0 along O: every row is the same w_0 (an expanded view).
+bool is_expanded_rows(const at::Tensor& weight) { return weight.size(0) > 1 && weight.stride(0) == 0; }
 
 // W as BLAS takes it (row- or column-major with a valid leading dimension), in the compute
 // dtype; other layouts (stride 0, say) are copied once, a copy of the parameter's size.
@@ -496,15 +522,20 @@ at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const s
   const auto acc = at::toOpMathType(dtype);
   const Features f = make_features(xs, mask, acc);
   check_2d(kOp, "weight", weight, -1, f.K, dtype);
-  const at::Tensor w = blas_weight(weight, acc);
+  const int64_t O = weight.size(0);
+  // A weight expanded along O (every row w_0, stride 0) is used as its one row: y = (Z w_0) 1ᵀ,
+  // instead of a copy of O rows for BLAS.
+  const bool expanded = is_expanded_rows(weight);
+  const at::Tensor w = blas_weight(expanded ? weight.narrow(0, 0, 1) : weight, acc);
   at::Tensor y = at::zeros({f.N, w.size(0)}, w.options());
   if (f.N > 0) {
     const Plan p = make_plan(f.D, f.N, w.size(0), kBlockRows);
     AT_DISPATCH_FLOATING_TYPES(acc, "_tf_projected_fwd", [&] { projected_forward_kernel<scalar_t>(f, w, p, y); });
   }
+  if (expanded) y = y.expand({f.N, O}).contiguous();
   if (bias) {
-    TORCH_CHECK(bias->scalar_type() == dtype && bias->dim() == 1 && bias->size(0) == w.size(0),
-                "fusionops::_tf_projected_fwd: bias must be a ", dtype, " tensor of shape (", w.size(0),
+    TORCH_CHECK(bias->scalar_type() == dtype && bias->dim() == 1 && bias->size(0) == O,
+                "fusionops::_tf_projected_fwd: bias must be a ", dtype, " tensor of shape (", O,
                 "), got ", bias->scalar_type(), " of shape ", bias->sizes());
     y.add_(bias->to(acc));
   }
@@ -522,19 +553,28 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at:
   const Features f = make_features(xs, mask, acc);
   check_2d(kOp, "weight", weight, -1, f.K, dtype);
   check_2d(kOp, "grad", grad, f.N, weight.size(0), dtype);
-  const at::Tensor w = blas_weight(weight, acc);
+  if (need_dx && is_expanded_rows(weight)) {
+    // Every row of W is w_0: dZ = G W = (G 1) w_0, so dx needs one row of W and the row sums of
+    // G, not a copy of W. dW (the gradient of the (O, K) view) still has O rows.
+    auto dx = std::get<0>(tf_projected_bwd(grad.to(acc).sum(1, /*keepdim=*/true).to(dtype), xs,
+                                           weight.narrow(0, 0, 1), mask, true, false, false));
+    auto rest = tf_projected_bwd(grad, xs, weight, mask, false, need_dw, need_db);
+    return {std::move(dx), std::get<1>(rest), std::get<2>(rest)};
+  }
+  const int64_t O = weight.size(0);
+  const at::Tensor w = need_dx ? blas_weight(weight, acc) : at::Tensor();  // read by dx only
   const at::Tensor g = grad.to(acc).contiguous();  // (N, O): small, and stride 0 is common here
   std::vector<at::Tensor> dx = need_dx ? empty_dx(f, acc) : std::vector<at::Tensor>{};
-  at::Tensor dw = need_dw ? at::zeros(w.sizes(), w.options()) : at::Tensor();
+  at::Tensor dw = need_dw ? at::zeros({O, f.K}, g.options()) : at::Tensor();
   if (f.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "_tf_projected_bwd", [&] {
-      const Plan whole = make_plan(f.D, f.N, w.size(0), kBlockRows);
+      const Plan whole = make_plan(f.D, f.N, O, kBlockRows);
       if (whole.split == 0) {
         if (need_dw || need_dx) projected_whole_bwd_kernel<scalar_t>(f, g, w, whole, need_dw, need_dx, dw, dx);
         return;
       }
-      if (need_dw) projected_dw_kernel<scalar_t>(f, g, make_plan(f.D, f.N, w.size(0), kBlockRows), dw);
-      if (need_dx) projected_dx_kernel<scalar_t>(f, g, w, make_plan(f.D, f.N, w.size(0), kDxBlockRows), dx);
+      if (need_dw) projected_dw_kernel<scalar_t>(f, g, make_plan(f.D, f.N, O, kBlockRows), dw);
+      if (need_dx) projected_dx_kernel<scalar_t>(f, g, w, make_plan(f.D, f.N, O, kDxBlockRows), dx);
     });
   }
   std::optional<at::Tensor> dw_out, db_out;
