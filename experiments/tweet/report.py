@@ -3,6 +3,12 @@
 Claim 1 (clean accuracy, little data): the fusion that encodes the task's structure (product) has
 the best clean test accuracy when the training set is small. Claim 2 (robustness): product loses
 more accuracy than the other fusions when Gaussian noise is added to the inputs at test time.
+
+Both claims compare fusions, so a results dict that lacks some (seed, fusion) block (a run that
+was interrupted or killed, or is still going) answers neither: :func:`summarize` returns
+``incomplete: no verdict`` and names the missing blocks, and :func:`summary_lines` and
+:func:`markdown` print that. Every writer of ``results.json`` / ``results.md`` goes through
+:func:`summarize`, so no file on disk ever holds a verdict drawn from some of the fusions.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 SMALL_MAX = 128  # sizes up to this count as "little data" for claim 1
+INCOMPLETE = "incomplete: no verdict"
 LABELS = {"concat": "Concatenation", "product": "Product", "tensorfusion": "Tensor", "lowrank": "Low-rank"}
 
 
@@ -29,9 +36,56 @@ def _fmt(mean: float | None, sd: float | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}" if sd is not None else f"{mean:.{digits}f}"
 
 
+def missing_blocks(res: dict[str, Any]) -> dict[str, list[int]]:
+    """The (seed, fusion) blocks of the run's config that ``res`` lacks, as fusion → seeds. A block
+    is finished when every size has its clean run and (with a σ grid) its robustness rows."""
+    cfg = res["config"]
+    seeds = [int(cfg["seed"]) + k for k in range(int(cfg["n_seeds"]))]
+    sizes = {str(s) for s in cfg["sizes"]}
+    trained: dict[tuple[int, str], set[str]] = {}
+    for r in res["runs"]:
+        trained.setdefault((r["seed"], r["fusion"]), set()).add(str(r["size"]))
+    tested = {(r["seed"], r["fusion"]) for r in res["robustness_runs"]}
+    missing: dict[str, list[int]] = {}
+    for fusion in cfg["fusions"]:
+        lost = [
+            s
+            for s in seeds
+            if not sizes <= trained.get((s, fusion), set()) or (cfg["sigmas"] and (s, fusion) not in tested)
+        ]
+        if lost:
+            missing[fusion] = lost
+    return missing
+
+
+def incomplete_reason(res: dict[str, Any]) -> str | None:
+    """``None`` when every block of the run finished, else ``"incomplete: no verdict (…)"`` naming
+    the missing blocks. The block counter is checked too: it is what a reader sees first."""
+    missing = missing_blocks(res)
+    done, total = res["completed_blocks"], res["total_blocks"]
+    if not missing and done >= total:
+        return None
+    parts = "; ".join(
+        f"{fusion} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+        for fusion, seeds in missing.items()
+    )
+    return f"{INCOMPLETE} ({done} of {total} (seed, fusion) blocks finished; missing: {parts or '?'})"
+
+
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
     """The two claims as numbers: per small size, who wins clean accuracy and by how much; per
-    noise condition, each fusion's accuracy drop from σ = 0 to the largest σ."""
+    noise condition, each fusion's accuracy drop from σ = 0 to the largest σ. For a partial run,
+    ``verdict`` ("incomplete: no verdict (…)"), ``missing_blocks`` and each claim's ``holds: None``
+    instead: comparing the fusions that happened to finish first would answer the claims wrongly."""
+    reason = incomplete_reason(res)
+    if reason is not None:
+        claim = {"holds": None, "verdict": INCOMPLETE}
+        return {
+            "verdict": reason,
+            "missing_blocks": missing_blocks(res),
+            "claim1_product_wins_small_data": dict(claim),
+            "claim2_product_less_robust": dict(claim),
+        }
     fusions = _fusions(res)
     cell = {(r["fusion"], r["size"]): r for r in res["accuracy_vs_size"]}
     sizes = sorted({r["size"] for r in res["accuracy_vs_size"]}, key=_size_key)
@@ -103,10 +157,18 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
-    """The printed summary: one answer per claim, with the numbers behind it."""
+    """The printed summary: one answer per claim, with the numbers behind it; for a partial run
+    (a summary with a ``verdict``) only which blocks are missing."""
     s = res["summary"]
-    c1, c2 = s["claim1_product_wins_small_data"], s["claim2_product_less_robust"]
     n_seeds = max((r["n_seeds"] for r in res["accuracy_vs_size"]), default=0)
+    if "verdict" in s:
+        return [
+            f"summary ({res['status']}, {n_seeds} seed(s) so far, test accuracy mean over seeds):",
+            f"  {s['verdict']}",
+            "  the paper's two claims are answered only when every fusion has finished every seed; "
+            "the tables hold the finished blocks",
+        ]
+    c1, c2 = s["claim1_product_wins_small_data"], s["claim2_product_less_robust"]
     lines = [f"summary ({res['status']}, {n_seeds} seed(s), test accuracy mean over seeds):"]
     if "product" not in _fusions(res):
         lines.append("  product fusion was not run: the paper's claims are not tested")

@@ -4,8 +4,9 @@ One pass trains every (seed, fusion, training-set size) once and reuses each tra
 (a) clean test accuracy / ROC AUC against training-set size, (b) robustness to Gaussian noise
 added at test time to the image, the text or both embeddings, and (c) ROC curves. The data is
 made once per seed and shared by every fusion and size. ``results.json`` (and ``results.md``) are
-rewritten after every completed (seed, fusion) block, so an interrupted run keeps what it finished;
-the PNGs are written at the end.
+rewritten after every completed (seed, fusion) block, so an interrupted run keeps what it finished
+(with the summary "incomplete: no verdict" until every block is in: see :mod:`report`); the PNGs
+are written at the end.
 """
 
 from __future__ import annotations
@@ -262,6 +263,8 @@ def run_study(
             "robustness_size": size_label(study.robust_size),
             "roc": {"size": size_label(study.roc_size), "seed": roc_seed, "curves": rocs},
         }
+        # a partial run's summary says "incomplete: no verdict": no file on disk answers the claims
+        # from some of the fusions, even when the run is killed before it can rewrite it
         res["summary"] = report.summarize(res)
         return res
 
