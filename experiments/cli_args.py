@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from experiments.tweet.config import resolve_data_dir
 from experiments.tweet.data import DataFormatError, find_real_data, load_data
 from experiments.tweet.studies import FUSIONS, RESULTS, StudyConfig, fusion_config
 from experiments.tweet.synthetic import SYNTHETIC_DEFAULTS
@@ -39,6 +40,7 @@ TRAINING_OPTIONS = (
     "data_dir",
     "paper_faithful",
     "threads",
+    "val_size",
 )
 # What run_study writes into results.json and --render reads back.
 RESULT_KEYS = (
@@ -116,6 +118,17 @@ def _sigma(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    expected = "a finite number > 0 (validation examples per training example)"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def _path(text: str) -> Path:
     if not text.strip():  # Path("") is the current folder: never what an empty value meant
         raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
@@ -131,8 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tweet fusion comparison (clean accuracy vs training-set size, ROC) and robustness "
         "to test-time noise, for concat / product / tensor / low-rank fusion.",
     )
+    quick = StudyConfig.quick()
     parser.add_argument(
-        "--quick", action="store_true", help="about a minute: 5 sizes, 2 seeds, 4 σ, ≤ 100 epochs"
+        "--quick",
+        action="store_true",
+        help=f"about a minute: sizes {', '.join(str(s) for s in quick.sizes)}, {quick.n_seeds} seeds, "
+        f"{len(quick.sigmas)} σ, ≤ {quick.overrides['max_epochs']} epochs",
     )
     parser.add_argument(
         "--out",
@@ -143,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Training options default to None so that --render can tell which were given.
     parser.add_argument(
-        "--seeds", type=_positive_int, default=None, help="seeds per (fusion, size) (default 5, quick 2)"
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help=f"seeds per (fusion, size) (default {StudyConfig().n_seeds}, quick {quick.n_seeds}; "
+        "the verdicts' t-intervals need at least 2)",
     )
     parser.add_argument("--seed", type=_first_seed, default=None, help="first seed (default 0)")
     parser.add_argument("--fusions", nargs="+", choices=FUSIONS, default=None, help="fusions to compare")
@@ -161,10 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-epochs", type=_positive_int, default=None, help="cap on training epochs per run"
     )
     parser.add_argument(
+        "--val-size",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="pick the best epoch on max(1, round(F × n)) validation examples for training size n "
+        "(a seeded subset, at most the split) instead of the whole validation split",
+    )
+    parser.add_argument(
         "--real", action="store_true", help="the paper's tweet data instead of the synthetic task"
     )
     parser.add_argument(
-        "--data-dir", type=_path, default=None, help="real data: dataset folder or .npz (with --real)"
+        "--data-dir",
+        type=_path,
+        default=None,
+        help="real data: dataset folder or .npz (with --real); relative to the working folder "
+        "(the configs' data_dir is relative to the config file)",
     )
     parser.add_argument(
         "--paper-faithful", action="store_true", help="the paper's double softmax and batch-flipping product"
@@ -215,10 +248,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--seed {cfg.seed} with --seeds {cfg.n_seeds} runs up to seed {last}, above {MAX_SEED}")
     if cfg.real:
         data_dir = fusion_config(cfg.fusions[0], cfg).data_dir
+        source = "--data-dir" if args.data_dir is not None else f"data_dir of {cfg.fusions[0]}_tweet.yaml"
         try:
             find_real_data(data_dir)
         except (OSError, DataFormatError) as err:
-            parser.error(f"--real: no usable data at {data_dir} (set --data-dir): {err}")
+            parser.error(f"--real: no usable data at {data_dir} ({source}; set --data-dir): {err}")
     else:
         # make_data's parameters: the generator's defaults, then the first fusion's config
         synth = {**SYNTHETIC_DEFAULTS, **fusion_config(cfg.fusions[0], cfg).synthetic, **cfg.synthetic}
@@ -294,18 +328,22 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
     if args.sizes is not None:
         sizes = tuple(args.sizes)
         changes["sizes"] = sizes
+
+        def key(s: int | None) -> float:
+            return float("inf") if s is None else s
+
         if cfg.robust_size not in sizes:
-            changes["robust_size"] = changes["roc_size"] = max(
-                sizes, key=lambda s: float("inf") if s is None else s
-            )
+            changes["robust_size"] = max(sizes, key=key)
+    if args.val_size is not None:
+        changes["val_size"] = args.val_size
     if args.sigmas is not None:
         changes["sigmas"] = tuple(args.sigmas)
     if args.max_epochs is not None:
         overrides["max_epochs"] = args.max_epochs
     if args.paper_faithful:
         overrides["paper_faithful"] = True
-    if args.data_dir is not None:
-        changes["data_dir"] = str(args.data_dir)
+    if args.data_dir is not None:  # relative to the working folder, fixed now
+        changes["data_dir"] = str(resolve_data_dir(args.data_dir))
     changes["overrides"] = overrides
     return replace(cfg, **changes)
 

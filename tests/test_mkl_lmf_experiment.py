@@ -178,6 +178,26 @@ def test_tiny_end_to_end(tmp_path: Path):
     md = (tmp_path / "results.md").read_text()
     assert "Claim 1" in md and "Claim 2" in md and "| combined, learned β |" in md
     assert set(on_disk["verdicts"]) == {"mkl", "lmf"}
+    # verdicts: paired per-seed differences and 95% t-intervals
+    claims = on_disk["claims"]
+    assert claims["mkl"]["verdict"] in ("YES", "NO", "INCONCLUSIVE")
+    runs = on_disk["mkl"]["digits"]["runs"]
+    iv = claims["mkl"]["per_dataset"]["digits"]["fisher_learned_minus"]["top half"]
+    assert iv["n"] == 2 and iv["diffs"] == pytest.approx(
+        [r["fisher"]["combined, learned β"] - r["fisher"]["top half"] for r in runs]
+    )
+    assert iv["low"] <= iv["mean"] <= iv["high"]
+    rise = claims["lmf"]["rise_margin"]
+    assert rise["diffs"] == pytest.approx(
+        [0.05 - s["max_rise"] for s in lmf["summary"]["lmf_direct"]["steady"]]
+    )
+    assert claims["lmf"]["verdict"] in ("YES", "NO", "INCONCLUSIVE")
+    assert "YES if the interval lies above 0" in md and "| 1 | digits | Fisher ratio" in md
+    # provenance: versions, commit, device, and the backend that served each op
+    env = on_disk["environment"]
+    assert env["versions"]["scikit-learn"] and "sha" in env["commit"] and env["device"]["type"] == "cpu"
+    assert sum(on_disk["backends"]["multiple_kernel"].values()) > 0
+    assert sum(on_disk["backends"]["low_rank_fusion"].values()) > 0
 
 
 def test_one_part_only(tmp_path: Path):
@@ -197,7 +217,15 @@ def test_cli_arguments(capsys):
     cfg = study_config(parse_args(["--quick", "--seeds", "2", "--seed", "5", "--only", "mkl"]))
     assert cfg.n_seeds == 2 and cfg.seed == 5 and cfg.parts == ("mkl",) and cfg.mkl.steps == 10
     assert parse_args(["--out", "x"]).out == Path("x")
-    for bad in (["--seeds", "0"], ["--seeds", "two"], ["--only", "svm"], ["--threads", "-1"], ["--nope"]):
+    assert study_config(parse_args([])).n_seeds == 8 and study_config(parse_args(["--quick"])).n_seeds == 4
+    for bad in (
+        ["--seeds", "0"],
+        ["--seeds", "two"],
+        ["--seed", "-1"],
+        ["--only", "svm"],
+        ["--threads", "-1"],
+        ["--nope"],
+    ):
         with pytest.raises(SystemExit):
             parse_args(bad)
     assert "positive integer" in capsys.readouterr().err

@@ -28,7 +28,7 @@ TINY = StudyConfig(
     overrides={"max_epochs": 3, "stop_window": 2},
     synthetic=TINY_SYNTH,
 )
-CLAIM_TEXT = ("does product win", "does product lose", "YES", "NO:", "not tested")
+CLAIM_TEXT = ("does product beat", "does product lose", "YES", "INCONCLUSIVE", "rule:", "not tested")
 
 
 @pytest.fixture
@@ -79,6 +79,12 @@ BAD = [
     (["--render", "--real"], "--render"),
     (["--render", "--threads", "1"], "--render"),
     (["--out", ""], "--out"),
+    (["--val-size", "0"], "--val-size"),
+    (["--val-size", "-0.5"], "--val-size"),
+    (["--val-size", "nan"], "--val-size"),
+    (["--val-size", "inf"], "--val-size"),
+    (["--val-size", "a quarter"], "--val-size"),
+    (["--render", "--val-size", "0.25"], "--render"),
     (["--quick", "--nope"], "--nope"),
 ]
 
@@ -270,12 +276,13 @@ def test_complete_run_keeps_its_verdict(tmp_path, capsys):
     res = studies.run_study(TINY, tmp_path, log=lambda _: None, plots=False)
     assert report.incomplete_reason(res) is None and report.missing_blocks(res) == {}
     assert res["summary"] == report.summarize(res)  # the full claims, untouched
-    assert set(res["summary"]) == {"claim1_product_wins_small_data", "claim2_product_less_robust"}
-    for claim in res["summary"].values():
-        assert claim["holds"] in (True, False)
+    claims = {"claim1_product_wins_small_data", "claim2_product_less_robust"}
+    assert set(res["summary"]) == {"rule", "n_seeds", *claims}
+    for name in claims:  # answered (one seed: INCONCLUSIVE, not "incomplete")
+        assert res["summary"][name]["verdict"] in ("YES", "NO", "INCONCLUSIVE")
     assert reproduce.main(["--render", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "does product win" in printed and "does product lose" in printed
+    assert "does product beat" in printed and "does product lose" in printed
     assert "incomplete" not in printed
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert set(on_disk["summary"]) == {"claim1_product_wins_small_data", "claim2_product_less_robust"}
+    assert set(on_disk["summary"]) == {"rule", "n_seeds", *claims}

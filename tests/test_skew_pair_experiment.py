@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from experiments.skew_pair import encoders, task
-from experiments.skew_pair.__main__ import parse_args
+from experiments.skew_pair.__main__ import main, parse_args
 from experiments.skew_pair.study import StudyConfig, run_study
 from experiments.skew_pair.sweep import TrainConfig
 
@@ -134,6 +134,7 @@ def tiny_study(workers: int) -> StudyConfig:
         densities=(0.25,),
         n_seeds=1,
         n_boot=50,
+        n_compare_seeds=2,
         dense_reference=False,
         workers=workers,
     )
@@ -160,6 +161,38 @@ def test_tiny_end_to_end(tmp_path: Path):
     assert len(on_disk["probes"]["bit a from A"]) == 4
     md = (tmp_path / "results.md").read_text()
     assert "| skew | η = 1/4 |" in md and "| +2 |" in md and "chosen" in md
+    assert "± 0.000" not in md  # one seed: no sd is printed
+    # the paper's comparison: the selected pairs against late and pairwise fusion, same seeds
+    cmp = on_disk["comparison"]
+    assert cmp["seeds"] == [100, 101] and set(cmp["models"]) == {"ssfn", "late", "pairwise"}
+    assert cmp["models"]["ssfn"]["pairs"] == sel["pairs"] and cmp["models"]["late"]["pairs"] == []
+    assert cmp["models"]["pairwise"]["pairs"] == [[i, i] for i in range(4)]  # every aligned pair
+    # the sweep's run of the chosen pairs (seed 100) is reused, not retrained differently
+    chosen_row = next(r for r in rows if r["skew"] == sel["skew"])
+    assert cmp["models"]["ssfn"]["test_acc_seeds"][0] == chosen_row["test_acc_seeds"][0]
+    for name in ("late", "pairwise"):
+        iv = cmp["ssfn_minus"][name]
+        diffs = [
+            a - b
+            for a, b in zip(
+                cmp["models"]["ssfn"]["test_acc_seeds"], cmp["models"][name]["test_acc_seeds"], strict=True
+            )
+        ]
+        assert (
+            iv["n"] == 2
+            and iv["diffs"] == pytest.approx(diffs)
+            and iv["verdict"] in ("YES", "NO", "INCONCLUSIVE")
+        )
+    assert cmp["verdict"] in ("YES", "NO", "INCONCLUSIVE") and "SSFN against late and pairwise fusion" in md
+    # provenance, and the backend calls of every run (worker processes included)
+    env = on_disk["environment"]
+    assert env["versions"]["transformers"] and "sha" in env["commit"] and env["device"]["type"] == "cpu"
+    assert sum(on_disk["backends"]["skew_pair_attention"].values()) > 0
+    # --render redraws the figure and results.md from results.json alone, identically
+    (tmp_path / "sweep.png").unlink()
+    (tmp_path / "results.md").unlink()
+    assert main(["--render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").read_text() == md and (tmp_path / "sweep.png").exists()
 
 
 def test_workers_do_not_change_results(tmp_path: Path):
@@ -168,6 +201,8 @@ def test_workers_do_not_change_results(tmp_path: Path):
     keys = ("skew", "density", "pairs", "val_acc_seeds", "test_acc_seeds", "train_acc_seeds")
     assert [{k: r[k] for k in keys} for r in one["sweep"]] == [{k: r[k] for k in keys} for r in two["sweep"]]
     assert one["selection"]["table"] == two["selection"]["table"]
+    assert one["comparison"]["models"] == two["comparison"]["models"]
+    assert one["backends"] == two["backends"]  # forked workers' calls are counted too
 
 
 def test_cli_defaults():
@@ -175,3 +210,7 @@ def test_cli_defaults():
     assert not args.quick and args.out is None and args.seed == 0 and args.backend is None
     args = parse_args(["--quick", "--out", "x", "--seed", "3", "--backend", "reference"])
     assert args.quick and args.out == Path("x") and args.seed == 3 and args.backend == "reference"
+    assert parse_args(["--compare-seeds", "5"]).compare_seeds == 5
+    for bad in (["--seeds", "0"], ["--compare-seeds", "0"], ["--seed", "-1"], ["--workers", "x"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from experiments import provenance, stats
+from experiments.mkl_lmf.lmf_part import END_RATIO, MAX_RISE
 from experiments.mkl_lmf.plots import LABELS
 
 
@@ -11,49 +13,134 @@ def _ms(d: dict[str, float], digits: int = 3) -> str:
     return f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f}"
 
 
-def verdicts(res: dict[str, Any]) -> dict[str, str]:
-    """One line per claim (only for the parts that ran)."""
-    out: dict[str, str] = {}
+LEARNED = "combined, learned β"
+
+
+def claims(res: dict[str, Any]) -> dict[str, Any]:
+    """The two claims as paired per-seed comparisons with 95% t-intervals (``experiments.stats``).
+
+    Claim 1, per data set: the learned combination's Fisher ratio minus each single kernel's,
+    per seed; YES on a data set when every difference's interval is above 0. Claim 2: per seed,
+    the rule's two margins, ``5 % − largest epoch-to-epoch rise`` and ``0.25 − last / first``
+    epoch loss of LMF on the features; YES when both intervals are above 0. Claims combine their
+    parts (YES if all YES, NO if any NO). Beside them, our own comparisons (not the source's
+    claims): test accuracy of the learned combination minus each single kernel's and minus
+    uniform β's, and test R² of the LMF and tensor-fusion models against each other."""
+    out: dict[str, Any] = {"rule": stats.RULE}
     if "mkl" in res:
-        parts = []
+        per: dict[str, Any] = {}
         for kind, r in res["mkl"].items():
-            sep = r["separability"]
-            fisher = {k: v["mean"] for k, v in sep["fisher"].items()}
-            learned = fisher["combined, learned β"]
-            best_name = max(r["views"], key=lambda v: fisher[v])
-            margin = learned / fisher[best_name] - 1
-            s = r["summary"]
-            best_acc = max(a["mean"] for a in s["acc_single"])
-            parts.append(
-                f"{kind}: mean Fisher ratio of the learned combination {learned:.3f} vs best single "
-                f"({best_name}) {fisher[best_name]:.3f} ({margin:+.1%}), above every single kernel in "
-                f"{sep['learned_wins']} of {sep['n_seeds']} seeds → "
-                f"{'more' if sep['learned_beats_every_single'] else 'NOT more'} separable; test accuracy "
-                f"{s['acc_learned']['mean']:.3f} vs best single {best_acc:.3f}"
-            )
-        held = all(r["separability"]["learned_beats_every_single"] for r in res["mkl"].values())
-        out["mkl"] = (
-            f"Claim 1 (combined kernel more separable than single kernels in a PCA view): "
-            f"{'SUPPORTED' if held else 'NOT SUPPORTED'} on {'both data sets' if held else 'every data set'}"
-            if held or not any(r["separability"]["learned_beats_every_single"] for r in res["mkl"].values())
-            else "Claim 1 (combined kernel more separable than single kernels in a PCA view): MIXED"
-        )
-        out["mkl"] += " — " + "; ".join(parts)
+            runs, views = r["runs"], r["views"]
+            learned = [run["fisher"][LEARNED] for run in runs]
+            fisher = {v: stats.paired(learned, [run["fisher"][v] for run in runs]) for v in views}
+            acc = [run["acc_learned"] for run in runs]
+            accuracy = {
+                v: stats.paired(acc, [run["acc_single"][i] for run in runs]) for i, v in enumerate(views)
+            }
+            accuracy["uniform β"] = stats.paired(acc, [run["acc_uniform"] for run in runs])
+            per[kind] = {
+                "fisher_learned_minus": fisher,
+                "verdict": stats.combine(c["verdict"] for c in fisher.values()),
+                "accuracy_learned_minus": accuracy,
+                "every_seed_rule": r["separability"]["learned_beats_every_single"],
+            }
+        out["mkl"] = {"per_dataset": per, "verdict": stats.combine(p["verdict"] for p in per.values())}
     if "lmf" in res:
         lmf = res["lmf"]
         st = lmf["summary"]["lmf_direct"]["steady"]
-        rise = max(s["max_rise"] for s in st)
-        ratio = max(s["last_over_first"] for s in st)
+        rise = stats.interval(MAX_RISE - s["max_rise"] for s in st)
+        fall = stats.interval(END_RATIO - s["last_over_first"] for s in st)
+        r2 = {m: [run["test_r2"] for run in lmf["runs"][m]] for m in lmf["runs"]}
+        ours = {
+            "lmf_encoded − tfn_encoded": stats.paired(r2["lmf_encoded"], r2["tfn_encoded"]),
+            "lmf_encoded − lmf_direct": stats.paired(r2["lmf_encoded"], r2["lmf_direct"]),
+        }
+        if len(lmf.get("linear_r2_seeds", [])) == len(r2["lmf_direct"]):
+            ours["lmf_direct − linear ridge"] = stats.paired(r2["lmf_direct"], lmf["linear_r2_seeds"])
+        out["lmf"] = {
+            "rise_margin": rise,
+            "fall_margin": fall,
+            "verdict": stats.combine([rise["verdict"], fall["verdict"]]),
+            "every_seed_rule": lmf["claim_steady"],
+            "test_r2_minus": ours,
+        }
+    return out
+
+
+def verdicts(res: dict[str, Any]) -> dict[str, str]:
+    """One line per claim (only for the parts that ran), from :func:`claims`."""
+    c = res.get("claims") or claims(res)
+    out: dict[str, str] = {}
+    if "mkl" in c:
+        parts = []
+        for kind, p in c["mkl"]["per_dataset"].items():
+            diffs = "; ".join(f"minus {v} {stats.fmt(iv)}" for v, iv in p["fisher_learned_minus"].items())
+            parts.append(
+                f"{kind} {p['verdict']} (learned combination's Fisher ratio {diffs}; the old every-seed "
+                f"rule: {'met' if p['every_seed_rule'] else 'not met'})"
+            )
+        out["mkl"] = (
+            "Claim 1 (a combined kernel is more separable than every single kernel, Fisher ratio of the "
+            f"2-D kernel PCA): {c['mkl']['verdict']} — " + "; ".join(parts)
+        )
+    if "lmf" in c:
+        p = c["lmf"]
+        lmf = res["lmf"]
         out["lmf"] = (
-            "Claim 2 (LMF training loss falls steadily): "
-            f"{'SUPPORTED' if lmf['claim_steady'] else 'NOT SUPPORTED'} — the epoch training loss of LMF "
-            f"rank 4 on the features rose by at most {rise:.1%} from one epoch to the next (the rule "
-            "allows 5%, the end at most 0.25 × the start) and ended at "
-            f"≤ {ratio:.2f} × its first value in every seed; test R² "
+            f"Claim 2 (LMF training loss falls steadily): {p['verdict']} — per seed, 5 % minus the largest "
+            f"epoch-to-epoch rise {stats.fmt(p['rise_margin'], pct=True)} ({p['rise_margin']['verdict']}), "
+            f"0.25 minus last/first epoch loss {stats.fmt(p['fall_margin'])} "
+            f"({p['fall_margin']['verdict']}); "
+            f"every seed passing the rule: {'yes' if p['every_seed_rule'] else 'no'}; test R² "
             f"{_ms(lmf['summary']['lmf_direct']['test_r2'])} (best possible ≈ {lmf['best_r2']:.2f}, linear "
             f"{_ms(lmf['linear_r2'])})"
         )
     return out
+
+
+def verdict_tables(res: dict[str, Any]) -> list[str]:
+    """Markdown tables of every comparison behind the verdicts, then our own comparisons."""
+    c = res["claims"]
+    lines = [
+        "| claim | data / model | difference (per seed) | mean [95% interval] | seeds | verdict |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    if "mkl" in c:
+        for kind, p in c["mkl"]["per_dataset"].items():
+            for v, iv in p["fisher_learned_minus"].items():
+                lines.append(
+                    f"| 1 | {kind} | Fisher ratio: learned combination − {v} | {stats.fmt(iv)} | {iv['n']} | "
+                    f"{iv['verdict']} |"
+                )
+    if "lmf" in c:
+        p = c["lmf"]
+        for name, iv, pct in (
+            ("5 % − largest epoch-to-epoch rise of the training loss", p["rise_margin"], True),
+            ("0.25 − last / first epoch training loss", p["fall_margin"], False),
+        ):
+            lines.append(
+                f"| 2 | LMF rank 4 on the features | {name} | {stats.fmt(iv, pct=pct)} | {iv['n']} | "
+                f"{iv['verdict']} |"
+            )
+    lines += ["", "Our comparisons (not the source's claims; same rule):", ""]
+    lines += [
+        "| data / models | difference (per seed) | mean [95% interval] | seeds | reads |",
+        "|---|---|---:|---:|---|",
+    ]
+    if "mkl" in c:
+        for kind, p in c["mkl"]["per_dataset"].items():
+            for v, iv in p["accuracy_learned_minus"].items():
+                lines.append(
+                    f"| {kind} | test accuracy: learned combination − {v} | {stats.fmt(iv)} | {iv['n']} | "
+                    f"{iv['verdict']} |"
+                )
+    if "lmf" in c:
+        for name, iv in c["lmf"]["test_r2_minus"].items():
+            a, b = (LABELS.get(x.strip(), x.strip()) for x in name.split("−"))
+            lines.append(
+                f"| regression | test R²: {a} − {b} | {stats.fmt(iv)} | {iv['n']} | {iv['verdict']} |"
+            )
+    return lines
 
 
 def _mkl_section(kind: str, r: dict[str, Any]) -> list[str]:
@@ -103,20 +190,29 @@ def _mkl_section(kind: str, r: dict[str, Any]) -> list[str]:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    cfg, t = res["config"], res["timings_s"]
-    load = ", ".join(f"{x:.1f}" for x in res["environment"]["load_average_at_end"] or [])
+    cfg, t, env = res["config"], res["timings_s"], res["environment"]
+    load = ", ".join(f"{x:.1f}" for x in (env.get("load_average") or env.get("load_average_at_end") or []))
+    cpus = env.get("device", {}).get("cpu_count", env.get("cpu_count"))
     lines = [
         "# From MKL to low-rank tensors: results",
         "",
         f"Generated by `python -m experiments.mkl_lmf` (seeds {res['seeds']}); see README.md for the set-up. "
-        f"{t['total_s']:.0f} s in all on {res['environment']['cpu_count']} CPU cores "
-        f"(load average at the end {load}).",
+        f"{t['total_s']:.0f} s in all on {cpus} CPU cores (load average at the end {load}). Data: "
+        "scikit-learn's bundled digits (real images, split into three views) and two simulated "
+        "(synthetic) data sets of ours.",
+        "",
+        "fusionops backends that served the ops (calls, eager): "
+        f"{provenance.backends_line(res.get('backends') or {})}.",
+        "",
+        f"Environment: {provenance.summary_line(env) if 'versions' in env else 'not recorded'}.",
         "",
         "## Verdicts",
         "",
+        stats.RULE,
+        "",
     ]
     lines += [f"* {v}" for v in res["verdicts"].values()]
-    lines.append("")
+    lines += ["", *verdict_tables(res), ""]
     if "mkl" in res:
         m = cfg["mkl"]
         lines += [

@@ -8,7 +8,20 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from experiments.skew_pair.study import RESULTS, StudyConfig, run_study
+from experiments.skew_pair.study import RESULTS, StudyConfig, render, run_study
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,10 +39,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"output folder (default {RESULTS}, with --quick {RESULTS}/quick)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="base seed of data, encoders, heads, bootstrap")
-    parser.add_argument("--seeds", type=int, default=None, help="head seeds per configuration")
     parser.add_argument(
-        "--workers", type=int, default=None, help="training processes (default: min(2, CPU count))"
+        "--seed", type=_count(0), default=0, help="base seed of data, encoders, heads, bootstrap"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_count(1),
+        default=None,
+        help="head seeds per sweep configuration (default 2, quick 1)",
+    )
+    parser.add_argument(
+        "--compare-seeds",
+        type=_count(1),
+        default=None,
+        help="head seeds of the SSFN / late / pairwise comparison (default 8, quick 3; an interval needs 2)",
+    )
+    parser.add_argument(
+        "--workers", type=_count(1), default=None, help="training processes (default: min(2, CPU count))"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw sweep.png and results.md from results.json"
     )
     parser.add_argument(
         "--backend",
@@ -46,10 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     changes: dict[str, object] = {"seed": args.seed, "workers": args.workers or min(2, os.cpu_count() or 1)}
     if args.seeds is not None:
         changes["n_seeds"] = args.seeds
+    if args.compare_seeds is not None:
+        changes["n_compare_seeds"] = args.compare_seeds
     if args.backend is not None:
         changes["backend"] = args.backend
     cfg = replace(cfg, **changes)
     out = args.out if args.out is not None else (RESULTS / "quick" if args.quick else RESULTS)
+    if args.render:
+        if not (out / "results.json").is_file():
+            sys.exit(f"--render: no results.json in {out} (run the study with this --out first)")
+        render(out)
+        return 0
     run_study(cfg, out)
     return 0
 

@@ -3,6 +3,7 @@ plus the per-layer probes that show where the task planted each bit."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,15 @@ def plot_study(
     lines: dict[str, float],
     path: Path,
     title: str,
+    test_lines: dict[str, float] | None = None,
 ) -> None:
     """Write the three-panel PNG to ``path``.
 
     ``rows``: sweep summaries (skew, density, n_pairs, test_acc, test_acc_std, …).
     ``selection``: the selection's table rows (skew, density, mean, low, high, best, chosen).
     ``probes``: ``{"bit a from A": [...], "bit b from B": [...]}`` accuracies per layer.
-    ``lines``: horizontal reference lines ``{label: accuracy}`` (chance, ceilings, dense).
+    ``lines``: horizontal reference lines ``{label: accuracy}`` on both accuracy panels (chance,
+    ceiling); ``test_lines``: lines on the test panel only (the baselines' test accuracy).
     """
     densities = sorted({r["density"] for r in rows})
     colors = dict(
@@ -55,7 +58,7 @@ def plot_study(
             color=colors[d],
             label=f"η = {density_label(d)} ({n_pairs} pair{'s' if n_pairs > 1 else ''})",
         )
-    ax.set_title("test accuracy (mean ± sd over seeds)")
+    ax.set_title("test accuracy (mean ± 1 sd over seeds; no bar for one seed)", fontsize=10)
 
     ax = axes[1]
     table = [r for r in selection["table"] if not r["skipped"]]
@@ -78,9 +81,12 @@ def plot_study(
     )
     ax.set_title("validation accuracy (seed mean, 95% bootstrap) and selection")
 
-    for ax in axes[:2]:
-        for k, (label, value) in enumerate(lines.items()):
-            ax.axhline(value, color="0.4", linestyle=[":", "--", "-."][k % 3], linewidth=1, label=label)
+    styles = [(":", "0.4"), ("--", "0.4"), ("-.", "tab:orange"), ((0, (5, 1)), "tab:brown")]
+    for i, ax in enumerate(axes[:2]):
+        shown = {**lines, **(test_lines or {})} if i == 0 else lines
+        for k, (label, value) in enumerate(shown.items()):
+            style, color = styles[k % len(styles)]
+            ax.axhline(value, color=color, linestyle=style, linewidth=1.2, label=label)
         ax.set_xlabel("skew s (layer i of A with layer i − s of B)")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
@@ -96,7 +102,7 @@ def plot_study(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(title, 170)), fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

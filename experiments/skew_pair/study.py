@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -14,11 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from torch import Tensor
 
 import fusionops
-from experiments import atomic
+from experiments import atomic, provenance, stats
 from experiments.skew_pair import encoders, probes, report, sweep, task
 from experiments.skew_pair.plots import density_label, plot_study
 
@@ -29,8 +27,8 @@ PAPER_DENSITIES = (1 / 12, 3 / 12, 5 / 12)
 @dataclass(frozen=True)
 class StudyConfig:
     """Everything a run depends on (all seeds derive from ``seed``: data ``seed``, encoder
-    weights ``seed + 1``, fusion heads ``seed + 100 + k`` for ``k < n_seeds``, bootstrap
-    ``seed``)."""
+    weights ``seed + 1``, fusion heads ``seed + 100 + k`` for ``k < n_seeds`` in the sweep and
+    ``k < n_compare_seeds`` in the comparison with the baselines, bootstrap ``seed``)."""
 
     task: task.TaskConfig = field(default_factory=task.TaskConfig)
     encoders: encoders.EncoderConfig = field(default_factory=encoders.EncoderConfig)
@@ -43,6 +41,7 @@ class StudyConfig:
     n_seeds: int = 2
     seed: int = 0
     n_boot: int = 1000
+    n_compare_seeds: int = 8
     dense_reference: bool = True
     workers: int = 2
     threads: int = 1
@@ -57,6 +56,7 @@ class StudyConfig:
             n_test=500,
             skews=tuple(range(-4, 9, 2)),
             n_seeds=1,
+            n_compare_seeds=3,
             dense_reference=False,
             train=sweep.TrainConfig(epochs=20, batch_size=128, lr=3e-3),
         )
@@ -73,6 +73,7 @@ class StudyConfig:
 
 # Worker state: set by _init_worker in each process (inherited through fork, not pickled).
 _WORKER: dict[str, Any] = {}
+Job = tuple[Any, "list[tuple[int, int]] | None", int]  # (key, pairs or None for late fusion, seed)
 
 
 def _init_worker(stacks: sweep.Stacks, cfg: sweep.TrainConfig, backend: str | None, threads: int) -> None:
@@ -81,11 +82,45 @@ def _init_worker(stacks: sweep.Stacks, cfg: sweep.TrainConfig, backend: str | No
 
 
 def _job(
-    key: tuple[int, float], pairs: list[tuple[int, int]], seed: int
-) -> tuple[tuple[int, float], sweep.RunResult]:
+    key: Any, pairs: list[tuple[int, int]] | None, seed: int
+) -> tuple[Any, sweep.RunResult, dict[str, dict[str, int]]]:
+    """One training run; also the fusionops calls it made, per op and backend (counted in the
+    process that ran it, so that forked workers' calls are not lost)."""
+    before = fusionops.dispatch_counts()
     with fusionops.backend(_WORKER["backend"]):
-        result = sweep.train_head(_WORKER["stacks"], torch.tensor(pairs), seed, _WORKER["cfg"])
-    return key, result
+        table = None if pairs is None else torch.tensor(pairs)
+        result = sweep.train_head(_WORKER["stacks"], table, seed, _WORKER["cfg"])
+    return key, result, provenance.count_delta(before, fusionops.dispatch_counts())
+
+
+def _run_jobs(
+    stacks: sweep.Stacks,
+    jobs: Sequence[Job],
+    cfg: StudyConfig,
+    counts: dict[str, dict[str, int]],
+    done: Callable[[Any, sweep.RunResult], None],
+) -> None:
+    """Run ``jobs``, ``cfg.workers`` processes at a time (forked, so the stacks are shared, not
+    copied; one process where fork is unavailable), calling ``done(key, run)`` as each finishes
+    and adding its fusionops call counts into ``counts``. Every run seeds itself, so the results
+    do not depend on the number of workers."""
+    initargs = (stacks, cfg.train, cfg.backend, cfg.threads)
+
+    def finish(key: Any, run: sweep.RunResult, calls: dict[str, dict[str, int]]) -> None:
+        provenance.add_counts(counts, calls)
+        done(key, run)
+
+    if cfg.workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        _init_worker(*initargs)
+        for job in jobs:
+            finish(*_job(*job))
+    else:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(
+            cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=initargs
+        ) as pool:
+            for future in as_completed([pool.submit(_job, *job) for job in jobs]):
+                finish(*future.result())
 
 
 def _train_all(
@@ -94,13 +129,11 @@ def _train_all(
     seeds: Sequence[int],
     cfg: StudyConfig,
     log: Callable[[str], None],
+    counts: dict[str, dict[str, int]],
 ) -> dict[tuple[int, float], sweep.ConfigResult]:
-    """Train every configuration for every seed, ``cfg.workers`` processes at a time (forked, so
-    the stacks are shared, not copied; one process where fork is unavailable). Every run seeds
-    itself, so the results do not depend on the number of workers."""
+    """Train every configuration for every seed (see :func:`_run_jobs`)."""
     results = {(s, d): sweep.ConfigResult(s, d, pairs, []) for s, d, pairs in configs}
     jobs = [((s, d), pairs, seed) for s, d, pairs in configs for seed in seeds]
-    initargs = (stacks, cfg.train, cfg.backend, cfg.threads)
 
     def done(key: tuple[int, float], run: sweep.RunResult) -> None:
         entry = results[key]
@@ -108,24 +141,79 @@ def _train_all(
         if len(entry.runs) == len(seeds):
             entry.runs.sort(key=lambda r: r.seed)
             s = entry.summary()
+            spread = f" ± {s['test_acc_std']:.3f}" if len(seeds) > 1 else ""
             log(
                 f"  skew {key[0]:+d} η {density_label(key[1])} ({s['n_pairs']} pairs): "
                 f"val {s['val_acc']:.3f} "
-                f"test {s['test_acc']:.3f} ± {s['test_acc_std']:.3f} ({s['seconds']:.1f} s)"
+                f"test {s['test_acc']:.3f}{spread} ({s['seconds']:.1f} s)"
             )
 
-    if cfg.workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        _init_worker(*initargs)
-        for job in jobs:
-            done(*_job(*job))
-    else:
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(
-            cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=initargs
-        ) as pool:
-            for future in as_completed([pool.submit(_job, *job) for job in jobs]):
-                done(*future.result())
+    _run_jobs(stacks, jobs, cfg, counts, done)
     return results
+
+
+BASELINES = ("late", "pairwise")
+MODEL_LABELS = {
+    "ssfn": "SSFN (the selected skew pairs)",
+    "late": "late fusion (final layer of each encoder)",
+    "pairwise": "pairwise fusion (all aligned pairs (i, i))",
+}
+
+
+def _compare(
+    stacks: sweep.Stacks,
+    chosen: sweep.ConfigResult,
+    pairwise: sweep.ConfigResult | None,
+    cfg: StudyConfig,
+    log: Callable[[str], None],
+    counts: dict[str, dict[str, int]],
+) -> dict[str, Any]:
+    """The paper's comparison: the selected skew-pair set against late fusion and pairwise fusion,
+    trained with the same head seeds (runs the sweep already made are reused: same seed, same
+    model, same result), compared on the test split by paired per-seed differences."""
+    seeds = [cfg.seed + 100 + k for k in range(cfg.n_compare_seeds)]
+    aligned = [tuple(p) for p in fusionops.skew_pairs(*stacks.depths, 0, 1.0).tolist()]
+    models: dict[str, list[tuple[int, int]] | None] = {
+        "ssfn": chosen.pairs,
+        "late": None,
+        "pairwise": aligned,
+    }
+    have: dict[str, dict[int, sweep.RunResult]] = {name: {} for name in models}
+    have["ssfn"] = {r.seed: r for r in chosen.runs}
+    if pairwise is not None:
+        have["pairwise"] = {r.seed: r for r in pairwise.runs}
+    jobs = [(name, pairs, seed) for name, pairs in models.items() for seed in seeds if seed not in have[name]]
+    log(f"comparison: SSFN vs late vs pairwise fusion, {len(seeds)} seeds ({len(jobs)} new runs)")
+    start = time.perf_counter()
+
+    def done(name: str, run: sweep.RunResult) -> None:
+        have[name][run.seed] = run
+
+    _run_jobs(stacks, jobs, cfg, counts, done)
+    runs = {name: [have[name][k] for k in seeds] for name in models}
+    test = {name: [r.test_acc for r in rs] for name, rs in runs.items()}
+    minus = {b: stats.paired(test["ssfn"], test[b]) for b in BASELINES}
+    out = {
+        "seeds": seeds,
+        "seconds": time.perf_counter() - start,
+        "models": {
+            name: {
+                "label": MODEL_LABELS[name],
+                "pairs": [list(p) for p in (models[name] or [])],
+                "test_acc_seeds": test[name],
+                "test_acc": float(np.mean(test[name])),
+                "test_acc_std": float(np.std(test[name], ddof=1)) if len(seeds) > 1 else None,
+                "val_acc": float(np.mean([r.val_acc for r in runs[name]])),
+            }
+            for name in models
+        },
+        "ssfn_minus": minus,
+        "verdict": stats.combine(iv["verdict"] for iv in minus.values()),
+    }
+    for b, iv in minus.items():
+        log(f"  SSFN − {MODEL_LABELS[b]}: {stats.fmt(iv)} {iv['verdict']}")
+    log(f"  claim (SSFN outperforms late and pairwise fusion): {out['verdict']}")
+    return out
 
 
 def _stacks(
@@ -182,7 +270,10 @@ def run_study(cfg: StudyConfig, out: Path = RESULTS, log: Callable[[str], None] 
         f"B {cfg.task.length('b')} tokens, bit at layer {cfg.task.depth_b}); Bayes accuracy "
         f"{task.bayes_accuracy(cfg.task):.3f}"
     )
+    counts: dict[str, dict[str, int]] = {}  # fusionops calls per op and backend, every process
+    before = fusionops.dispatch_counts()
     stacks, timings = _stacks(cfg, data, log)
+    provenance.add_counts(counts, provenance.count_delta(before, fusionops.dispatch_counts()))
     depths = stacks.depths
     for label, depth, layers in (
         ("depth_a", cfg.task.depth_a, depths[0]),
@@ -212,13 +303,12 @@ def run_study(cfg: StudyConfig, out: Path = RESULTS, log: Callable[[str], None] 
     seeds = [cfg.seed + 100 + k for k in range(cfg.n_seeds)]
     log(f"sweep: {len(configs)} configurations × {len(seeds)} seeds, {cfg.workers} worker(s)")
     start = time.perf_counter()
-    results = _train_all(stacks, configs, seeds, cfg, log)
+    results = _train_all(stacks, configs, seeds, cfg, log, counts)
     timings["sweep_s"] = time.perf_counter() - start
     dense = results.pop((0, 1.0), None) if cfg.dense_reference else None
 
     selection = _selection(results, depths, cfg)
     sel_table = [_jsonable_row(r) for r in selection.table]
-    chosen = next(r for r in sel_table if r["chosen"])
     log(
         f"selection: skew {selection.skew:+d}, η {density_label(selection.density)} "
         f"({len(selection.pairs)} pairs), val {selection.mean:.3f} "
@@ -233,25 +323,11 @@ def run_study(cfg: StudyConfig, out: Path = RESULTS, log: Callable[[str], None] 
         row["reaches"] = task.reaches(cfg.task, r.pairs)
         rows.append(row)
     chosen_row = next(r for r in rows if r["skew"] == selection.skew and r["density"] == selection.density)
+    comparison = _compare(stacks, results[(selection.skew, selection.density)], dense, cfg, log, counts)
+    timings["compare_s"] = comparison["seconds"]
     timings["total_s"] = time.perf_counter() - wall
 
-    lines = {"chance": 0.5, f"probe ceiling {readable:.2f}": readable}
-    if dense is not None:
-        lines[f"all {len(dense.pairs)} pairs (η = 1, s = 0)"] = dense.summary()["test_acc"]
-    title = (
-        f"Skew-pair fusion of two random-weight encoders (BERT A, ELECTRA B) on the planted-depth XOR task: "
-        f"bit a first in layer {cfg.task.depth_a} of A, bit b in layer {cfg.task.depth_b} of B; "
-        f"{cfg.n_train} train / {cfg.n_val} val / {cfg.n_test} test, {cfg.n_seeds} seed(s)"
-    )
     out = Path(out)
-    plot_study(
-        rows,
-        {"table": sel_table, "best": _jsonable_row(selection.best), "chosen": chosen},
-        {k: v for k, v in probe.items() if k.startswith("bit")},
-        lines,
-        out / "sweep.png",
-        title,
-    )
     # reaches and separates: configurations predicted to solve the task vs the others.
     hit = [r["test_acc"] for r in rows if r["reaches"]]
     miss = [r["test_acc"] for r in rows if not r["reaches"]]
@@ -259,15 +335,13 @@ def run_study(cfg: StudyConfig, out: Path = RESULTS, log: Callable[[str], None] 
         "study": "skew-pair fusion sweep and bootstrapped-sparsity selection (experiments/skew_pair)",
         "config": cfg.to_dict(),
         "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            **provenance.environment(("transformers", "matplotlib")),
             "fusionops_backend": cfg.backend or os.environ.get("FUSIONOPS_BACKEND") or "auto",
             "threads_per_worker": cfg.threads,
             "workers": cfg.workers,
-            "cpu_count": os.cpu_count(),
-            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
+        # which fusionops backend served each op (calls, eager; counted in every worker process)
+        "backends": counts,
         "timings_s": timings,
         "task": {
             "lengths": {"a": cfg.task.length("a"), "b": cfg.task.length("b")},
@@ -279,6 +353,7 @@ def run_study(cfg: StudyConfig, out: Path = RESULTS, log: Callable[[str], None] 
         "probes": probe,
         "sweep": rows,
         "dense_reference": dense.summary() if dense is not None else None,
+        "comparison": {**comparison, "rule": stats.RULE},
         "prediction": {
             "reaching_configs": len(hit),
             "other_configs": len(miss),
@@ -300,8 +375,9 @@ def run_study(cfg: StudyConfig, out: Path = RESULTS, log: Callable[[str], None] 
             "table": sel_table,
         },
     }
+    _draw(results_json, out)
     atomic.write_json(out / "results.json", results_json)
-    atomic.write_text(out / "results.md", _markdown(results_json, selection.to_markdown(), depths[0]))
+    atomic.write_text(out / "results.md", _markdown(results_json))
     log(
         f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'sweep.png'} "
         f"({timings['total_s']:.0f} s)"
@@ -309,8 +385,49 @@ def run_study(cfg: StudyConfig, out: Path = RESULTS, log: Callable[[str], None] 
     return results_json
 
 
-def _markdown(res: dict[str, Any], selection_md: str, depth: int) -> str:
+def _draw(res: dict[str, Any], out: Path) -> None:
+    """``sweep.png`` from the results dict alone (run_study and render)."""
+    cfg, sel, comparison = res["config"], res["selection"], res["comparison"]
+    readable = res["task"]["probe_ceiling"]
+    lines = {"chance": 0.5, f"probe ceiling {readable:.2f}": readable}
+    baselines = {}
+    for name in BASELINES:
+        m = comparison["models"][name]
+        baselines[f"{m['label'].split(' (')[0]} (mean of {len(comparison['seeds'])} seeds)"] = m["test_acc"]
+    title = (
+        "Synthetic task (ours): skew-pair fusion of two random-weight encoders (BERT A, ELECTRA B) on the "
+        f"planted-depth XOR: bit a first in layer {cfg['task']['depth_a']} of A, bit b in layer "
+        f"{cfg['task']['depth_b']} of B; {cfg['n_train']} train / {cfg['n_val']} val / {cfg['n_test']} test, "
+        f"{cfg['n_seeds']} head seed(s) per configuration (error bars: left ± 1 sd over seeds, none for one "
+        "seed; middle 95% bootstrap)"
+    )
+    chosen = next(r for r in sel["table"] if r["chosen"])
+    plot_study(
+        res["sweep"],
+        {"table": sel["table"], "best": sel["best"], "chosen": chosen},
+        {k: v for k, v in res["probes"].items() if k.startswith("bit")},
+        lines,
+        Path(out) / "sweep.png",
+        title,
+        baselines,
+    )
+
+
+def render(out: Path = RESULTS, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Redraw ``sweep.png`` and ``results.md`` from ``out/results.json`` (no training)."""
+    import json
+
+    res = json.loads((Path(out) / "results.json").read_text())
+    _draw(res, Path(out))
+    atomic.write_text(Path(out) / "results.md", _markdown(res))
+    log(f"redrew {Path(out) / 'sweep.png'} and {Path(out) / 'results.md'}")
+    return res
+
+
+def _markdown(res: dict[str, Any]) -> str:
     cfg, sel, t = res["config"], res["selection"], res["timings_s"]
+    depth = len(res["probes"]["bit a from A"])
+    selection_md = report.selection_markdown(sel["table"], sel["level"])
     dense = res["dense_reference"]
     lines = [
         "# Skew-pair sweep: results",
@@ -322,7 +439,15 @@ def _markdown(res: dict[str, Any], selection_md: str, depth: int) -> str:
         f"{t['total_s']:.0f} s in all ({t['sweep_s']:.0f} s training, {t['extract_s']:.1f} s encoders).",
         "",
         f"Bayes accuracy {res['task']['bayes_accuracy']:.3f}; probe ceiling (XOR of the best per-layer "
-        f"linear probes of each bit) {res['task']['probe_ceiling']:.3f}; chance 0.5.",
+        f"linear probes of each bit) {res['task']['probe_ceiling']:.3f}; chance 0.5. Data: synthetic "
+        "(ours), two random-weight encoders.",
+        "",
+        "fusionops backends that served the ops (calls, eager, all worker processes): "
+        f"{provenance.backends_line(res.get('backends') or {})}.",
+        "",
+        f"Environment: {provenance.summary_line(res['environment'])}.",
+        "",
+        *report.comparison_lines(res["comparison"]),
         "",
         "## Test accuracy by skew and density (mean ± sd over seeds)",
         "",

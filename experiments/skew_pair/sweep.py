@@ -3,6 +3,11 @@
 The model is ``EncoderStacks`` (a learned projection of each encoder's summaries to ``dim``)
 → ``SkewPairFusion`` over the configuration's pairs → a two-layer classifier. The encoders
 are not part of it: their summaries are computed once (``encoders.py``) and shared.
+
+The late-fusion baseline (:class:`LateFusionClassifier`, ``pairs=None`` in :func:`train_head`)
+replaces the pair fusion by the concatenated final-layer summaries of both encoders and a
+``Linear(2 dim, dim)``, then the same classifier; the pairwise baseline is the skew-pair model
+on every aligned pair ``(i, i)`` (skew 0, density 1).
 """
 
 from __future__ import annotations
@@ -69,6 +74,21 @@ class FusionClassifier(nn.Module):
         return self.head(self.fusion(ha, hb))
 
 
+class LateFusionClassifier(nn.Module):
+    """``EncoderStacks`` → final layer of each → ``cat`` → ``Linear(2 dim, dim)`` → the same
+    ``Linear-GELU-Linear`` classifier as :class:`FusionClassifier`."""
+
+    def __init__(self, width_a: int, width_b: int, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.stacks = fusionops.EncoderStacks(width_a, width_b, cfg.dim)
+        self.fusion = nn.Linear(2 * cfg.dim, cfg.dim)
+        self.head = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, 2))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        ha, hb = self.stacks(a, b)
+        return self.head(self.fusion(torch.cat([ha[:, -1], hb[:, -1]], dim=-1)))
+
+
 @dataclass
 class RunResult:
     """One trained head: accuracies and the per-example validation outcomes (0/1)."""
@@ -89,11 +109,17 @@ def _predict(model: nn.Module, stacks: Stacks, rows: Tensor, batch_size: int = 2
     return torch.cat(out)
 
 
-def train_head(stacks: Stacks, pairs: Tensor, seed: int, cfg: TrainConfig) -> RunResult:
-    """Train a fresh head for ``pairs`` with seed ``seed``; evaluate on validation and test."""
+def train_head(stacks: Stacks, pairs: Tensor | None, seed: int, cfg: TrainConfig) -> RunResult:
+    """Train a fresh head for ``pairs`` (``None``: the late-fusion baseline) with seed ``seed``;
+    evaluate on validation and test."""
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = FusionClassifier(stacks.a.shape[2], stacks.b.shape[2], pairs, cfg)
+    width_a, width_b = stacks.a.shape[2], stacks.b.shape[2]
+    model: nn.Module = (
+        LateFusionClassifier(width_a, width_b, cfg)
+        if pairs is None
+        else FusionClassifier(width_a, width_b, pairs, cfg)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * -(-len(stacks.train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
@@ -113,7 +139,7 @@ def train_head(stacks: Stacks, pairs: Tensor, seed: int, cfg: TrainConfig) -> Ru
         for name, rows in (("train", stacks.train), ("val", stacks.val), ("test", stacks.test))
     }
     return RunResult(
-        pairs=[tuple(p) for p in pairs.tolist()],
+        pairs=[] if pairs is None else [tuple(p) for p in pairs.tolist()],
         seed=seed,
         val_acc=float(correct["val"].float().mean()),
         test_acc=float(correct["test"].float().mean()),

@@ -9,6 +9,7 @@ naming the key and suggesting the closest valid one, raised before any training.
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ class TweetConfig:
             :class:`fusionops.ProductConcat`.
         data_dir: real data: a folder holding the extracted Hugging Face ``datasets`` folder
             (``DatasetDict`` with train/val/test) or a ``.npz`` file (see ``data.load_npz``).
+            A relative path in a YAML file is relative to **that file's folder** (the shipped
+            configs say ``../data/dataset``: ``experiments/tweet/data/dataset`` from any working
+            folder); in a dict, relative to the working folder at load time. Stored absolute.
         synthetic: parameters of :func:`experiments.tweet.synthetic.make_synthetic`
             (``n_train``, ``n_val``, ``n_test``, ``dim``, ``rank``, ``noise``, ``label_noise``);
             the seed is ``seed`` unless given here.
@@ -121,5 +125,15 @@ def load_config(config: str | Path | dict | TweetConfig) -> TweetConfig:
         if key not in valid:
             raise ValueError(f"unknown config key {key!r}{_suggest(key, valid)}; valid: {valid}")
     if "data_dir" in raw and raw["data_dir"] is not None:
-        raw["data_dir"] = str(raw["data_dir"])
+        base = None if isinstance(config, dict) else resolve_config_path(config).resolve().parent
+        raw["data_dir"] = str(resolve_data_dir(raw["data_dir"], base))
     return TweetConfig(**raw)
+
+
+def resolve_data_dir(data_dir: str | Path, base: Path | None = None) -> Path:
+    """``data_dir`` made absolute: relative to ``base`` (a config file's folder) when given,
+    else to the working folder. ``~`` is expanded; symlinks are kept as written."""
+    path = Path(data_dir).expanduser()
+    if path.is_absolute():
+        return path
+    return Path(os.path.normpath((base if base is not None else Path.cwd()) / path))

@@ -216,29 +216,37 @@ def load_hf_dataset(folder: str | Path, *, expect_dim: int | None = 768) -> Twee
 
 
 def find_real_data(data_dir: str | Path) -> Path:
-    """The HF folder or ``.npz`` file inside (or at) ``data_dir``."""
-    path = Path(data_dir)
+    """The HF folder or ``.npz`` file inside (or at) ``data_dir``: ``data_dir`` itself if it is a
+    ``.npz`` file or a Hugging Face datasets folder, else ``data_dir/dataset`` (the paper's zip
+    extracts there), else the one ``.npz`` file in ``data_dir``. The errors name the absolute
+    path looked at and what was looked for."""
+    path = Path(data_dir).expanduser()
+    where = path.absolute()
+    wanted = (
+        "a .npz file, a Hugging Face datasets folder (dataset_dict.json or saved splits), "
+        "a 'dataset' subfolder holding one, or a folder with one .npz file"
+    )
     if path.is_file() and path.suffix == ".npz":
         return path
     if not path.exists():
         raise FileNotFoundError(
-            f"real data not found at {path}: download it (experiments.tweet.data.download_dataset) "
-            "or set data_dir to a Hugging Face datasets folder or a .npz file"
+            f"real data not found: nothing at {where} (looked for {wanted}); download it "
+            "(experiments.tweet.data.download_dataset) or point data_dir / --data-dir at it"
         )
     if path.is_dir():
         if _is_hf_dict(path) or any(_is_hf_dataset(p) for p in path.iterdir() if p.is_dir()):
             return path
-        for sub in (path / "dataset",):
-            if sub.is_dir() and _is_hf_dict(sub):
-                return sub
+        sub = path / "dataset"
+        if sub.is_dir() and _is_hf_dict(sub):
+            return sub
         npzs = sorted(path.glob("*.npz"))
         if len(npzs) == 1:
             return npzs[0]
         if len(npzs) > 1:
             raise DataFormatError(
-                f"{path}: several .npz files ({[p.name for p in npzs]}); name one in data_dir"
+                f"{where}: several .npz files ({[p.name for p in npzs]}); name one in data_dir"
             )
-    raise DataFormatError(f"{path}: neither a Hugging Face datasets folder nor a .npz file")
+    raise DataFormatError(f"{where}: not usable real data (looked for {wanted})")
 
 
 def load_data(config: TweetConfig, synth: bool) -> TweetData:

@@ -72,5 +72,10 @@ class FusionClassifier(nn.Module):
             self.project = nn.Linear(self.fusion_dim, hidden)
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.Linear(hidden, 2))
 
+    @property
+    def batch_dependent(self) -> bool:
+        """Whether a sample's output depends on its batch mates (the paper's ProductConcat)."""
+        return isinstance(self.fusion, fusionops.ProductConcat)
+
     def forward(self, img: Tensor, text: Tensor) -> Tensor:
         return self.head(self.project(self.fusion([img, text])))

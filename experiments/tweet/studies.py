@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 import fusionops
-from experiments import atomic
+from experiments import atomic, provenance
 from experiments.atomic import write_json as write_json_atomic
 from experiments.tweet import report
 from experiments.tweet.config import TweetConfig, load_config
@@ -34,6 +33,7 @@ from experiments.tweet.train import evaluate, main_train
 from fusionops import _backend
 
 RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_SEEDS = 8
 FUSIONS = ("concat", "product", "tensorfusion", "lowrank")
 CONDITIONS = ("img", "text", "both")
 NOISY = {"img": ("img",), "text": ("text",), "both": ("img", "text")}
@@ -49,15 +49,22 @@ class StudyConfig:
     (e.g. ``{"epochs": 20}``); ``synthetic``: entries replaced in the synthetic generator's
     parameters; ``threads``: torch threads (1 is fastest for these small models: more threads
     only add synchronisation). Seeds are ``seed, seed + 1, …`` (data, subset and weights of
-    seed ``k``)."""
+    seed ``k``). ``val_size``: ``None`` picks the best epoch on the whole validation split;
+    a number ``f`` on ``max(1, round(f · n))`` validation examples for a training size ``n``
+    (a seeded subset, at most the split). ``roc_size``: the clean ROC panel's size (default
+    ``"smallest"``: the smallest of ``sizes``, where the fusions differ); ``roc_sigma``: the
+    noisy ROC panel's σ (noise on both modalities, models of ``robust_size``; the largest σ if
+    it is not in ``sigmas``)."""
 
     fusions: tuple[str, ...] = FUSIONS
     sizes: tuple[int | None, ...] = (32, 64, 128, 256, 512, None)
-    n_seeds: int = 5
+    n_seeds: int = 10
     seed: int = 0
     sigmas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
     robust_size: int | None = None
-    roc_size: int | None = None
+    roc_size: int | str | None = "smallest"
+    roc_sigma: float = 1.0
+    val_size: float | None = None
     real: bool = False
     data_dir: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -66,17 +73,38 @@ class StudyConfig:
 
     @classmethod
     def quick(cls, **changes: Any) -> StudyConfig:
-        """The one-minute version: five sizes, two seeds, four σ, at most 100 epochs."""
+        """The one-minute version: four sizes up to 512 (robustness at 512), QUICK_SEEDS seeds,
+        three σ, at most 100 epochs."""
         base = cls(
-            sizes=(32, 64, 128, 512, None),
-            n_seeds=2,
-            sigmas=(0.0, 0.5, 1.0, 2.0),
+            sizes=(32, 64, 128, 512),
+            n_seeds=QUICK_SEEDS,
+            sigmas=(0.0, 1.0, 2.0),
+            robust_size=512,
             overrides={"max_epochs": 100},
         )
         return replace(base, **changes)
 
     def seeds(self) -> list[int]:
         return [self.seed + k for k in range(self.n_seeds)]
+
+    def validation_size(self, n_train: int, n_val: int) -> int | None:
+        """How many validation examples pick the best epoch at training size ``n_train``."""
+        if self.val_size is None:
+            return None
+        return min(n_val, max(1, round(self.val_size * n_train)))
+
+    def clean_roc_size(self) -> int | None:
+        """``roc_size`` with ``"smallest"`` resolved."""
+        if self.roc_size == "smallest":
+            return min(self.sizes, key=lambda s: float("inf") if s is None else s)
+        return self.roc_size  # type: ignore[return-value]
+
+    def noisy_roc_sigma(self) -> float | None:
+        """The σ of the noisy ROC panel (``roc_sigma``, else the largest σ; ``None`` without noise)."""
+        noisy = [s for s in self.sigmas if s > 0]
+        if not noisy:
+            return None
+        return self.roc_sigma if self.roc_sigma in noisy else max(noisy)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -169,6 +197,8 @@ def aggregate(runs: Sequence[dict[str, Any]], robust: Sequence[dict[str, Any]]) 
     size_rows = []
     for (fusion, size), rs in clean.items():
         row: dict[str, Any] = {"fusion": fusion, "size": size, "n_train": rs[0]["n_train"]}
+        if rs[0].get("n_val") is not None:
+            row["n_val"] = rs[0]["n_val"]
         for metric in ("accuracy", "roc_auc", "log_loss"):
             m, s, n = mean_sd(r[metric] for r in rs)
             row[f"{metric}_mean"], row[f"{metric}_sd"] = m, s
@@ -193,19 +223,11 @@ def aggregate(runs: Sequence[dict[str, Any]], robust: Sequence[dict[str, Any]]) 
     return {"accuracy_vs_size": size_rows, "robustness": robust_rows}
 
 
-def _environment() -> dict[str, Any]:
-    from fusionops import _extension, info
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "fusionops": fusionops.__version__,
-        "triton": info.version_of("triton"),
-        "fusionops_extension": "loaded" if _extension.extension_loaded() else _extension.extension_error(),
-        "forced_backend": _backend.forced_backend(),
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-    }
+def _environment(threads: int) -> dict[str, Any]:
+    env = provenance.environment(("matplotlib", "PyYAML", "datasets"))
+    env["threads"] = threads
+    env["fusionops_backend"] = _backend.forced_backend() or "auto"
+    return env
 
 
 def _print(line: str) -> None:
@@ -218,11 +240,12 @@ def run_study(
     """Run the studies; write ``results.json`` and ``results.md`` after every (seed, fusion) block
     and the PNGs at the end. Returns the final results dict."""
     out = Path(out)
-    for name, size in (("robust_size", study.robust_size), ("roc_size", study.roc_size)):
-        if size not in study.sizes:
-            raise ValueError(f"{name}={size_label(size)} is not one of sizes {study.to_dict()['sizes']}")
     if not study.fusions or not study.sizes or study.n_seeds < 1:
         raise ValueError("need at least one fusion, one size and one seed")
+    roc_size = study.clean_roc_size()
+    for name, size in (("robust_size", study.robust_size), ("roc_size", roc_size)):
+        if size not in study.sizes:
+            raise ValueError(f"{name}={size_label(size)} is not one of sizes {study.to_dict()['sizes']}")
     configs = {f: fusion_config(f, study) for f in study.fusions}
     if study.threads > 0:
         torch.set_num_threads(study.threads)
@@ -239,6 +262,8 @@ def run_study(
     runs: list[dict[str, Any]] = []
     robust: list[dict[str, Any]] = []
     rocs: dict[str, dict[str, Any]] = {}
+    rocs_noisy: dict[str, dict[str, Any]] = {}
+    noisy_sigma = study.noisy_roc_sigma()
     data_info: dict[str, Any] = {}
     t_start = time.perf_counter()
     done = 0
@@ -252,16 +277,23 @@ def run_study(
             "total_blocks": total,
             "seconds": round(time.perf_counter() - t_start, 1),
             "config": study.to_dict(),
-            "tweet_configs": {f: _jsonable(dataclasses.asdict(c)) for f, c in configs.items()},
+            "tweet_configs": {f: _jsonable(_shown(dataclasses.asdict(c))) for f, c in configs.items()},
             "data": data_info,
-            "environment": _environment(),
+            "environment": _environment(study.threads),
             # Which fusionops backend served each op's calls in this study (eager calls).
             "backends": fusionops.dispatch_counts(),
             "runs": runs,
             "robustness_runs": robust,
             **aggregate(runs, robust),
             "robustness_size": size_label(study.robust_size),
-            "roc": {"size": size_label(study.roc_size), "seed": roc_seed, "curves": rocs},
+            "roc": {"size": size_label(roc_size), "seed": roc_seed, "curves": rocs},
+            "roc_noisy": {
+                "size": size_label(study.robust_size),
+                "seed": roc_seed,
+                "condition": "both",
+                "sigma": noisy_sigma,
+                "curves": rocs_noisy,
+            },
         }
         # a partial run's summary says "incomplete: no verdict": no file on disk answers the claims
         # from some of the fusions, even when the run is killed before it can rewrite it
@@ -299,15 +331,24 @@ def run_study(
                     raise ValueError(f"size {size} exceeds the {n_all} training examples")
                 t0 = time.perf_counter()
                 torch.manual_seed(seed)
-                res = main_train(configs[fusion], not study.real, data=data, train_size=size, seed=seed)
-                bs = configs[fusion].batch_size  # matters only for the batch-flipping ProductConcat
-                clean = evaluate(res.model, data.test, batch_size=bs)
+                n_train = n_all if size is None else size
+                res = main_train(
+                    configs[fusion],
+                    not study.real,
+                    data=data,
+                    train_size=size,
+                    seed=seed,
+                    val_size=study.validation_size(n_train, len(data.val.label)),
+                )
+                # (the batch-flipping ProductConcat is evaluated in training-size batches)
+                clean = evaluate(res.model, data.test)
                 curve = roc_curve(clean["probs"], clean["labels"])
                 auc = _finite(clean.get("roc_auc", math.nan))
                 row = {
                     "fusion": fusion,
                     "size": size_label(size),
-                    "n_train": n_all if size is None else size,
+                    "n_train": n_train,
+                    "n_val": res.n_val,
                     "seed": seed,
                     "accuracy": float(clean["accuracy"]),
                     "roc_auc": auc if auc is not None else curve["auc"],
@@ -319,8 +360,18 @@ def run_study(
                 runs.append(row)
                 parts.append(f"{size_label(size)}: {row['accuracy']:.3f}")
                 if size == study.robust_size:
-                    robust.extend(_robustness(res.model, data.test, std, study.sigmas, fusion, seed, bs))
-                if size == study.roc_size and seed == roc_seed:
+                    robust.extend(_robustness(res.model, data.test, std, study.sigmas, fusion, seed))
+                    if seed == roc_seed and noisy_sigma is not None:
+                        noisy = _noisy(
+                            data.test,
+                            NOISY["both"],
+                            noisy_sigma,
+                            std,
+                            _noise_seed(seed, "both", noisy_sigma, study.sigmas),
+                        )
+                        m = evaluate(res.model, noisy)
+                        rocs_noisy[fusion] = thin_curve(roc_curve(m["probs"], m["labels"]))
+                if size == roc_size and seed == roc_seed:
                     rocs[fusion] = thin_curve(curve)
                 del res
             done += 1
@@ -365,15 +416,14 @@ def _robustness(
     sigmas: Sequence[float],
     fusion: str,
     seed: int,
-    batch_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """Test accuracy with Gaussian noise of ``σ × std`` added to one modality or both. The noise
     draw depends only on (seed, condition, σ), so every fusion sees the same noisy inputs."""
     rows = []
-    for ci, cond in enumerate(CONDITIONS):
-        for si, sigma in enumerate(sigmas):
-            noisy = _noisy(test, NOISY[cond], sigma, std, seed=1000 * seed + 10 * ci + si)
-            m = evaluate(model, noisy, batch_size=batch_size)
+    for cond in CONDITIONS:
+        for sigma in sigmas:
+            noisy = _noisy(test, NOISY[cond], sigma, std, seed=_noise_seed(seed, cond, sigma, sigmas))
+            m = evaluate(model, noisy)
             rows.append(
                 {
                     "fusion": fusion,
@@ -387,6 +437,11 @@ def _robustness(
     return rows
 
 
+def _noise_seed(seed: int, condition: str, sigma: float, sigmas: Sequence[float]) -> int:
+    """The noise draw's seed: a function of (seed, condition, σ's place in the grid) only."""
+    return 1000 * seed + 10 * CONDITIONS.index(condition) + list(sigmas).index(sigma)
+
+
 def _noisy(split: Split, which: Sequence[str], sigma: float, std: dict[str, float], seed: int) -> Split:
     """``split`` with ``N(0, (σ·std_m)²)`` noise added to each modality ``m`` in ``which``."""
     if sigma == 0:
@@ -398,6 +453,15 @@ def _noisy(split: Split, which: Sequence[str], sigma: float, std: dict[str, floa
     if "text" in which:
         text = text + sigma * std["text"] * torch.randn(text.shape, generator=g, dtype=text.dtype)
     return Split(img, text, split.label)
+
+
+def _shown(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config for results.json: ``data_dir`` relative to the repository when it lies inside it
+    (no machine-specific absolute path in committed results)."""
+    path = Path(cfg.get("data_dir") or "")
+    if path.is_absolute() and path.is_relative_to(provenance.REPO):
+        cfg = {**cfg, "data_dir": path.relative_to(provenance.REPO).as_posix()}
+    return cfg
 
 
 def _epochs(res: Any) -> int | None:

@@ -27,6 +27,7 @@ from experiments.tweet.model import FusionClassifier
 
 MODALITIES = ("img", "text")
 LOG_LOSS_EPS = 1e-15
+VAL_SEED_OFFSET = 7_919  # the validation subset's generator: seed + this (not the training subset's)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TrainResult:
     epoch_losses: list[float]
     val_accuracies: list[float]
     best_epoch: int
+    n_val: int
     test_metrics: dict[str, float]
     model: nn.Module | None = field(default=None, repr=False)
     out_path: str | None = None
@@ -56,6 +58,7 @@ class TrainResult:
             "epoch_losses": self.epoch_losses,
             "val_accuracies": self.val_accuracies,
             "best_epoch": self.best_epoch,
+            "n_val": self.n_val,
             "test_metrics": self.test_metrics,
         }
 
@@ -67,16 +70,10 @@ def roc_auc(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1  # average of 1-based ranks i+1 … j+1
-        i = j + 1
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # 1-based rank of the last member of each group of ties
+    average = last - (counts - 1) / 2  # the group's average 1-based rank
+    ranks = average[inverse]
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
 
@@ -118,20 +115,13 @@ def evaluate(
 ) -> dict[str, Any]:
     """Accuracy, log loss and ROC AUC on ``split``, with Gaussian noise of std ``noise_sigma`` added
     to the modalities in ``noisy`` (seeded by ``seed``). Also returns ``probs`` (N,) = P(class 1)
-    and ``labels`` (N,) as numpy arrays. ``batch_size=None`` runs the split as one batch (this
-    matters only for the batch-dependent ``ProductConcat``); ``None`` uses the model's
-    ``eval_batch_size`` (set by :func:`main_train` to the training batch size), else one batch.
+    and ``labels`` (N,) as numpy arrays. The batch size matters only for the batch-dependent
+    ``ProductConcat`` (``paper_faithful``); ``batch_size=None`` uses the model's
+    ``eval_batch_size`` (set by :func:`main_train`: the training batch size for a batch-dependent
+    model, ``None`` otherwise), and ``None`` runs the split as one batch.
     """
     img, text = _noisy_inputs(split, float(noise_sigma), noisy, seed)
-    was_training = model.training
-    model.eval()
-    if batch_size is None:
-        batch_size = getattr(model, "eval_batch_size", None)
-    step = len(split) if batch_size is None else int(batch_size)
-    logits = torch.cat(
-        [model(img[i : i + step], text[i : i + step]) for i in range(0, len(split), max(step, 1))]
-    )
-    model.train(was_training)
+    logits = _logits(model, img, text, batch_size)
     probs2 = torch.softmax(logits.double(), dim=1)
     labels = split.label
     p_true = probs2.gather(1, labels[:, None]).squeeze(1).clamp(LOG_LOSS_EPS, 1.0)
@@ -142,6 +132,36 @@ def evaluate(
         "probs": probs2[:, 1].numpy(),
         "labels": labels.numpy(),
     }
+
+
+def _logits(model: nn.Module, img: Tensor, text: Tensor, batch_size: int | None) -> Tensor:
+    was_training = model.training
+    model.eval()
+    if batch_size is None:
+        batch_size = getattr(model, "eval_batch_size", None)
+    n = int(img.shape[0])
+    step = max(n if batch_size is None else int(batch_size), 1)
+    with torch.no_grad():
+        logits = torch.cat([model(img[i : i + step], text[i : i + step]) for i in range(0, n, step)])
+    model.train(was_training)
+    return logits
+
+
+def _accuracy(model: nn.Module, split: Split) -> float:
+    """Accuracy only (the per-epoch validation check: no log loss or ROC AUC)."""
+    logits = _logits(model, split.img, split.text, None)
+    return float((logits.argmax(1) == split.label).double().mean())
+
+
+def validation_subset(val: Split, size: int | None, seed: int) -> Split:
+    """The first ``size`` examples of a seeded permutation of ``val`` (nested across sizes for
+    one seed; the permutation's stream differs from the training subset's), or all of it."""
+    if size is None or size >= len(val):
+        return val
+    if size < 1:
+        raise ValueError(f"validation size must be >= 1, got {size}")
+    perm = torch.randperm(len(val), generator=torch.Generator().manual_seed(VAL_SEED_OFFSET + int(seed)))
+    return val.select(perm[:size])
 
 
 def _result_path(out: Path, cfg: TweetConfig, synth: bool, train_size: int, seed: int) -> Path:
@@ -160,6 +180,7 @@ def main_train(
     train_size: int | None = None,
     seed: int | None = None,
     out: Path | None = None,
+    val_size: int | None = None,
 ) -> TrainResult:
     """Train one model as the paper does and test it.
 
@@ -169,6 +190,8 @@ def main_train(
     training samples (nested across sizes for one seed). ``seed``: overrides ``config.seed``.
     ``out``: a ``.json`` file, or a folder receiving
     ``{fusion}[_paper]_{synth|real}_n{train_size}_seed{seed}.json``, written atomically.
+    ``val_size``: choose the best epoch on a seeded subset of this many validation examples
+    (:func:`validation_subset`) instead of the whole validation split.
     """
     cfg = load_config(config)
     if seed is not None:
@@ -182,6 +205,7 @@ def main_train(
             raise ValueError(f"main_train: train_size must be in [1, {len(train)}], got {train_size}")
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         train = train.select(perm[: int(train_size)])
+    val = validation_subset(data.val, val_size, seed)
     torch.manual_seed(seed)
     model = FusionClassifier(
         cfg.fusion,
@@ -192,7 +216,8 @@ def main_train(
         lowrank_dim=cfg.lowrank_dim,
         paper_faithful=cfg.paper_faithful,
     )
-    model.eval_batch_size = cfg.batch_size
+    # only the batch-flipping ProductConcat depends on the batch: evaluate it in training-size batches
+    model.eval_batch_size = cfg.batch_size if model.batch_dependent else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = len(train)
@@ -211,7 +236,7 @@ def main_train(
             opt.step()
             total += loss.item() * len(idx)
         losses.append(total / n)
-        val_acc = evaluate(model, data.val)["accuracy"]
+        val_acc = _accuracy(model, val)
         val_accs.append(val_acc)
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
@@ -232,6 +257,7 @@ def main_train(
         epoch_losses=losses,
         val_accuracies=val_accs,
         best_epoch=best_epoch,
+        n_val=len(val),
         test_metrics={k: metrics[k] for k in ("accuracy", "log_loss", "roc_auc")},
         model=model,
     )
