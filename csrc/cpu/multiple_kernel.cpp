@@ -44,13 +44,19 @@ constexpr int64_t kTileCols = 512;
 
 // ---- exp, vectorizable ----------------------------------------------------------------------
 // std::exp does not vectorize without -ffast-math, and exp of every element of every RBF tile
-// is most of the elementwise work. exp(x) for ln(smallest normal) <= x <= 0 as 2^n · exp(r),
+// is most of the elementwise work. exp(x) for -bias · ln 2 <= x <= 0 as 2^n · exp(r),
 // n = round(x / ln 2), r = x - n ln 2 (Cody-Waite: ln 2 split in two so that n·hi is exact), in
 // plain arithmetic that the loops below vectorize: within 2 ulp of std::exp in float32 (Cephes'
-// polynomial), 1 ulp in float64 (Taylor to r^12). The RBF loops clamp D to [0, max_distance(γ)]
-// to stay in that range, so k bottoms out at the smallest normal number (1e-38 in float32)
-// where the exact value underflows. That clamp depends on γ, known only at run time; a clamp of
-// x to a constant inside exp made GCC branch on it and not vectorize the AVX2 clones.
+// polynomial), 1 ulp in float64 (Taylor to r^12). At the bottom of that range n = -bias, whose
+// 2^n has all-zero bits: exactly 0. The RBF loops feed it -γ min(D, max_distance(γ)), so that
+// far-apart points (and D = +inf) give k = 0 exactly, as the reference's exp does where it
+// underflows; only k below about 0.7 times the smallest normal number (1e-38 in float32), where
+// the reference gives a subnormal, comes out 0. That bound depends on γ, known only at run
+// time; a clamp of x to a constant inside exp made GCC branch on it and not vectorize the AVX2
+// clones (and so did selecting k = 0 after exp). NaN must go through all of it (the reference
+// gives NaN for a NaN distance): every clamp is a select whose comparison is false for NaN and
+// so keeps D, `D < 0 ? 0 : D` and `D > d_max ? d_max : D`, never `D > 0 ? D : 0` (nor std::max,
+// which GCC does not vectorize here either); exp_nonpositive(NaN) is NaN.
 
 template <typename T>
 struct ExpConsts;
@@ -58,8 +64,8 @@ struct ExpConsts;
 template <>
 struct ExpConsts<float> {
   using Bits = int32_t;
-  static constexpr float lowest = -87.3365447505531f;  // ln(FLT_MIN)
-  static constexpr float round = 12582912.0f;           // 1.5 · 2^23: adding it rounds to an integer
+  static constexpr float zero_at = -88.02969193111305f;  // -127 ln 2: exp_nonpositive gives 0
+  static constexpr float round = 12582912.0f;             // 1.5 · 2^23: adding it rounds to an integer
   static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
   static constexpr int mantissa = 23, bias = 127;
   static float poly(float r) {
@@ -76,8 +82,8 @@ struct ExpConsts<float> {
 template <>
 struct ExpConsts<double> {
   using Bits = int64_t;
-  static constexpr double lowest = -708.3964185322641;  // ln(DBL_MIN)
-  static constexpr double round = 6755399441055744.0;   // 1.5 · 2^52
+  static constexpr double zero_at = -709.0895657128241;  // -1023 ln 2: exp_nonpositive gives 0
+  static constexpr double round = 6755399441055744.0;    // 1.5 · 2^52
   static constexpr double ln2_hi = 0.693145751953125, ln2_lo = 1.42860682030941723212e-6;
   static constexpr int mantissa = 52, bias = 1023;
   static double poly(double r) {
@@ -107,16 +113,20 @@ inline T exp_nonpositive(T x) {
   Bits tb, rb;
   std::memcpy(&tb, &t, sizeof(T));
   std::memcpy(&rb, &C::round, sizeof(T));
-  const Bits scale_bits = (tb - rb + C::bias) << C::mantissa;  // 2^n: n = tb - rb
+  // 2^n: n = tb - rb. Shifted unsigned: for a NaN x the exponent field is garbage (the result
+  // is NaN anyway, from poly(r)) and a signed shift could overflow.
+  using UBits = std::make_unsigned_t<Bits>;
+  const Bits scale_bits = static_cast<Bits>(static_cast<UBits>(tb - rb + C::bias) << C::mantissa);
   T scale;
   std::memcpy(&scale, &scale_bits, sizeof(T));
   return C::poly(r) * scale;
 }
 
-// The largest D for which -γ D is in exp_nonpositive's range.
+// The largest D for which -γ D is in exp_nonpositive's range, where it gives exactly 0 (-γ D
+// rounds to within an ulp of zero_at, and n = round(-γ D / ln 2) is still -bias).
 template <typename T>
 T max_distance(T gamma) {
-  return -ExpConsts<T>::lowest / gamma;
+  return -ExpConsts<T>::zero_at / gamma;
 }
 
 // ---- rows of a tile -------------------------------------------------------------------------
@@ -130,17 +140,21 @@ FUSIONOPS_SIMD_CLONES void linear_fwd(const T* G, T beta, T* acc, int64_t n) {
   for (int64_t j = 0; j < n; ++j) acc[j] += beta * G[j];
 }
 
-// D = ‖a‖² + ‖b_j‖² - 2G, k = exp(-γ max(D, 0)). (Selects, not std::max or std::min, which
-// GCC does not vectorize here.)
+// k = exp(-γ clamp_min(D, 0)) of D = ‖a‖² + ‖b_j‖² - 2G, as the reference: NaN for a NaN D
+// (a NaN or inf in the inputs), exactly 0 from max_distance on (far apart, or D = +inf); Dc is
+// clamp_min(D, 0). (Selects, not std::min, which GCC does not vectorize here; see exp_nonpositive.)
+template <typename T>
+inline T rbf_k(T Dc, T gamma, T d_max) {
+  return exp_nonpositive(-gamma * (Dc > d_max ? d_max : Dc));
+}
+
 template <typename T>
 FUSIONOPS_SIMD_CLONES void rbf_fwd(const T* G, T sq_a, const T* sq_b, T gamma, T beta, T* acc, int64_t n) {
   const T d_max = max_distance(gamma);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    T D = sq_a + sq_b[j] - T(2) * G[j];
-    D = D > T(0) ? D : T(0);
-    D = D < d_max ? D : d_max;
-    acc[j] += beta * exp_nonpositive(-gamma * D);
+    const T D = sq_a + sq_b[j] - T(2) * G[j];
+    acc[j] += beta * rbf_k(D < T(0) ? T(0) : D, gamma, d_max);
   }
 }
 
@@ -187,7 +201,9 @@ FUSIONOPS_SIMD_CLONES void linear_bwd(T* G, const T* g, T beta, T& gk, int64_t n
   gk += s;
 }
 
-// E = β g k where D >= 0 (else 0), S = 2γE; ps: Σ E D (dγ = -ps), row: Σ_j E, col[j] += E.
+// E = β g k where D >= 0, else 0 (also where D is NaN: autograd's clamp_min passes gradient only
+// where D >= 0), S = 2γE; ps: Σ β g k clamp_min(D, 0) (dγ = -ps; NaN where k is NaN, or 0 · inf
+// where D = +inf, as autograd gives), row: Σ_j E, col[j] += E.
 template <typename T>
 FUSIONOPS_SIMD_CLONES void rbf_bwd(T* G, const T* g, T sq_a, const T* sq_b, T gamma, T beta, T& gk, T& ps,
                                    T& row, T* col, int64_t n) {
@@ -196,12 +212,11 @@ FUSIONOPS_SIMD_CLONES void rbf_bwd(T* G, const T* g, T sq_a, const T* sq_b, T ga
 #pragma omp simd reduction(+ : s_gk, s_ed, s_e)
   for (int64_t j = 0; j < n; ++j) {
     const T D = sq_a + sq_b[j] - T(2) * G[j];
-    T Dc = D > T(0) ? D : T(0);
-    Dc = Dc < d_max ? Dc : d_max;
-    const T gkj = g[j] * exp_nonpositive(-gamma * Dc);
-    const T E = beta * (D < T(0) ? T(0) : gkj);  // (β · select: GCC vectorizes this form, not select(β·))
+    const T Dc = D < T(0) ? T(0) : D;
+    const T gkj = g[j] * rbf_k(Dc, gamma, d_max);
+    const T E = beta * (D >= T(0) ? gkj : T(0));  // (β · select: GCC vectorizes this form, not select(β·))
     s_gk += gkj;
-    s_ed += E * D;
+    s_ed += beta * gkj * Dc;
     s_e += E;
     col[j] += E;
     G[j] = T(2) * gamma * E;
@@ -534,7 +549,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   at::Tensor dbeta = need.dbeta ? totals.scalars[0].to(dtype) : at::empty({0}, beta.options());
   at::Tensor dparams = at::empty({0}, params.options());
   if (need.dparams) {
-    // dγ = -Σ E D for RBF, dc = Σ S for polynomial, 0 for linear.
+    // dγ = -Σ β g k clamp_min(D, 0) for RBF, dc = Σ S for polynomial, 0 for linear.
     std::vector<double> sign;
     for (int m = 0; m < p.M; ++m) sign.push_back(p.kinds[m] == kRbf ? -1.0 : p.kinds[m] == kPolynomial ? 1.0 : 0.0);
     dparams = (totals.scalars[1] * at::tensor(sign, opts.dtype(at::kDouble))).to(params.scalar_type());

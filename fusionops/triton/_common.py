@@ -12,8 +12,41 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Exact float32 products in tl.dot (tf32 would miss the float32 tolerance).
+# Exact float32 products in tl.dot (tf32 would miss the float32 tolerance). The kernels of
+# tensor, low-rank and skew-pair fusion take theirs from _input_precision (torch's setting);
+# multiple_kernel still passes this one.
 _PRECISION = "ieee"
+
+
+def _tf32_allowed() -> bool:
+    """torch's own float32 matmul setting: ``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.set_float32_matmul_precision("high" | "medium")`` or the newer
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` (one state in torch; each reader
+    is asked in turn, since torch raises when the legacy and new APIs were mixed)."""
+    matmul = torch.backends.cuda.matmul
+    readers = (
+        lambda: bool(matmul.allow_tf32),
+        lambda: getattr(matmul, "fp32_precision", None) == "tf32",
+        lambda: torch.get_float32_matmul_precision() in ("high", "medium"),
+    )
+    for read in readers:
+        try:
+            if read():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """``input_precision`` of the float32 ``tl.dot``s, as torch's float32 matmuls would do it:
+    ``"tf32"`` (tensor cores, about 1e-3 relative error per product) on CUDA when torch allows
+    TF32 for float32 matmuls, else ``"ieee"`` (exact float32 products, FMA units). Always
+    ``"ieee"`` on CPU (the interpreter) and for other dtypes (16-bit dots use tensor cores
+    anyway; float64 has no TF32). Read at every launch, so a setting changed at run time counts."""
+    if dtype == torch.float32 and device.type == "cuda" and _tf32_allowed():
+        return "tf32"
+    return "ieee"
 
 
 @dataclass(frozen=True)

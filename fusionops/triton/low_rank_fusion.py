@@ -37,7 +37,8 @@ operands, and float32 dF partials when there is more than one chunk. Never ``(N,
 forward.
 
 Compute precision: float32 (float64 for float64 inputs); ``tl.dot`` takes operands of the
-input dtype (tensor cores for 16-bit) with ``input_precision="ieee"``. The GEMMs of dx and dF
+input dtype (tensor cores for 16-bit); float32 dots follow torch's float32 matmul setting
+(``_common._input_precision``: tf32 on CUDA when allowed, else ``"ieee"``). The GEMMs of dx and dF
 follow torch's matmul settings (float32 stays ieee unless TF32 is allowed globally). No
 atomics: partial sums go to small buffers summed by torch, so results are reproducible.
 """
@@ -53,11 +54,11 @@ from torch import Tensor
 
 from fusionops.triton._common import (
     _HALF,
-    _PRECISION,
     _TL,
     _acc,
     _block,
     _dot_dtype,
+    _input_precision,
     _layout,
     _on,
     _reduce_hi,
@@ -235,7 +236,9 @@ def _lmf_bwd_kernel(
             )  # fmt: skip
             projections = projections + (a,)
         if NEED_DW:
-            gp = prefixes[NMOD - 1] * projections[NMOD - 1]
+            # Padding rows and columns are selected away (G is 0 there, but a projection of a row
+            # holding an inf is not, and 0 · inf is NaN).
+            gp = tl.where(ok, prefixes[NMOD - 1] * projections[NMOD - 1], 0.0)
             tl.store(dwp_ptr + pid.to(tl.int64) * R + r, tl.sum(tl.sum(gp, axis=1), axis=0))
         if STORE_DA:
             # Reverse over m: dA_m = w_r · prefix_m · suffix_m, suffix_m = Π_{m'>m} A_m'.
@@ -357,7 +360,7 @@ def forward(
             HAS_BIAS=bias is not None,
             ACC=_TL[_acc(dtype)],
             DOT=_dot_dtype(dtype, device),
-            PRECISION=_PRECISION,
+            PRECISION=_input_precision(dtype, device),
             BLOCK_N=bn,
             BLOCK_O=bo,
             BLOCK_K=bk,
@@ -435,7 +438,7 @@ def backward(
                 NEED_DW=need_dw,
                 ACC=_TL[acc],
                 DOT=_dot_dtype(dtype, device),
-                PRECISION=_PRECISION,
+                PRECISION=_input_precision(dtype, device),
                 BLOCK_N=bn,
                 BLOCK_O=bo,
                 BLOCK_K=bk,

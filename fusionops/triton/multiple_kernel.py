@@ -25,9 +25,11 @@ symmetric whatever the rounding of ``tl.dot`` (as in the C++ kernel, which mirro
 Backward, with ``g = dL/dK`` and (contract) ``S_m = β_m g ⊙ dk/dG``: ``_mkl_bwd_kernel``
 recomputes each G tile as the forward does and writes ``S_m`` for the tile into a scratch
 ``S (M, N_c, N_b)`` (input dtype: 16-bit GEMM operands on tensor cores), plus per-program
-partial sums of ``dβ_m = Σ g k_m`` and ``dparams_m`` (``-Σ E D`` for RBF, ``Σ S`` for
-polynomial), and for RBF the partial row sums ``(M, tiles_b, N_c)`` and column sums
-``(M, tiles_a, N_b)`` of ``E``. Then ``dA_m[chunk] = S_m B_m - 2γ rowsum(E) ⊙ A_m[chunk]`` and
+partial sums of ``dβ_m = Σ g k_m`` and ``dparams_m`` (``-Σ β g k max(D, 0)`` for RBF, ``Σ S``
+for polynomial), and for RBF the partial row sums ``(M, tiles_b, N_c)`` and column sums
+``(M, tiles_a, N_b)`` of ``E = β g k`` where ``D >= 0`` (0 elsewhere, NaN D included: the
+reference's autograd). Non-finite values follow the reference: NaN distances give NaN, far-apart
+points exactly 0. Then ``dA_m[chunk] = S_m B_m - 2γ rowsum(E) ⊙ A_m[chunk]`` and
 ``dB_m += S_mᵀ A_m[chunk]`` are torch GEMMs (cuBLAS on the GPU), ``- 2γ colsum(E) ⊙ B_m``
 added at the end. ``N_c`` is N_a cut into row chunks (multiples of BLOCK_M) so that S stays
 under ``_SCRATCH_ELEMENTS``; each chunk is one launch and its GEMMs (N_a = N_b = 32768, M = 3:
@@ -187,8 +189,9 @@ def _mkl_fwd_kernel(
         if kind == 1:  # RBF
             sqa = tl.load(sqa_ptr + m * stride_sqa + rows64)
             sqb = tl.load(sqb_ptr + m * stride_sqb + cols64)
-            dist = tl.maximum(sqa[:, None] + sqb[None, :] - 2.0 * g, 0.0)
-            k = tl.exp(-param * dist)
+            dist = sqa[:, None] + sqb[None, :] - 2.0 * g
+            # clamp_min(dist, 0) that keeps NaN, as the reference's (tl.maximum drops it)
+            k = tl.exp(-param * tl.where(dist < 0.0, 0.0, dist))
         elif kind == 2:  # polynomial
             k = _power(g + param, tl.load(degrees_ptr + m))
         else:
@@ -267,7 +270,8 @@ def _mkl_bwd_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     ok = (rows < NA)[:, None] & (cols < NB)[None, :]
-    # 0 outside the valid part, which makes S, E and every partial sum 0 there.
+    # 0 outside the valid part; S, E and the partial sums take only the `ok` elements (the
+    # padding's G may be 0 · inf or 0 · NaN).
     g_tile = g_ptr + rows64[:, None] * stride_gn + cols64[None, :] * stride_gm
     gt = tl.load(g_tile, mask=ok, other=0.0).to(ACC)
     s_tile = s_ptr + rows64[:, None] * NB + cols64[None, :]
@@ -279,14 +283,19 @@ def _mkl_bwd_kernel(
             a_ptr, b_ptr, stride_a, stride_b, rows64, cols64, tl.load(offsets_ptr + m),
             tl.load(widths_ptr + m), ACC, DOT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
-        if kind == 1:  # RBF: E = β g k where D is not clamped, S = 2γE, dγ = -Σ E D
+        if kind == 1:  # RBF: E = β g k where D >= 0, S = 2γE, dγ = -Σ β g k clamp_min(D, 0)
             sqa = tl.load(sqa_ptr + m * stride_sqa + rows64)
             sqb = tl.load(sqb_ptr + m * stride_sqb + cols64)
             dist = sqa[:, None] + sqb[None, :] - 2.0 * g
-            k = tl.exp(-param * tl.maximum(dist, 0.0))
-            e = tl.where(dist < 0.0, 0.0, beta * gt * k)
+            dist_c = tl.where(dist < 0.0, 0.0, dist)  # keeps NaN (tl.maximum drops it)
+            k = tl.exp(-param * dist_c)
+            bgk = beta * gt * k
+            # As autograd of the reference: clamp_min passes gradient only where D >= 0 (not
+            # where D is NaN), while dγ takes every β g k D (NaN, or 0 · inf where D = +inf).
+            e = tl.where(ok & (dist >= 0.0), bgk, 0.0)
             s = 2.0 * param * e
-            tl.store(dpp_ptr + pid * M + m, -tl.sum(tl.sum(e * tl.maximum(dist, 0.0), axis=1), axis=0))
+            ed = tl.where(ok, bgk * dist_c, 0.0)
+            tl.store(dpp_ptr + pid * M + m, -tl.sum(tl.sum(ed, axis=1), axis=0))
             if NEED_ROW:
                 tl.store(rowp_ptr + m * stride_rowp_m + tb * CHUNK + rows64, tl.sum(e, axis=1))
             if NEED_COL:
@@ -297,11 +306,12 @@ def _mkl_bwd_kernel(
             pm1 = _power(base, p - 1)
             k = pm1 * base
             s = (beta * p.to(ACC)) * gt * pm1
-            tl.store(dpp_ptr + pid * M + m, tl.sum(tl.sum(s, axis=1), axis=0))
+            tl.store(dpp_ptr + pid * M + m, tl.sum(tl.sum(tl.where(ok, s, 0.0), axis=1), axis=0))
         else:
             k = g
             s = beta * gt
-        tl.store(dbp_ptr + pid * M + m, tl.sum(tl.sum(gt * k, axis=1), axis=0))
+        # (Padding: gt = 0 there, but k may be NaN where a row of the other side holds a NaN or inf.)
+        tl.store(dbp_ptr + pid * M + m, tl.sum(tl.sum(tl.where(ok, gt * k, 0.0), axis=1), axis=0))
         if STORE_S:
             tl.store(s_tile + m * stride_sm, s, mask=ok)
 

@@ -53,14 +53,16 @@ In all ``N_c · D · (2 S_a + 2 S_b)`` float32 and ``N_c · P · D`` input-dtype
 
 Only the buffers some requested gradient needs are allocated (none of dQ, dK with w = 0). The
 slot of each layer is computed on the device (no host synchronisation); slots beyond those
-touched stay zero and map to untouched layers, whose gradient is zero anyway. ``N_c`` is N cut
+touched stay zero and map to untouched layers, whose gradient is zero anyway (selected so,
+since 0 · inf is not 0). ``N_c`` is N cut
 into row chunks so that the buffers hold at most ``_SCRATCH_ELEMENTS`` elements; each chunk is
 one launch and its GEMMs, weight gradients summed over chunks in float32. They live only
 during backward; the forward holds nothing but its output (float32 for 16-bit, above).
 
 Compute precision: float32 (float64 for float64 inputs, whose dots run in float64 as in the
 other modules); ``tl.dot`` takes operands of the input dtype (tensor cores for 16-bit; bfloat16
-as float32 under the interpreter, see ``_dot_dtype``) with ``input_precision="ieee"``; the
+as float32 under the interpreter, see ``_dot_dtype``); float32 dots follow torch's float32
+matmul setting (``_common._input_precision``: tf32 on CUDA when allowed, else ``"ieee"``); the
 softmax is taken in the accumulation dtype. The 16-bit GEMMs of backward take the float32 buffers rounded
 to the input dtype. No atomics anywhere: results are reproducible.
 """
@@ -74,11 +76,11 @@ from torch import Tensor
 
 from fusionops.triton._common import (
     _HALF,
-    _PRECISION,
     _TL,
     _acc,
     _block,
     _dot_dtype,
+    _input_precision,
     _on,
     _row_block,
     _target_programs,
@@ -113,7 +115,8 @@ def _proj(
     BLOCK_K: tl.constexpr,
 ):
     """``x[rows, :D] @ W[cols, :D]ᵀ`` as a (BLOCK_N, BLOCK_C) tile in ACC, ``W[c, k]`` at
-    ``w_ptr + c·stride_wc + k·stride_wk``. Rows and columns outside the masks give 0."""
+    ``w_ptr + c·stride_wc + k·stride_wk``. Rows and columns outside the masks give 0 (selected:
+    their dots of zeros with a NaN or inf row of x or column of W are not 0)."""
     ks = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows64[:, None] * stride_xn
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wc
@@ -125,7 +128,7 @@ def _proj(
         x = tl.load(x_rows + kk64[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_cols + kk64[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    return acc
+    return tl.where(row_ok[:, None] & col_ok[None, :], acc, 0.0)
 
 
 @triton.jit
@@ -501,13 +504,24 @@ def _head_block(dh: int) -> int:
 # (BLOCK_N cap, BLOCK_K cap, num_warps) per kernel and dtype class. Chosen from sm_90 builds
 # (Triton 3.6, D a multiple of 16, dh = 64, band of 3): every one compiles to at most 246
 # registers a thread without spills; 16-bit dots take tensor cores (wgmma at BLOCK_N = 64),
-# ieee float32 and float64 ones FMA units, so smaller tiles there.
+# ieee float32 and float64 ones FMA units, so smaller tiles there. The 16-bit forward's
+# BLOCK_K is 32: with 64, Triton 3.9 spilled at the GPU headline with window 2 (BLOCK_N = 16,
+# BLOCK_W = 8: 128 registers, 3 STL on sm_90; 126 registers and none with 32), and the float32
+# backward's is 16: with 32, Triton 3.6 spilled at window 2 on sm_90 even with 255 registers
+# (3 STL; 193 registers and none with 16). See tools/triton_static.py.
+# The register cap handed to ptxas. Left to itself, ptxas kept these 8-warp kernels at 128
+# registers (two blocks of 256 threads per SM) and spilled (triton 3.6, sm_90, the GPU headline:
+# fp32 backward 6 STL at window 0; sm_80: bf16 and fp32 both ways); with the cap at 255 they use
+# up to 230 registers without spilling, one block per SM, which costs nothing here: the headline
+# launches 80 (forward) and 128 (backward) programs for 132 SMs. The interpreter ignores it.
+_MAXNREG = 255
+
 _CONFIGS = {
-    ("fwd", "half"): (64, 64, 8),
+    ("fwd", "half"): (64, 32, 8),
     ("fwd", "fp32"): (32, 32, 8),
     ("fwd", "fp64"): (32, 16, 8),
     ("bwd", "half"): (64, 32, 8),
-    ("bwd", "fp32"): (32, 32, 8),
+    ("bwd", "fp32"): (32, 16, 8),
     ("bwd", "fp64"): (32, 32, 8),
 }
 
@@ -597,13 +611,14 @@ def forward(
             HAS_BO=bo is not None,
             ACC=_TL[_acc(dtype)],
             DOT=_dot_dtype(dtype, device),
-            PRECISION=_PRECISION,
+            PRECISION=_input_precision(dtype, device),
             BLOCK_N=bn,
             BLOCK_C=bc,
             BLOCK_K=bk,
             BLOCK_O=_block(d, 16, 64),
             BLOCK_W=bw,
             num_warps=warps,
+            maxnreg=_MAXNREG,
         )
     return out.to(dtype) if staged else out
 
@@ -660,6 +675,12 @@ def backward(
     touched_a = torch.zeros(la, dtype=torch.bool, device=device).index_fill_(0, pairs[:, 0], True)
     touched_b = ((torch.arange(lb, device=device)[None, :] - pairs[:, 1:]).abs() <= w).any(0)
     (a_slot, a_layers), (b_slot, b_layers) = _slots(touched_a, sa), _slots(touched_b, sb)
+    # The slots past the touched layers pad with untouched ones: their rows of dQ, dK and dV
+    # are 0, but 0 · inf and 0 · NaN are not (a non-finite weight, or a non-finite value in an
+    # untouched layer, which the reference never reads), so they are selected away before they
+    # meet a weight or a stack.
+    used_a = (torch.arange(sa, device=device) < touched_a.sum())[None, :, None]
+    used_b = (torch.arange(sb, device=device) < touched_b.sum())[None, :, None]
 
     # Row chunks, each a multiple of BLOCK_N, so that the buffers stay under the cap.
     bn, bk, warps = _config("bwd", n, d, heads, dtype, device)
@@ -730,24 +751,28 @@ def backward(
                 NEED_C=need_c,
                 ACC=_TL[acc],
                 DOT=_dot_dtype(dtype, device),
-                PRECISION=_PRECISION,
+                PRECISION=_input_precision(dtype, device),
                 BLOCK_N=bn,
                 BLOCK_C=_head_block(d // heads),
                 BLOCK_K=bk,
                 BLOCK_W=bw,
                 num_warps=warps,
+                maxnreg=_MAXNREG,
             )
         dq, dk, dv = (t[:rows].view(-1, d) for t in (dq_s, dk_s, dv_s))
         if need["ha"]:
             da = r_s[:rows] + mm(dq, wq).view(rows, sa, d) if need_dq else r_s[:rows]
+            da = torch.where(used_a, da, 0.0)
             grads["ha"][row0 : row0 + rows].index_copy_(1, a_layers, da.to(dtype))
         if need["hb"]:
             db = mm(dv, wv) + mm(dk, wk) if need_dk else mm(dv, wv)
-            grads["hb"][row0 : row0 + rows].index_copy_(1, b_layers, db.view(rows, sb, d).to(dtype))
+            db = torch.where(used_b, db.view(rows, sb, d), 0.0)
+            grads["hb"][row0 : row0 + rows].index_copy_(1, b_layers, db.to(dtype))
         if "wq" in sums:
-            sums["wq"] += mm(dq.t(), ha[row0 : row0 + rows].index_select(1, a_layers).view(-1, d))
+            ha_t = torch.where(used_a, ha[row0 : row0 + rows].index_select(1, a_layers), 0.0)
+            sums["wq"] += mm(dq.t(), ha_t.view(-1, d))
         if "wk" in sums or "wv" in sums:
-            hb_t = hb[row0 : row0 + rows].index_select(1, b_layers).view(-1, d)
+            hb_t = torch.where(used_b, hb[row0 : row0 + rows].index_select(1, b_layers), 0.0).view(-1, d)
             if "wk" in sums:
                 sums["wk"] += mm(dk.t(), hb_t)
             if "wv" in sums:

@@ -22,9 +22,10 @@ of ``(splits, O, K)``; per split level, float32 ``dz`` partials ``(chunks, N, D_
 ``dP`` of ``(N, H)`` (times ``ceil(D_s / 64)`` when ``D_s > 64``). Never ``(N, K)``.
 
 Compute precision: float32 (float64 for float64 inputs); ``tl.dot`` takes operands of the
-input dtype (tensor cores for float16/bfloat16) with ``input_precision="ieee"``, so float32
-is not rounded to tf32 (and runs on FMA units). No atomics: partial sums go to small buffers
-summed by torch, so results are bitwise reproducible.
+input dtype (tensor cores for float16/bfloat16); float32 dots follow torch's float32 matmul
+setting (``_common._input_precision``: tf32 on CUDA when ``torch.backends.cuda.matmul.allow_tf32``
+or the float32 matmul precision allows it, else ``"ieee"``, exact products on FMA units). No
+atomics: partial sums go to small buffers summed by torch, so results are bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ from torch import Tensor
 
 from fusionops.triton._common import (
     _HALF,
-    _PRECISION,
     _TL,
     _acc,
     _block,
     _dot_dtype,
+    _input_precision,
     _on,
     _pack,
     _Packed,
@@ -388,7 +389,7 @@ def _weight_grad(grad: Tensor, packed: _Packed, o: int) -> Tensor:
             NMOD=len(dims),
             ACC=_TL[_acc(dtype)],
             DOT=_dot_dtype(dtype, zcat.device),
-            PRECISION=_PRECISION,
+            PRECISION=_input_precision(dtype, zcat.device),
             BLOCK_O=bo,
             BLOCK_N=bn,
             BLOCK_K=bk,
@@ -440,7 +441,7 @@ def _split_grads(src: Tensor, weight: Tensor | None, packed: _Packed) -> list[Te
                 FROM_MEMORY=weight is None,
                 ACC=_TL[acc],
                 DOT=_dot_dtype(zcat.dtype, device),
-                PRECISION=_PRECISION,
+                PRECISION=_input_precision(zcat.dtype, device),
                 BLOCK_N=bn,
                 BLOCK_H=bh,
                 BLOCK_J=bj,
@@ -527,7 +528,7 @@ def projected_forward(xs: list[Tensor], weight: Tensor, bias: Tensor | None, mas
             HAS_BIAS=bias is not None,
             ACC=_TL[_acc(zcat.dtype)],
             DOT=_dot_dtype(zcat.dtype, zcat.device),
-            PRECISION=_PRECISION,
+            PRECISION=_input_precision(zcat.dtype, zcat.device),
             BLOCK_N=bn,
             BLOCK_O=bo,
             BLOCK_K=bk,

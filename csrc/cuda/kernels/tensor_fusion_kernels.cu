@@ -4,8 +4,12 @@
 //   digits k_m (last modality fastest).
 // * features backward: one block per row (grid-stride over rows), one thread per output
 //   dx_m[n, i]: it walks the K / D_m columns of Z whose digit k_m is i + 1 (an odometer over
-//   the other digits) and sums dZ[n, k] Π_{m'≠m} z_m'[n, k_m'] in a fixed order. No division,
-//   so zeros in the inputs are fine.
+//   the other digits, the last modality fastest) and sums dZ[n, k] Π_{m'≠m} z_m'[n, k_m'] in a
+//   fixed order, grouped as autograd through the reference groups it: the modalities after m
+//   contracted one at a time from the last, dA(p) = Σ_{k_{m+1}} z_{m+1} (… Σ_{k_M} z_M dZ), then
+//   dx_m = Σ_p L(p) dA(p) over the flat products L of the modalities before m. With an inf in
+//   some z the grouping decides between ±inf and NaN (a · (b + c) against a·b + a·c), so this
+//   one gives NaN and ±inf where the reference does. No division, so zeros are fine.
 // * projected forward: y = Z Wᵀ + b as the tiled GEMM of device_common.cuh, whose A operand is a
 //   loader that forms Z[n, k] from the modalities when the tile is staged in shared memory.
 // * projected backward: dW = Gᵀ Z by the same GEMM (reduction over the rows, one thread per
@@ -93,29 +97,49 @@ __global__ void __launch_bounds__(kThreads)
         continue;
       }
       int64_t digit[kMaxModalities];
+      // acc[q], q > m: the contraction of dZ over the digits q … M-1 so far (see the top).
+      acc_t acc[kMaxModalities];
 #pragma unroll
-      for (int q = 0; q < kMaxModalities; ++q) digit[q] = 0;
+      for (int q = 0; q < kMaxModalities; ++q) {
+        digit[q] = 0;
+        acc[q] = acc_t(0);
+      }
       digit[m] = i + 1;
       int64_t k = (i + 1) * L[m];
       const int64_t count = K / z.D[m];
+      const int last = z.M - 1;
+      acc_t lead = acc_t(1);  // L(p): Π_{q<m} z_q[k_q] (all digits 0 at first)
       acc_t sum = acc_t(0);
       for (int64_t r = 0; r < count; ++r) {
-        acc_t prod = to_acc(g[k * gs1]);
-#pragma unroll
-        for (int q = 0; q < kMaxModalities; ++q) {
-          if (q < z.M && q != m && digit[q] != 0) {
-            prod *= present[q] ? to_acc(z.x[q][n * z.s0[q] + (digit[q] - 1) * z.s1[q]]) : acc_t(0);
-          }
+        const acc_t v = to_acc(g[k * gs1]);
+        if (m == last) {
+          sum += lead * v;
+        } else {
+          acc[last] += z.z(last, n, digit[last]) * v;
         }
-        sum += prod;
-        // next combination of the other digits, the last modality fastest
-        for (int q = z.M - 1; q >= 0; --q) {
+        // Next combination of the other digits, the last modality fastest. A digit q > m that
+        // wraps completes acc[q]: folded into the level before it, or (q = m + 1) into sum.
+        bool lead_moved = false;
+        for (int q = last; q >= 0; --q) {
           if (q == m) continue;
           ++digit[q];
           k += L[q];
+          if (q < m) lead_moved = true;
           if (digit[q] < z.D[q]) break;
           k -= z.D[q] * L[q];
           digit[q] = 0;
+          if (q > m) {
+            if (q == m + 1) {
+              sum += lead * acc[q];
+            } else {
+              acc[q - 1] += z.z(q - 1, n, digit[q - 1]) * acc[q];
+            }
+            acc[q] = acc_t(0);
+          }
+        }
+        if (lead_moved) {
+          lead = acc_t(1);
+          for (int q = 0; q < m; ++q) lead *= z.z(q, n, digit[q]);
         }
       }
       *dst = from_acc<T>(sum);
