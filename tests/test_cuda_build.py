@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ import torch
 import fusionops
 from fusionops import _backend, _extension
 from fusionops.registry import CUDA_MAX_MODALITIES, OPS
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import torch_cxx_std  # noqa: E402  (tools/torch_cxx_std.py)
 
 # The registered ops that declare CUDA C++ kernels.
 CUDA_OPS = [op for op in OPS.values() if op.cuda_kernels]
@@ -34,6 +38,55 @@ def test_plain_cuda_kernels_compile_with_nvcc():
     for name in ("product_fusion_kernels.cu", "tensor_fusion_kernels.cu", "low_rank_fusion_kernels.cu"):
         assert name in done.stdout, done.stdout
     assert "compiled" in done.stdout
+
+
+def test_cxx_standard_follows_the_installed_torch():
+    """torch >= 2.14's ATen headers #error below C++20: the standard is read from the installed
+    torch's ATen/ATen.h guard (the version number when the header cannot be read)."""
+    from torch.utils.cpp_extension import include_paths
+
+    std = torch_cxx_std.torch_cxx_standard()
+    assert std == torch_cxx_std.from_headers(include_paths())
+    assert std == torch_cxx_std.from_version(torch.__version__)
+
+
+@pytest.mark.parametrize(
+    ("guard", "std"),
+    [("201703L", "c++17"), ("202002L", "c++20"), ("202100L", "c++23")],
+)
+def test_cxx_standard_from_the_aten_header_guard(tmp_path, guard, std):
+    (tmp_path / "ATen").mkdir()
+    (tmp_path / "ATen" / "ATen.h").write_text(
+        f"#pragma once\n#if !defined(_MSC_VER) && __cplusplus < {guard}\n#error C++ too old\n#endif\n"
+    )
+    assert torch_cxx_std.from_headers([str(tmp_path / "missing"), str(tmp_path)]) == std
+    assert torch_cxx_std.from_headers([str(tmp_path / "missing")]) is None
+
+
+@pytest.mark.parametrize(
+    ("version", "std"),
+    [("2.13.0", "c++17"), ("2.13.0+cpu", "c++17"), ("2.14.1+cu130", "c++20"), ("2.15.0a0", "c++20"),
+     ("3.0.0", "c++20"), ("2.9.1", "c++17")],
+)
+def test_cxx_standard_from_the_torch_version(version, std):
+    assert torch_cxx_std.from_version(version) == std
+
+
+def test_cxx_standard_override(monkeypatch):
+    monkeypatch.setenv("FUSIONOPS_CXX_STD", "c++20")
+    assert torch_cxx_std.torch_cxx_standard() == "c++20"
+    monkeypatch.setenv("FUSIONOPS_CXX_STD", "c++98")
+    with pytest.raises(ValueError, match="FUSIONOPS_CXX_STD"):
+        torch_cxx_std.torch_cxx_standard()
+
+
+def test_build_files_take_the_standard_from_torch():
+    """No hard-coded -std=c++NN in the build files: setup.py (cxx and nvcc), .ci/nvcc_check."""
+    for rel in ("setup.py", ".ci/nvcc_check", "tests/test_cuda_build.py"):
+        with open(os.path.join(ROOT, rel)) as f:
+            text = f.read()
+        assert not re.search(r"std=c\+\+\d\d", text), rel
+        assert "torch_cxx_std" in text, rel
 
 
 def test_ops_with_cuda_kernels():
@@ -195,7 +248,8 @@ def test_cuda_bindings_compile_against_torch_headers(tmp_path):
         path = tmp_path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    flags = ["-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", f"-isystem{tmp_path}"]
+    std = torch_cxx_std.torch_cxx_standard()
+    flags = [f"-std={std}", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", f"-isystem{tmp_path}"]
     flags += [f"-isystem{_cuda_include_dir()}"] + [f"-isystem{p}" for p in include_paths()]
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     assert {os.path.basename(s) for s in sources} >= {"tensor_fusion.cpp", "low_rank_fusion.cpp"}
@@ -209,11 +263,71 @@ def test_cuda_bindings_compile_against_torch_headers(tmp_path):
 
 
 def test_gpu_script_parses_and_names_its_stages():
-    """.ci/gpu_run is what a session with a GPU runs (build, test, sanitize, bench)."""
+    """.ci/gpu_run is what a session with a GPU runs (all = build, test, sanitize, bench)."""
     script = os.path.join(ROOT, ".ci", "gpu_run")
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
     done = subprocess.run(
         [script], capture_output=True, text=True, env={**os.environ, "OUT": "/tmp/gpu_run_test"}
     )
-    assert done.returncode == 2 and "build | test | sanitize | bench" in done.stderr
+    assert done.returncode == 2 and "all | build | test | sanitize | bench" in done.stderr
+
+
+def test_gpu_script_all_in_one_call_dry_run(tmp_path):
+    """`.ci/gpu_run all` runs every stage in one call, each under a budget, 8 minutes in all:
+    the dry run prints each command with its budget and writes the stage-times file."""
+    script = os.path.join(ROOT, ".ci", "gpu_run")
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_RUN_DRY": "1", "PYTHON": sys.executable}
+    done = subprocess.run([script, "all"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = (tmp_path / "stage_times.csv").read_text().splitlines()
+    assert lines[0] == "stage,budget_s,seconds,exit,status"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[0] for r in rows] == ["build", "test", "sanitize", "bench"]
+    assert all(r[4] == "ok" for r in rows), rows
+    assert sum(int(r[1]) for r in rows) <= 480
+    commands = done.stderr
+    assert "setup.py build_ext --inplace" in commands
+    test_cmd = next(line for line in commands.splitlines() if "pytest" in line and "-k cuda " in line)
+    assert " -x" not in test_cmd and "--junitxml" in test_cmd
+    assert "compute-sanitizer --tool memcheck" in commands
+    for op in OPS:  # one benchmark process per op: each writes its CSV when done
+        assert f"--op {op} " in commands, op
+    with open(script) as f:
+        text = f.read()
+    assert "MAX_JOBS=${MAX_JOBS:-16}" in text and "timeout -s INT" in text
+
+
+def test_gpu_script_leaves_out_experiment_tests_without_extras(tmp_path):
+    """Where the experiments' extras are missing (the GPU image), the test files that import
+    `experiments` are left out of the run instead of failing its collection."""
+    block = tmp_path / "block"
+    for name in ("yaml", "transformers", "matplotlib", "sklearn", "datasets"):
+        (block / name).mkdir(parents=True)
+        (block / name / "__init__.py").write_text("raise ImportError('blocked')\n")
+    script = os.path.join(ROOT, ".ci", "gpu_run")
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "GPU_RUN_DRY": "1",
+        "PYTHON": sys.executable,
+        "PYTHONPATH": f"{block}:{ROOT}",
+    }
+    done = subprocess.run([script, "test"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    importing = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "test_*.py"))):
+        with open(path) as f:
+            if re.search(r"^(from|import) experiments", f.read(), re.M):
+                importing.append(os.path.relpath(path, ROOT))
+    assert importing
+    for rel in importing:
+        assert f"--ignore={rel}" in done.stderr, rel
+    assert "extras not installed" in (tmp_path / "out" / "test_cuda.log").read_text()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_ci_scripts_are_shellcheck_clean():
+    scripts = [os.path.join(ROOT, ".ci", s) for s in ("gpu_run", "nvcc_check", "cuda_torch_build")]
+    done = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_to
+from conftest import assert_close_to, skip_unless_usable
 
 import fusionops
 from fusionops import reference
@@ -111,3 +111,25 @@ def test_meta_tensors_give_shapes():
     factors = [torch.empty(2, 3, 4, device="meta"), torch.empty(2, 4, 4, device="meta")]
     assert fusionops.low_rank_fusion(xs, factors, torch.empty(2, device="meta")).shape == (5, 4)
     assert fusionops.product_fusion([xs[0], xs[0]]).shape == (5, 2)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", None])
+def test_fake_tensors_go_through_the_custom_ops(backend):
+    """Under FakeTensorMode (shape propagation, e.g. on fake CUDA tensors without a GPU) every
+    public function gives its output's metadata, pairs given as a fake tensor included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if backend == "triton":
+        skip_unless_usable("triton", "cpu", op=fusionops.registry.OPS["tensor_fusion"])
+    with FakeTensorMode(), fusionops.backend(backend):
+        xs = [torch.randn(6, 3), torch.randn(6, 2)]
+        ha, hb = torch.randn(6, 3, 4), torch.randn(6, 2, 4)
+        ws = [torch.randn(4, 4) for _ in range(4)]
+        pairs = torch.tensor([[0, 1], [2, 0], [1, 1]])
+        assert fusionops.skew_pair_attention(ha, hb, pairs, *ws, heads=2).shape == (6, 3, 4)
+        assert fusionops.tensor_fusion(xs, torch.randn(5, 12)).shape == (6, 5)
+        factors = [torch.randn(2, 4, 5), torch.randn(2, 3, 5)]
+        assert fusionops.low_rank_fusion(xs, factors, torch.randn(2)).shape == (6, 5)
+        assert fusionops.product_fusion([xs[0], xs[0], xs[0]]).shape == (6, 3)
+        beta = torch.tensor([0.5, 0.5])
+        assert fusionops.multiple_kernel(xs, None, beta, ["rbf", "linear"]).shape == (6, 6)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 
 class DoubleBackwardError(RuntimeError):
@@ -106,6 +107,14 @@ class _Function(torch.autograd.Function):
 # never reaches the fused kernels: fusionops._backend.choose), so the C++ apply is called
 # directly.
 _c_apply = super(torch.autograd.Function, _Function).apply
+
+
+def traced(first: Tensor) -> bool:
+    """Whether a call goes through the custom ops rather than :func:`apply`: while
+    torch.compile or torch.export traces, and for fake tensors (FakeTensorMode, e.g. shape
+    propagation on fake CUDA tensors without a GPU), where only the ops' fake kernels can run.
+    (The type test first: a plain tensor is never fake, and it costs nothing.)"""
+    return torch.compiler.is_compiling() or (type(first) is not Tensor and is_fake(first))
 
 
 def apply(call: EagerCall, flat: tuple[Tensor | None, ...]) -> Tensor:

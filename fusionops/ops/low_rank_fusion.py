@@ -380,7 +380,7 @@ def low_rank_fusion(
         return reference.low_rank_fusion(xs, factors, rank_weight, bias, mask)
     xs2 = [x.reshape(n, x.shape[-1]) for x in xs]
     mask2 = None if mask is None else mask.reshape(n, len(xs))
-    if torch.compiler.is_compiling():  # the custom op: what compiled graphs and exports hold
+    if _eager.traced(xs2[0]):  # the custom op: what compiled graphs, exports and fake tensors take
         y = torch.ops.fusionops.low_rank_fusion(xs2, list(factors), rank_weight, bias, mask2, backend)
     else:
         call = _Call(_kernels(backend), len(xs))

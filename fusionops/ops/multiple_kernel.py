@@ -385,7 +385,7 @@ def multiple_kernel(
     kinds = [k.code for k in specs]
     degrees = [k.degree if k.kind == "polynomial" else 0 for k in specs]
     params = kernel_params(specs, dims, first)
-    if torch.compiler.is_compiling():  # the custom op: what compiled graphs and exports hold
+    if _eager.traced(first):  # the custom op: what compiled graphs, exports and fake tensors take
         return torch.ops.fusionops.multiple_kernel(
             list(xs_a), list(xs_b), beta, kinds, params, degrees, backend
         )

@@ -166,7 +166,7 @@ def product_fusion(xs: Sequence[Tensor]) -> Tensor:
     if backend == "reference":
         return reference.product_fusion(xs)
     xs2 = [x.reshape(n, dims[0]) for x in xs]
-    if torch.compiler.is_compiling():  # the custom op: what compiled graphs and exports hold
+    if _eager.traced(first):  # the custom op: what compiled graphs, exports and fake tensors take
         out = torch.ops.fusionops.product_fusion(xs2, backend)
     else:
         out = _eager.apply(_Call(_kernels(backend)), tuple(xs2))

@@ -12,6 +12,7 @@ from typing import cast
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from fusionops import _backend, reference
 from fusionops._backend import FLOAT_DTYPES, entry_kernels
@@ -222,6 +223,16 @@ def _check_int(name: str, value: object, least: int) -> int:
     return value
 
 
+def _check_fake_pairs(pairs: Tensor, ha: Tensor) -> None:
+    if pairs.dtype != torch.int64 or pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.shape[0] < 1:
+        raise ValueError(
+            f"{OP}: pairs must be an int64 tensor (P, 2) with P >= 1, got {pairs.dtype} of shape "
+            f"{tuple(pairs.shape)}"
+        )
+    if pairs.device != ha.device:
+        raise ValueError(f"{OP}: pairs is on {pairs.device}, expected {ha.device} (the device of ha)")
+
+
 def _check_args(
     ha: Tensor,
     hb: Tensor,
@@ -236,14 +247,19 @@ def _check_args(
     bo: Tensor | None,
     heads: object,
     window: object,
-) -> tuple[PairList, int, int]:
-    """Every argument of a call; returns the pairs as a table, heads and window."""
+) -> tuple[PairList | None, int, int]:
+    """Every argument of a call; returns the pairs as a table (None for a fake pairs tensor,
+    whose values are checked when the custom op runs on real tensors), heads and window."""
     _check_stack("ha", ha, None)
     _check_stack("hb", hb, ha)
     _, la, d = ha.shape
     lb = hb.shape[1]
-    table = pair_list(OP, pairs)
-    check_pairs_fit(OP, table, la, lb)
+    if isinstance(pairs, Tensor) and is_fake(pairs):  # no values: check what a fake tensor has
+        _check_fake_pairs(pairs, ha)
+        table = None
+    else:
+        table = pair_list(OP, pairs)
+        check_pairs_fit(OP, table, la, lb)
     heads = _check_int("heads", heads, 1)
     window = _check_int("window", window, 0)
     if d % heads:
@@ -272,7 +288,7 @@ def _entry(
     """A registered op's checks (``pairs``: the int64 ``(P, 2)`` index tensor on the device of
     ha, read back here to check its values; ``grad``: the backward op's upstream gradient),
     then the kernels of ``backend``."""
-    table, _, _ = _check_args(ha, hb, pairs, *ws, *bs, heads, window)
+    _check_args(ha, hb, pairs, *ws, *bs, heads, window)
     if pairs.dtype != torch.int64 or pairs.device != ha.device or not pairs.is_contiguous():
         raise ValueError(
             f"{OP}: the registered op takes pairs as a contiguous int64 tensor on {ha.device} (the "
@@ -280,7 +296,7 @@ def _entry(
             f"tensor on {pairs.device}"
         )
     if grad is not None:
-        check_grad(OP, grad, (ha.shape[0], len(table), ha.shape[2]), ha)
+        check_grad(OP, grad, (ha.shape[0], pairs.shape[0], ha.shape[2]), ha)
     return cast(SkewPairKernels, entry_kernels(OPDEF, backend, ha.device, ha.dtype, 2))
 
 
@@ -324,21 +340,23 @@ def skew_pair_attention(
     """
     table, heads, window = _check_args(ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window)
     n, d = ha.shape[0], ha.shape[2]
+    given = pairs if table is None else table  # a fake pairs tensor stays as it is
+    count = pairs.shape[0] if table is None else len(table)
 
     if _autocast.enabled(ha.device):
         return _autocast.call_without_autocast(
-            OPDEF.autocast, ha.device, skew_pair_attention, ha, hb, table, wq, wk, wv, wo, bq, bk, bv, bo,
+            OPDEF.autocast, ha.device, skew_pair_attention, ha, hb, given, wq, wk, wv, wo, bq, bk, bv, bo,
             heads=heads, window=window,
         )  # fmt: skip
     backend = _backend.choose(
-        OPDEF, ha.device, ha.dtype, 2, n * len(table) * d, needs_grad(ha, hb, wq, wk, wv, wo, bq, bk, bv, bo)
+        OPDEF, ha.device, ha.dtype, 2, n * count * d, needs_grad(ha, hb, wq, wk, wv, wo, bq, bk, bv, bo)
     )
     if backend == "reference":
         return reference.skew_pair_attention(
-            ha, hb, table, wq, wk, wv, wo, bq, bk, bv, bo, heads=heads, window=window
+            ha, hb, given, wq, wk, wv, wo, bq, bk, bv, bo, heads=heads, window=window
         )
-    index = torch.tensor(table, dtype=torch.int64, device=ha.device)
-    if torch.compiler.is_compiling():  # the custom op: what compiled graphs and exports hold
+    index = pairs if table is None else torch.tensor(table, dtype=torch.int64, device=ha.device)
+    if _eager.traced(ha):  # the custom op: what compiled graphs, exports and fake tensors take
         return torch.ops.fusionops.skew_pair_attention(
             ha, hb, index, wq, wk, wv, wo, bq, bk, bv, bo, heads, window, backend
         )

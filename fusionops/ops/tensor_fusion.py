@@ -403,7 +403,7 @@ def tensor_fusion(
     else:
         xs2 = [x.reshape(n, x.shape[-1]) for x in xs]
         mask2 = None if mask is None else mask.reshape(n, len(xs))
-    if torch.compiler.is_compiling():  # the custom ops: what compiled graphs and exports hold
+    if _eager.traced(first):  # the custom ops: what compiled graphs, exports and fake tensors take
         if weight is None:
             out = torch.ops.fusionops.tensor_fusion_features(xs2, mask2, backend)
         else:

@@ -1,0 +1,99 @@
+"""Static proof of the Triton kernels in CI, without a GPU (issue 17, item 3): the CI subset of
+``tools/triton_static.py`` compiles the 16-bit headline launches of every op for sm_90 at the
+block sizes the launchers choose, and fails on a compile error, a spill, shared memory over the
+limit or a 16-bit dot without tensor-core instructions. The full run (sm_90 and sm_80, fp32
+twins) is the script itself; its CSV is in benchmarks/results/.
+
+Issue 17's targets that do not hold yet are listed in WGMMA_TARGETS_MISSED and checked as a
+strict xfail: when a kernel gets wgmma the test fails until it is taken off the list."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Kernels whose 16-bit dot compiles to mma.sync (HMMA), not wgmma (HGMMA), on sm_90 at the
+# headline (tools/triton_static.py, triton 3.9 and 3.6 alike): issue 17's target is wgmma for
+# the headline tiles of TFN, LMF and skew-pair. Triton takes wgmma from 64-row tiles; these
+# launchers shrink the row block to 16 to fill the SMs (fusionops.triton._common._row_block).
+WGMMA_TARGETS_MISSED = {
+    # BLOCK_N=16 x BLOCK_O=128 x BLOCK_K=32, 4 warps: 167 registers (3.6: 165), 3 blocks/SM
+    ("tensor_fusion", "forward", "_projected_fwd_kernel"),
+    # dx split, BLOCK_N=16, BLOCK_J=64 for D=129, BLOCK_O=32: 80 registers (3.6: 125)
+    ("tensor_fusion", "backward", "_split_grad_kernel"),
+    # BLOCK_N=16, head dim 96 in BLOCK_C=64 blocks: 104 / 100 registers at window 0
+    ("skew_pair_attention", "forward", "_skew_fwd_kernel"),
+    ("skew_pair_attention", "backward", "_skew_bwd_kernel"),
+}
+
+
+def _tooling() -> str | None:
+    """Why triton's CUDA backend cannot compile here (None: it can)."""
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable: {exc}"
+    bin_dir = os.path.join(os.path.dirname(sys.modules["triton"].__file__), "backends", "nvidia", "bin")
+    for tool in ("ptxas", "cuobjdump", "nvdisasm"):
+        if not (os.path.exists(os.path.join(bin_dir, tool)) or shutil.which(tool)):
+            return f"triton's CUDA backend has no {tool}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_tooling() is not None, reason=str(_tooling()))
+
+
+@pytest.fixture(scope="module")
+def ci_rows(tmp_path_factory):
+    path = tmp_path_factory.mktemp("static") / "triton_static_ci.csv"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "triton_static.py"), "--subset", "ci", "--arch", "90",
+         "--csv", str(path)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return done, rows
+
+
+def test_every_ci_kernel_compiles_without_spills_or_smem_overflow(ci_rows):
+    done, rows = ci_rows
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    assert not failed, failed
+    ops = {r["op"] for r in rows}
+    assert ops >= {"tensor_fusion", "low_rank_fusion", "product_fusion", "skew_pair_attention"}, ops
+    for r in rows:
+        assert r["spill_stores"] == "0" and r["spill_loads"] == "0", r
+        assert int(r["blocks_per_sm"]) >= 1, r
+        if "bf16" in r["dot_inputs"] or "f16" in r["dot_inputs"]:
+            assert r["tensor_core"] in ("HGMMA", "HMMA"), r
+        assert r["triton"] and r["date"] and r["commit"] is not None
+
+
+def test_wgmma_where_it_is_already_reached(ci_rows):
+    """Every 16-bit dot not on the missed list uses wgmma on sm_90 (a regression gate)."""
+    _, rows = ci_rows
+    for r in rows:
+        if "bf16" in r["dot_inputs"] and (r["op"], r["mode"], r["kernel"]) not in WGMMA_TARGETS_MISSED:
+            assert r["tensor_core"] == "HGMMA", r
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17 target: wgmma for TFN fwd/dx and skew-pair headline tiles")
+def test_headline_tiles_use_wgmma(ci_rows):
+    _, rows = ci_rows
+    missed = [
+        (r["op"], r["mode"], r["kernel"], r["blocks"], r["tensor_core"])
+        for r in rows
+        if "bf16" in r["dot_inputs"] and r["tensor_core"] != "HGMMA"
+    ]
+    assert not missed, missed

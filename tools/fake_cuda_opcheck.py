@@ -1,0 +1,279 @@
+"""Checks of the CUDA build that need no GPU (issue 17, item 4), run by ``.ci/cuda_torch_build``
+against a CUDA build of torch (it also runs with ``--device cpu`` on a CPU torch, as a self-test).
+
+1. **registration**: ``fusionops._C`` imports, was built with CUDA, and every compiled kernel of
+   an op with CUDA C++ kernels has a CUDA implementation in the dispatcher.
+2. **fake kernels vs. a real run**: every registered op (forward and backward custom ops, every
+   backend that serves the device) is run under ``FakeTensorMode`` on fake tensors of
+   ``--device`` and its output metadata (shape, dtype, strides, device) is compared with a real
+   CPU run of the same op (what opcheck's ``test_faketensor`` compares, except that the real
+   run is on CPU: a real CUDA run needs a GPU). Note: ``torch.library.opcheck`` itself skips its
+   fake check when the inputs are already fake, so calling it on fake CUDA tensors proves
+   nothing; this script does not count that as a check.
+3. **tracing**: every public function under ``FakeTensorMode`` on fake ``--device`` tensors,
+   as it is and through its custom op (what torch.compile takes): the forward, and on CPU (or
+   with a GPU) the backward through autograd (the engine needs a CUDA context for CUDA
+   tensors, fake ones too). Failures listed in ``KNOWN_TRACE_FAILURES``
+   are reported as KNOWN (with the issue that tracks them) instead of failing the run.
+
+Exit status: 0 when every check passed (or failed as known), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fusionops  # noqa: E402
+from fusionops import _extension  # noqa: E402
+from fusionops.registry import OPS  # noqa: E402
+
+# Public functions known not to trace under FakeTensorMode yet, and why (none: fake inputs go
+# through the custom ops, fusionops/ops/_eager.traced).
+KNOWN_TRACE_FAILURES: dict[str, str] = {}
+
+OPS_NS = torch.ops.fusionops
+RESULTS: list[tuple[str, str, str]] = []  # (check, status, detail)
+
+
+def record(check: str, ok: bool | None, detail: str = "") -> None:
+    status = "PASS" if ok else "FAIL" if ok is False else "KNOWN"
+    RESULTS.append((check, status, detail))
+    print(f"{status:5} {check}{(': ' + detail) if detail else ''}", flush=True)
+
+
+def _randn(*shape: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=GEN, dtype=torch.float64).to(dtype)
+
+
+GEN = torch.Generator().manual_seed(0)
+
+
+# --- the cases: (op overload packet, args builder taking the backend) ---------------------------
+
+
+def _cases(dtype: torch.dtype) -> list[tuple[str, Callable[[str], tuple]]]:
+    dims, n = (2, 3, 4), 5
+    xs = [_randn(n, d, dtype=dtype) for d in dims]
+    k = math.prod(d + 1 for d in dims)
+    w, b = _randn(4, k, dtype=dtype), _randn(4, dtype=dtype)
+    mask = torch.rand(n, 3, generator=GEN) > 0.3
+    gz, gy = _randn(n, k, dtype=dtype), _randn(n, 4, dtype=dtype)
+    factors = [_randn(3, d + 1, 4, dtype=dtype) for d in dims]
+    rw = _randn(3, dtype=dtype)
+    same = [_randn(n, 6, dtype=dtype) for _ in range(3)]
+    ha, hb = _randn(n, 3, 6, dtype=dtype), _randn(n, 4, 6, dtype=dtype)
+    ws = [_randn(6, 6, dtype=dtype) for _ in range(4)]
+    bs = [_randn(6, dtype=dtype) for _ in range(4)]
+    pairs = torch.tensor([[2, 0], [0, 3], [1, 1]])
+    gs = _randn(n, 3, 6, dtype=dtype)
+    xa, xb = (
+        [_randn(5, 3, dtype=dtype), _randn(5, 2, dtype=dtype)],
+        [_randn(4, 3, dtype=dtype), _randn(4, 2, dtype=dtype)],
+    )
+    beta, params = _randn(2, dtype=dtype).abs(), torch.tensor([0.5, 1.5])  # params: float32 always
+    gk = _randn(5, 4, dtype=dtype)
+    return [
+        ("tensor_fusion_features", lambda be: (xs, mask, be)),
+        ("tensor_fusion_features_backward", lambda be: (gz, xs, mask, be)),
+        ("tensor_fusion_projected", lambda be: (xs, w, b, mask, be)),
+        ("tensor_fusion_projected", lambda be: (xs, w, None, None, be)),
+        ("tensor_fusion_projected_backward", lambda be: (gy, xs, w, mask, True, True, True, be)),
+        ("tensor_fusion_projected_backward", lambda be: (gy, xs, w, None, False, True, False, be)),
+        ("low_rank_fusion", lambda be: (xs, factors, rw, b, mask, be)),
+        ("low_rank_fusion_backward", lambda be: (gy, xs, factors, rw, mask, True, True, True, True, be)),
+        ("product_fusion", lambda be: (same, be)),
+        ("product_fusion_backward", lambda be: (same[0], same, be)),
+        ("skew_pair_attention", lambda be: (ha, hb, pairs, *ws, *bs, 2, 1, be)),
+        ("skew_pair_attention", lambda be: (ha, hb, pairs, *ws, None, None, None, None, 3, 0, be)),
+        ("skew_pair_attention_backward", lambda be: (gs, ha, hb, pairs, *ws, *bs[:3], 2, 1, [True] * 10, be)),
+        ("multiple_kernel", lambda be: (xa, xb, beta, [1, 2], params, [0, 2], be)),
+        ("multiple_kernel_backward", lambda be: (gk, xa, xb, beta, [1, 2], params, [0, 2], [True] * 4, be)),
+    ]
+
+
+def _op_def(name: str):
+    return OPS[name.removesuffix("_backward").replace("_features", "").replace("_projected", "")]
+
+
+def _meta(t: object) -> object:
+    if isinstance(t, torch.Tensor):
+        return (tuple(t.shape), t.dtype, tuple(t.stride()) if t.numel() else None)
+    return t
+
+
+def check_registration(device: str) -> None:
+    ok = _extension.extension_loaded()
+    record("fusionops._C imports", ok, _extension.extension_error() or "")
+    if not ok or device != "cuda":
+        return
+    record("fusionops._C built with CUDA", _extension.extension_built_with_cuda())
+    for op in OPS.values():
+        if not op.cuda_kernels:
+            continue
+        for kernel in op.kernels:
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"fusionops::{kernel}", "CUDA")
+            record(f"CUDA kernel registered: fusionops::{kernel}", has)
+
+
+def check_fake_kernels(device: str) -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, make in _cases(dtype):
+            op = getattr(OPS_NS, name)
+            backends = ["triton"] + (["cuda"] if _op_def(name).cuda_kernels else [])
+            if device == "cpu":
+                backends = ["cpu"]
+            try:
+                real = op(*make("cpu"))
+            except Exception as exc:  # noqa: BLE001
+                record(f"real {name} [cpu, {dtype}]", False, f"{type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            for backend in backends:
+                label = f"fake {name} [{backend}, {str(dtype).removeprefix('torch.')}, {device}]"
+                try:
+                    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+                        args = pytree.tree_map_only(
+                            torch.Tensor, lambda t, m=mode: m.from_tensor(t).to(device), make(backend)
+                        )
+                        fake = op(*args)
+                    real_meta = [_meta(t) for t in pytree.tree_leaves(real)]
+                    fake_meta = [_meta(t) for t in pytree.tree_leaves(fake)]
+                    devices = {t.device.type for t in pytree.tree_leaves(fake) if isinstance(t, torch.Tensor)}
+                    same = real_meta == fake_meta and devices <= {device}
+                    record(label, same, "" if same else f"real {real_meta} vs fake {fake_meta} on {devices}")
+                except Exception as exc:  # noqa: BLE001 - every failure is reported
+                    record(label, False, f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
+def _public_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], list[torch.Tensor]]]]:
+    """(op, fn) pairs: fn runs the public function on fresh fake inputs and returns the leaves
+    whose gradients backward must produce (run inside FakeTensorMode on ``device``)."""
+
+    def leaf(*shape: int) -> torch.Tensor:
+        # empty: fake tensors hold no values (randn would ask the CUDA generator for a seed)
+        return torch.empty(*shape, device=DEVICE, dtype=dtype).requires_grad_(True)
+
+    def tf():
+        xs, w, b = [leaf(5, d) for d in (2, 3, 4)], leaf(4, 60), leaf(4)
+        return fusionops.tensor_fusion(xs, w, b), [*xs, w, b]
+
+    def lmf():
+        xs, fs, rw = [leaf(5, d) for d in (2, 3, 4)], [leaf(3, d + 1, 4) for d in (2, 3, 4)], leaf(3)
+        return fusionops.low_rank_fusion(xs, fs, rw, leaf(4)), [*xs, *fs, rw]
+
+    def prod():
+        xs = [leaf(5, 6) for _ in range(3)]
+        return fusionops.product_fusion(xs), xs
+
+    def skew(pairs):
+        def run():
+            ha, hb, ws = leaf(5, 3, 6), leaf(5, 4, 6), [leaf(6, 6) for _ in range(4)]
+            p = pairs() if callable(pairs) else pairs
+            return fusionops.skew_pair_attention(ha, hb, p, *ws, heads=2, window=1), [ha, hb, *ws]
+
+        return run
+
+    def mkl():
+        xa, xb = [leaf(5, 3), leaf(5, 2)], [leaf(4, 3), leaf(4, 2)]
+        beta = torch.empty(2, device=DEVICE, dtype=dtype).requires_grad_(True)
+        kernels = [fusionops.BaseKernel("rbf", gamma=0.5), fusionops.BaseKernel("linear")]
+        return fusionops.multiple_kernel(xa, xb, beta, kernels), [*xa, *xb, beta]
+
+    return [
+        ("tensor_fusion", tf),
+        ("low_rank_fusion", lmf),
+        ("product_fusion", prod),
+        ("skew_pair_attention (pairs as a list)", skew([(2, 0), (0, 3), (1, 1)])),
+        (
+            "skew_pair_attention (pairs as a tensor)",
+            skew(lambda: torch.tensor([[2, 0], [0, 3], [1, 1]], device=DEVICE)),
+        ),
+        ("multiple_kernel", mkl),
+    ]
+
+
+DEVICE = "cuda"
+
+
+@contextlib.contextmanager
+def _through_custom_ops():
+    """The public functions take their custom-op path (as under torch.compile): what they would
+    do under FakeTensorMode with the change proposed for fusionops/ops (route fake inputs to
+    torch.ops.fusionops.<op>, whose fake kernels and autograd are registered)."""
+    saved = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        yield
+    finally:
+        torch.compiler.is_compiling = saved
+
+
+def check_tracing(device: str) -> None:
+    for route in ("as is", "through the custom ops"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, fn in _public_calls(dtype):
+                # The autograd engine needs a CUDA context for CUDA tensors, fake ones too: without
+                # a GPU only the forward is traced there (the backward custom ops' fake kernels
+                # are checked above).
+                backward = device == "cpu" or torch.cuda.is_available()
+                what = "fwd+bwd" if backward else "fwd"
+                label = f"trace {name} {what} [{route}, {str(dtype).removeprefix('torch.')}, {device}]"
+                try:
+                    path = _through_custom_ops() if route != "as is" else contextlib.nullcontext()
+                    with FakeTensorMode(), path:
+                        out, leaves = fn()
+                        assert out.device.type == device, out.device
+                        if backward:
+                            out.sum().backward()
+                            missing = [i for i, t in enumerate(leaves) if t.grad is None]
+                            assert not missing, f"no gradient for leaves {missing}"
+                    record(label, True)
+                except Exception as exc:  # noqa: BLE001
+                    tag = f"{name} [{route}]"
+                    known = next((v for k, v in KNOWN_TRACE_FAILURES.items() if tag.startswith(k)), None)
+                    where = traceback.extract_tb(exc.__traceback__)[-1]
+                    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                    detail = f"{type(exc).__name__}: {first} (at {where.filename}:{where.lineno})"
+                    record(label, None if known else False, detail + (f" [known: {known}]" if known else ""))
+
+
+def main() -> int:
+    global DEVICE
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    args = parser.parse_args()
+    DEVICE = args.device
+    print(
+        f"torch {torch.__version__} (cuda {torch.version.cuda}, GPU available: {torch.cuda.is_available()}), "
+        f"fusionops from {os.path.dirname(fusionops.__file__)}",
+        flush=True,
+    )
+    if args.device == "cuda" and torch.version.cuda is None:
+        print("this torch is a CPU build: fake CUDA tensors need a CUDA build of torch", file=sys.stderr)
+        return 1
+    check_registration(args.device)
+    check_fake_kernels(args.device)
+    check_tracing(args.device)
+    failed = [r for r in RESULTS if r[1] == "FAIL"]
+    known = [r for r in RESULTS if r[1] == "KNOWN"]
+    print(
+        f"\n{len(RESULTS)} checks: {len(RESULTS) - len(failed) - len(known)} passed, "
+        f"{len(known)} failed as known, {len(failed)} failed"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
