@@ -1,8 +1,10 @@
 """Build of fusionops and its optional compiled extension ``fusionops._C``.
 
-* The C++ kernels (``csrc/ops.cpp``, ``csrc/cpu/*.cpp``) are compiled whenever torch is
-  importable at build time: install torch first and build without isolation
-  (``pip install --no-build-isolation -e .``).
+* The C++ kernels (``csrc/ops.cpp``, ``csrc/cpu/*.cpp``) are compiled against the torch of
+  the environment being installed into: install torch first, then
+  ``pip install --no-build-isolation -e .`` (README). Under build isolation that torch is
+  found in the target environment's site-packages, never downloaded again; with no torch
+  there the build stops with an error saying so, unless ``FUSIONOPS_BUILD_EXT=0``.
 * The CUDA kernels (``csrc/cuda/*.cu``, ``csrc/cuda/*.cpp`` bindings and the plain kernels in
   ``csrc/cuda/kernels/*.cu``) are added when a CUDA toolkit and a CUDA build of
   torch are present. ``FUSIONOPS_WITH_CUDA=1`` forces them (failing loudly if impossible),
@@ -12,32 +14,68 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import sys
+import sysconfig
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _cxx_standard() -> str:
+    """The C++ standard the installed torch's headers need (c++20 from torch 2.14 on, c++17
+    before; ``FUSIONOPS_CXX_STD`` overrides): tools/torch_cxx_std.py, loaded by path."""
+    spec = importlib.util.spec_from_file_location(
+        "_fusionops_torch_cxx_std", os.path.join(HERE, "tools", "torch_cxx_std.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.torch_cxx_standard()
+
+
 def _flag(name: str) -> str:
     return os.environ.get(name, "auto").strip().lower()
+
+
+# Commands that compile. Metadata and sdist runs (egg_info, dist_info, sdist) need no torch.
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+
+
+def _find_torch() -> bool:
+    """Whether torch is importable, looking also in the target environment: pip's build
+    isolation hides its site-packages from sys.path (sysconfig still names it), and building
+    against the torch installed there beats downloading a second one just to compile."""
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        pass
+    for site in dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")):
+        if os.path.isfile(os.path.join(site, "torch", "__init__.py")):
+            sys.path.append(site)  # last: the isolated build's own setuptools stays first
+            print(f"fusionops: build isolation: compiling against the torch in {site}", file=sys.stderr)
+            return True
+    return False
 
 
 def _extensions() -> tuple[list, dict]:
     if _flag("FUSIONOPS_BUILD_EXT") in ("0", "false", "no"):
         print("fusionops: FUSIONOPS_BUILD_EXT=0, building without fusionops._C", file=sys.stderr)
         return [], {}
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except ImportError:
-        print(
-            "fusionops: WARNING: torch is not importable at build time, so the C++ extension "
-            "is not built. Install torch first, then `pip install --no-build-isolation .`",
-            file=sys.stderr,
-        )
+    if not _BUILD_COMMANDS & set(sys.argv[1:]):
         return [], {}
+    if not _find_torch():
+        # pip shows a build's output only when it fails: failing is the only way to be heard.
+        raise SystemExit(
+            "fusionops: ERROR: torch is not installed in the environment being installed into, so "
+            "the C++ extension fusionops._C cannot be built. Install torch first (pip install torch), "
+            "then `pip install --no-build-isolation .`; or set FUSIONOPS_BUILD_EXT=0 to install "
+            "without the compiled kernels (reference and Triton backends only)."
+        )
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     rel = lambda paths: sorted(os.path.relpath(p, HERE) for p in paths)  # noqa: E731
     sources = rel(
@@ -60,7 +98,9 @@ def _extensions() -> tuple[list, dict]:
         )
     with_cuda = can_cuda and want_cuda not in ("0", "false", "no")
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    std = f"-std={_cxx_standard()}"
+    print(f"fusionops: compiling with {std} (torch {torch.__version__})", file=sys.stderr)
+    cxx = ["-O3", std, "-fopenmp"]
     if with_cuda:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
         if not arch:
@@ -70,7 +110,7 @@ def _extensions() -> tuple[list, dict]:
             sources + cuda_sources,
             # No --use_fast_math: it flushes subnormals to zero and uses approximate division
             # and exp; the kernels are tested against float64 references (correctness first).
-            extra_compile_args={"cxx": cxx + ["-DFUSIONOPS_WITH_CUDA"], "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx + ["-DFUSIONOPS_WITH_CUDA"], "nvcc": ["-O3", std]},
             extra_link_args=["-fopenmp"],
         )
     else:

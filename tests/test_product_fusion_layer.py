@@ -48,7 +48,7 @@ def test_product_fusion_and_concat_layers():
     ys = [x.detach() for x in make_xs((4,), (2, 5), torch.float64)]
     assert torch.equal(Concat()(ys), torch.cat(ys, dim=1))
     zs = [x.detach() for x in make_xs((4, 3), (2, 5), torch.float64)]
-    assert Concat(dim=-1)(zs).shape == (4, 3, 7)
+    assert Concat()(zs).shape == (4, 21)  # MultiBench's: flattened from dim 1 (tests/test_concat_layer.py)
 
 
 def test_layer_errors():
@@ -56,7 +56,7 @@ def test_layer_errors():
         ProductConcat()([torch.randn(2, 3)] * 3)
     with pytest.raises(ValueError, match=r"product_fusion: xs\[1\] has width 4 but xs\[0\] has 3"):
         ProductConcat()([torch.randn(2, 3), torch.randn(2, 4)])
-    with pytest.raises(ValueError, match=r"Concat: xs must be a non-empty list"):
+    with pytest.raises(ValueError, match=r"Concat: modalities must be a non-empty list"):
         Concat()(torch.randn(2, 3))
 
 

@@ -9,11 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from fusionops._checks import check_layer_widths
+from fusionops.nn._lmf_peers import LMF_FACTOR_KEYS, MULTIBENCH_NO_FACTORS, load_peer_layout, shape_errors
 from fusionops.ops.low_rank_fusion import low_rank_fusion
-
-# Keys of the factors in the original LMF model (Justin1904/Low-rank-Multimodal-Fusion), in its
-# modality order.
-LMF_FACTOR_KEYS = ("audio_factor", "video_factor", "text_factor")
 
 
 class LowRankFusion(nn.Module):
@@ -28,8 +25,17 @@ class LowRankFusion(nn.Module):
 
     ``forward(xs, mask=None)``: ``xs[m]`` of shape ``(*, d_m)``; returns ``(*, O)``. ``mask``
     ``(*, M)`` bool marks present modalities; a missing one contributes ``[1, 0…0]``.
-    :meth:`from_lmf_weights` and :meth:`from_lmf_state_dict` load the original code's weights.
+
+    Peers' weights: :meth:`from_lmf_weights` and :meth:`from_lmf_state_dict` build a layer from
+    the original LMF code's tensors; ``load_state_dict`` also takes that code's keys
+    (``audio_factor``, ``video_factor``, ``text_factor``, ``fusion_weights``, ``fusion_bias``;
+    ``lmf_factor_keys`` names the factors in forward's modality order); :meth:`from_multibench`
+    adopts a live MultiBench ``LowRankTensorFusion``, whose ``state_dict`` lacks its factors
+    (loading one says so).
     """
+
+    # The LMF code's factor keys in forward's modality order (the load_state_dict hook's).
+    lmf_factor_keys: tuple[str, ...] = LMF_FACTOR_KEYS
 
     def __init__(
         self,
@@ -60,6 +66,7 @@ class LowRankFusion(nn.Module):
         self.rank_weight = nn.Parameter(torch.empty(self.rank, **factory))
         self.bias = nn.Parameter(torch.empty(self.output_dim, **factory)) if bias else None
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(load_peer_layout)
 
     def reset_parameters(self) -> None:
         """The LMF code's initialisation: Xavier-normal factors and rank weights (the latter
@@ -88,26 +95,20 @@ class LowRankFusion(nn.Module):
         name = f"{cls.__name__}.from_lmf_weights"
         if not factors or any(not isinstance(f, Tensor) or f.dim() != 3 for f in factors):
             raise ValueError(f"{name}: factors must be one or more (R, d_m + 1, O) tensors")
-        rank, _, out = factors[0].shape
+        rank, _, out = (int(n) for n in factors[0].shape)
         dims = [int(f.shape[1]) - 1 for f in factors]
-        if fusion_weights.numel() != rank or fusion_weights.dim() > 2:
-            raise ValueError(
-                f"{name}: fusion_weights must have shape (1, {rank}) or ({rank},) for factors of "
-                f"rank {rank}, got {tuple(fusion_weights.shape)}"
-            )
-        if fusion_bias is not None and (fusion_bias.numel() != out or fusion_bias.dim() > 2):
-            raise ValueError(
-                f"{name}: fusion_bias must have shape (1, {out}) or ({out},) for factors with "
-                f"output {out}, got {tuple(fusion_bias.shape)}"
-            )
+        bad = shape_errors(
+            {f"factors[{m}]": f for m, f in enumerate(factors)},
+            [(rank, d + 1, out) for d in dims],
+            fusion_weights,
+            fusion_bias,
+            rank,
+            out,
+        )
+        if bad:  # every mis-shaped tensor at once; R and O are those of factors[0]
+            raise ValueError(f"{name}: " + "; ".join(bad.values()) + f" (R = {rank}, O = {out})")
         ref = factors[0]
         layer = cls(dims, out, rank, bias=fusion_bias is not None, device=ref.device, dtype=ref.dtype)
-        for m, f in enumerate(factors):
-            if tuple(f.shape) != tuple(layer.factors[m].shape):
-                raise ValueError(
-                    f"{name}: factors[{m}] must have shape {tuple(layer.factors[m].shape)} (the "
-                    f"rank and output of factors[0]), got {tuple(f.shape)}"
-                )
         with torch.no_grad():
             for mine, f in zip(layer.factors, factors, strict=True):
                 mine.copy_(f)
@@ -127,17 +128,41 @@ class LowRankFusion(nn.Module):
         ``forward`` (the LMF model's ``forward(audio, video, text)`` order by default);
         ``prefix`` is prepended to every key (e.g. ``"module."`` for a DataParallel save).
         """
+        name = f"{cls.__name__}.from_lmf_state_dict"
         keys = [prefix + k for k in (*factor_keys, "fusion_weights")]
         missing = [k for k in keys if k not in state_dict]
         if missing:
-            raise KeyError(
-                f"{cls.__name__}.from_lmf_state_dict: missing keys {missing}; state_dict has "
-                f"{sorted(state_dict)[:12]}"
+            no_factors = all(prefix + k not in state_dict for k in factor_keys)
+            multibench = no_factors and prefix + "fusion_weights" in state_dict
+            why = f"; {MULTIBENCH_NO_FACTORS}" if multibench else ""
+            raise KeyError(f"{name}: missing keys {missing}{why}; state_dict has {sorted(state_dict)[:12]}")
+        factors = {prefix + k: state_dict[prefix + k] for k in factor_keys}
+        fusion_weights, fusion_bias = state_dict[keys[-1]], state_dict.get(prefix + "fusion_bias")
+        first = next(iter(factors.values()))
+        if all(f.dim() == 3 for f in factors.values()):  # else from_lmf_weights says what is wrong
+            rank, out = int(first.shape[0]), int(first.shape[2])
+            want = [(rank, int(f.shape[1]), out) for f in factors.values()]
+            bad = shape_errors(factors, want, fusion_weights, fusion_bias, rank, out)
+            if bad:  # named by the state_dict's keys, all at once
+                raise ValueError(f"{name}: " + "; ".join(bad.values()) + f" (R = {rank}, O = {out})")
+        return cls.from_lmf_weights(list(factors.values()), fusion_weights, fusion_bias)
+
+    @classmethod
+    def from_multibench(cls, peer: nn.Module) -> LowRankFusion:
+        """A layer holding copies of a live MultiBench ``LowRankTensorFusion``'s weights: its
+        ``factors`` list ``(R, d_m + 1, O)``, ``fusion_weights (1, R)``, ``fusion_bias (1, O)``.
+
+        The only way to carry its factors over: MultiBench never registers them, so its
+        ``state_dict`` does not hold them. Same as ``from_lmf_weights(peer.factors,
+        peer.fusion_weights, peer.fusion_bias)``.
+        """
+        absent = [a for a in ("factors", "fusion_weights", "fusion_bias") if not hasattr(peer, a)]
+        if absent:
+            raise TypeError(
+                f"{cls.__name__}.from_multibench: {type(peer).__name__} has no {absent}; expected "
+                "MultiBench's LowRankTensorFusion (a factors list, fusion_weights, fusion_bias)"
             )
-        factors = [state_dict[prefix + k] for k in factor_keys]
-        return cls.from_lmf_weights(
-            factors, state_dict[prefix + "fusion_weights"], state_dict.get(prefix + "fusion_bias")
-        )
+        return cls.from_lmf_weights(list(peer.factors), peer.fusion_weights, peer.fusion_bias)
 
     def extra_repr(self) -> str:
         return (
@@ -151,13 +176,31 @@ class LowRankTensorFusion(LowRankFusion):
 
     ``forward(modalities, training=False)`` flattens each modality from dim 1 when ``flatten``
     (as MultiBench does) and returns ``(batch, output_dim)``. Unlike MultiBench's, the factors,
-    rank weights and bias are registered parameters (MultiBench keeps them in a plain list and
-    moves them with ``.cuda()`` at construction, so they are never trained, saved or cast).
+    rank weights and bias are registered parameters (MultiBench keeps its factors in a plain
+    list, so they are never trained, saved or cast). ``bias``, ``device`` and ``dtype`` are
+    keyword-only extras (MultiBench's positional constructor is unchanged).
     """
 
-    def __init__(self, input_dims: Sequence[int], output_dim: int, rank: int, flatten: bool = True) -> None:
-        super().__init__(input_dims, output_dim, rank, bias=True)
+    def __init__(
+        self,
+        input_dims: Sequence[int],
+        output_dim: int,
+        rank: int,
+        flatten: bool = True,
+        *,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(input_dims, output_dim, rank, bias=bias, device=device, dtype=dtype)
         self.flatten = flatten
+
+    @classmethod
+    def from_multibench(cls, peer: nn.Module) -> LowRankTensorFusion:
+        """:meth:`LowRankFusion.from_multibench`, keeping the peer's ``flatten``."""
+        layer = super().from_multibench(peer)
+        layer.flatten = bool(getattr(peer, "flatten", True))
+        return layer
 
     def forward(
         self, modalities: Sequence[Tensor], training: bool = False, mask: Tensor | None = None

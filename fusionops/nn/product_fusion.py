@@ -49,18 +49,20 @@ class ProductConcat(nn.Module):
 
 
 class Concat(nn.Module):
-    """The paper's ``Concatenate`` baseline: ``cat(xs, dim=1)`` (``dim`` configurable)."""
+    """MultiBench's ``Concat``: every modality flattened from dim 1, then all concatenated on
+    dim 1, so ``(B, d_1)``, ``(B, T, d_2)`` give ``(B, d_1 + T·d_2)``; ``forward(modalities,
+    training=False)`` as theirs. On ``(B, d)`` features it is also Michaels et al.'s
+    concatenation baseline (``cat(xs, dim=1)``).
+    """
 
-    def __init__(self, dim: int = 1) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, xs: Sequence[Tensor]) -> Tensor:
-        if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)) or not xs:
+    def forward(self, modalities: Sequence[Tensor], training: bool = False) -> Tensor:
+        if isinstance(modalities, Tensor) or not isinstance(modalities, (list, tuple)) or not modalities:
             raise ValueError(
-                f"Concat: xs must be a non-empty list or tuple of tensors, got {type(xs).__name__}"
+                "Concat: modalities must be a non-empty list or tuple of tensors, "
+                f"got {type(modalities).__name__}"
             )
-        return torch.cat(list(xs), dim=self.dim)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+        for i, x in enumerate(modalities):
+            if not isinstance(x, Tensor) or x.dim() < 2:
+                what = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"Concat: modalities[{i}] must be a (B, ...) tensor, 2+ dims, got {what}")
+        return torch.cat([torch.flatten(x, start_dim=1) for x in modalities], dim=1)
