@@ -21,6 +21,29 @@ NAME = "select_skew_pairs"
 _BLOCK_ELEMENTS = 1 << 22
 
 
+def selection_markdown(table: Sequence[dict[str, Any]], level: float) -> str:
+    """A selection table (``SkewPairSelection.table``, or its JSON rows) as GitHub markdown,
+    best and chosen rows marked."""
+    pct = f"{100 * level:g}%"
+    lines = [
+        f"| skew | density | pairs | mean | {pct} low | {pct} high | note |",
+        "|---:|---:|---:|---:|---:|---:|:---|",
+    ]
+    for row in table:
+        if row["skipped"]:
+            lines.append(f"| {row['skew']} | {row['density']:.4g} | 0 | — | — | — | skipped: {row['note']} |")
+            continue
+        marks = [m for m, on in (("best", row["best"]), ("chosen", row["chosen"])) if on]
+        if not marks and row["tied"]:
+            marks.append("tied")
+        note = ", ".join(marks + ([row["note"]] if row["note"] else []))
+        lines.append(
+            f"| {row['skew']} | {row['density']:.4g} | {row['n_pairs']} | {row['mean']:.4f} | "
+            f"{row['low']:.4f} | {row['high']:.4f} | {note} |"
+        )
+    return "\n".join(lines)
+
+
 @dataclass
 class SkewPairSelection:
     """What :func:`select_skew_pairs` chose, and the table it chose from.
@@ -48,26 +71,7 @@ class SkewPairSelection:
 
     def to_markdown(self) -> str:
         """The table as GitHub markdown, best and chosen rows marked."""
-        pct = f"{100 * self.level:g}%"
-        lines = [
-            f"| skew | density | pairs | mean | {pct} low | {pct} high | note |",
-            "|---:|---:|---:|---:|---:|---:|:---|",
-        ]
-        for row in self.table:
-            if row["skipped"]:
-                lines.append(
-                    f"| {row['skew']} | {row['density']:.4g} | 0 | — | — | — | skipped: {row['note']} |"
-                )
-                continue
-            marks = [m for m, on in (("best", row["best"]), ("chosen", row["chosen"])) if on]
-            if not marks and row["tied"]:
-                marks.append("tied")
-            note = ", ".join(marks + ([row["note"]] if row["note"] else []))
-            lines.append(
-                f"| {row['skew']} | {row['density']:.4g} | {row['n_pairs']} | {row['mean']:.4f} | "
-                f"{row['low']:.4f} | {row['high']:.4f} | {note} |"
-            )
-        return "\n".join(lines)
+        return selection_markdown(self.table, self.level)
 
 
 def _outcomes(value: object, where: str) -> np.ndarray:
@@ -256,4 +260,4 @@ def _why_no_pairs(la: int, lb: int, skew: int, density: float) -> str:
     return f"skew outside {-(lb - 1)}..{la - 1} for la={la}, lb={lb}"
 
 
-__all__ = ["SkewPairSelection", "select_skew_pairs"]
+__all__ = ["SkewPairSelection", "select_skew_pairs", "selection_markdown"]

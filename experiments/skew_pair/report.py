@@ -79,26 +79,3 @@ def comparison_lines(comparison: dict[str, Any]) -> list[str]:
         label = comparison["models"][name]["label"]
         lines.append(f"| SSFN − {label} | {stats.fmt(iv)} | {iv['n']} | {iv['verdict']} |")
     return lines
-
-
-def selection_markdown(table: Sequence[dict[str, Any]], level: float) -> str:
-    """The selection table as markdown, from its JSON rows (the format of
-    ``fusionops.SkewPairSelection.to_markdown``)."""
-    pct = f"{100 * level:g}%"
-    lines = [
-        f"| skew | density | pairs | mean | {pct} low | {pct} high | note |",
-        "|---:|---:|---:|---:|---:|---:|:---|",
-    ]
-    for row in table:
-        if row["skipped"]:
-            lines.append(f"| {row['skew']} | {row['density']:.4g} | 0 | — | — | — | skipped: {row['note']} |")
-            continue
-        marks = [m for m, on in (("best", row["best"]), ("chosen", row["chosen"])) if on]
-        if not marks and row["tied"]:
-            marks.append("tied")
-        note = ", ".join(marks + ([row["note"]] if row["note"] else []))
-        lines.append(
-            f"| {row['skew']} | {row['density']:.4g} | {row['n_pairs']} | {row['mean']:.4f} | "
-            f"{row['low']:.4f} | {row['high']:.4f} | {note} |"
-        )
-    return "\n".join(lines)

@@ -19,6 +19,7 @@ import fusionops
 from experiments import atomic, provenance, stats
 from experiments.skew_pair import encoders, probes, report, sweep, task
 from experiments.skew_pair.plots import density_label, plot_study
+from fusionops.selection import selection_markdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_DENSITIES = (1 / 12, 3 / 12, 5 / 12)
@@ -427,7 +428,7 @@ def render(out: Path = RESULTS, log: Callable[[str], None] = print) -> dict[str,
 def _markdown(res: dict[str, Any]) -> str:
     cfg, sel, t = res["config"], res["selection"], res["timings_s"]
     depth = len(res["probes"]["bit a from A"])
-    selection_md = report.selection_markdown(sel["table"], sel["level"])
+    selection_md = selection_markdown(sel["table"], sel["level"])
     dense = res["dense_reference"]
     lines = [
         "# Skew-pair sweep: results",
