@@ -123,6 +123,6 @@ def values_readable(t: Tensor) -> bool:
     return not (
         torch.compiler.is_compiling()
         or t.device.type == "meta"
-        or is_fake(t)
+        or (type(t) is not Tensor and is_fake(t))  # a fake tensor is a subclass: test that first
         or torch._C._functorch.is_batchedtensor(t)
     )
