@@ -17,13 +17,14 @@ import fusionops
 from fusionops import reference
 from fusionops.triton import _common
 from fusionops.triton import low_rank_fusion as t_lmf
+from fusionops.triton import multiple_kernel as t_mkl
 from fusionops.triton import skew_pair as t_skew
 from fusionops.triton import tensor_fusion as t_tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
-# The modules whose float32 dots follow torch's setting (multiple_kernel: not yet).
-MODULES = {"tensor_fusion": t_tf, "low_rank_fusion": t_lmf, "skew_pair": t_skew}
+# The modules whose float32 dots follow torch's setting: every Triton kernel's.
+MODULES = {"tensor_fusion": t_tf, "low_rank_fusion": t_lmf, "skew_pair": t_skew, "multiple_kernel": t_mkl}
 
 
 @pytest.fixture
@@ -82,8 +83,7 @@ def test_policy_is_read_at_every_call(matmul_setting):
 
 
 def test_launchers_pass_the_policy_not_a_constant():
-    """Every launch of a kernel with a PRECISION constexpr (but multiple_kernel's) passes
-    _input_precision(dtype, device)."""
+    """Every launch of a kernel with a PRECISION constexpr passes _input_precision(dtype, device)."""
     for name in MODULES:
         with open(os.path.join(ROOT, "fusionops", "triton", f"{name}.py")) as f:
             text = f.read()

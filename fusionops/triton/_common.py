@@ -12,11 +12,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Exact float32 products in tl.dot (tf32 would miss the float32 tolerance). The kernels of
-# tensor, low-rank and skew-pair fusion take theirs from _input_precision (torch's setting);
-# multiple_kernel still passes this one.
-_PRECISION = "ieee"
-
 
 def _tf32_allowed() -> bool:
     """torch's own float32 matmul setting: ``torch.backends.cuda.matmul.allow_tf32``,
