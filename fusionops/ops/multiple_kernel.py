@@ -19,7 +19,7 @@ from torch import Tensor
 from fusionops import _backend, reference
 from fusionops._backend import entry_kernels
 from fusionops._checks import check_grad, check_like, check_modalities, check_shape, values_readable
-from fusionops.base_kernels import BaseKernel, KernelSpec, as_base_kernels, kernel_params
+from fusionops.base_kernels import KIND_CODES, KernelSpec, as_base_kernels, kernel_params
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import MultipleKernelKernels, empty_grad
@@ -288,10 +288,13 @@ def _check_beta(beta: Tensor, modalities: int, like: Tensor) -> None:
         )
 
 
+_KIND_NAMES = {code: kind for kind, code in KIND_CODES.items()}  # what the kernels' codes mean
+
+
 def _check_codes(kinds: list[int], params: Tensor, degrees: list[int], modalities: int, like: Tensor) -> None:
     """The registered op's encoded base kernels (what :func:`kernel_params` and
     ``BaseKernel.code`` produce): one kind code, parameter and degree per modality."""
-    codes = {BaseKernel(kind).code: kind for kind in ("linear", "rbf", "polynomial")}
+    codes = _KIND_NAMES
     if len(kinds) != modalities or any(k not in codes for k in kinds):
         raise ValueError(
             f"{OP}: kinds must hold one code per modality ({modalities}) from {codes}, got {list(kinds)}"
