@@ -37,7 +37,8 @@ from pathlib import Path
 # OS dominate). So the gate fails a fused row only when it is more than 1.40x slower and its OLD
 # median is at least 1 ms: an unchanged build passes, a kernel that lost 40% of its speed
 # fails. Runs that time longer (the default grid, --case headline: 0.3 s and 2 s per way instead
-# of 0.1 s) are steadier and can use a lower --threshold.
+# of 0.1 s) are steadier and can use a lower --threshold. Those runs used the earlier home-made
+# timer (median of single calls), not torch.utils.benchmark's block means: not re-measured yet.
 DEFAULT_THRESHOLD = 0.40
 DEFAULT_MIN_MS = 1.0
 KEY = ("op", "case", "way", "mode")

@@ -30,11 +30,11 @@ def measure(spec: OpSpec, info: dict[str, str]) -> list[Row]:
         speedup = {}
         for mode in MODES:
             steps = {w.name: ways.make_step(w, inp, mode) for w in (fused, ref)}
-            t = timing.measure(steps, "cpu", target_s=0.2, min_repeats=15)
+            t = timing.measure(steps, seconds=0.2, rounds=3)
             bad = [f"{name}: {r}" for name, r in t.items() if isinstance(r, Exception)]
             if bad:
                 raise RuntimeError(f"{case.name} {mode}: {'; '.join(bad)}")
-            speedup[mode] = t[ref.name].median_ms / t[fused.name].median_ms  # type: ignore[union-attr]
+            speedup[mode] = t[ref.name].median / t[fused.name].median  # type: ignore[union-attr]
         rows.append(
             {
                 **info,

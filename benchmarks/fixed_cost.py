@@ -4,7 +4,9 @@
 
 At research batch sizes (and below) what a call costs before and after its kernels matters as
 much as the kernels. Per op, a tiny case and a research-size case, fp32 on CPU, timed in one
-run with the ways interleaved round by round (median of the rounds, microseconds per call):
+run with the ways interleaved round by round (``benchmarks.timing``: torch.utils.benchmark's
+``blocked_autorange``, median of the timed blocks, microseconds per call; the tables are
+``torch.utils.benchmark.Compare``'s):
 
 * ``public`` (the automatic choice) and ``public[cpu]`` (the C++ kernels forced, the
   ``fusionops.backend`` block entered once around each timed batch): the fusionops function,
@@ -24,8 +26,7 @@ and prints the issue's targets as PASS/FAIL lines.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.benchmark import Compare, Measurement
 
 import fusionops
-from benchmarks import csvfile, env
+from benchmarks import csvfile, env, timing
 from fusionops.registry import OPS
 
 MODES = ("forward", "inference", "fwd+bwd")
@@ -161,14 +163,15 @@ def cases() -> list[Case]:
 
 def _ways(case: Case) -> dict[str, tuple[Callable[[], Tensor], str | None]]:
     """Way name -> (function, the backend forced around its timing: the block is entered once
-    per timed batch, so its own cost is not counted per call)."""
+    around each timed batch, so its own cost is not counted per call)."""
     ways = {
         "public": (case.public, None),
         "public[cpu]": (case.public, "cpu"),
-        "reference": (case.reference, None),
+        "raw kernel": (case.raw, None),  # timed under no_grad in every mode: the floor
     }
     if case.linear_on_z is not None:
         ways["linear on Z"] = (case.linear_on_z, None)
+    ways["reference"] = (case.reference, None)
     return ways
 
 
@@ -190,37 +193,31 @@ def _step(fn: Callable[[], Tensor], mode: str, leaves: list[Tensor], grad: Tenso
     return fwd_bwd
 
 
-def _time(step: Callable[[], object], budget_s: float) -> float:
-    """Microseconds per call over as many calls as fit in ``budget_s`` (at least 5)."""
-    start = time.perf_counter()
-    calls = 0
-    while calls < 5 or time.perf_counter() - start < budget_s:
-        step()
-        calls += 1
-    return (time.perf_counter() - start) / calls * 1e6
-
-
-def measure(case: Case, rounds: int, budget_s: float) -> dict[tuple[str, str], float]:
-    """Median µs per call of every (way, mode), the ways interleaved within each round."""
+def measure(case: Case, rounds: int, budget_s: float) -> dict[tuple[str, str], Measurement]:
+    """Per mode, every way timed side by side (``benchmarks.timing``: ``rounds`` interleaved
+    rounds of about ``budget_s`` each), by (way, mode)."""
     grad = torch.randn_like(case.reference().detach())
-    steps: dict[tuple[str, str], tuple[Callable[[], object], str | None]] = {}
+    out: dict[tuple[str, str], Measurement] = {}
     for mode in MODES:
+        steps: dict[str, timing.Setup] = {}
+        contexts = {}
         for name, (fn, backend) in _ways(case).items():
-            steps[(name, mode)] = (_step(fn, mode, case.leaves, grad), backend)
-
-        def raw() -> object:  # the forward kernel only, in every mode's table
-            with torch.no_grad():
-                return case.raw()
-
-        steps[("raw kernel", mode)] = (raw, None)
-    samples: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
-    for r in range(rounds + 1):  # round 0 warms up (allocator, first-call lookups)
-        for key, (step, backend) in steps.items():
-            with fusionops.backend(backend):
-                t = _time(step, budget_s)
-            if r:
-                samples[key].append(t)
-    return {k: statistics.median(v) for k, v in samples.items()}
+            way_mode = "inference" if name == "raw kernel" else mode
+            steps[name] = functools.partial(_step, fn, way_mode, case.leaves, grad)
+            contexts[name] = functools.partial(fusionops.backend, backend)
+        timed = timing.measure(
+            steps,
+            seconds=rounds * budget_s,
+            rounds=rounds,
+            label=f"{case.op}: {case.name}",
+            sub_label=mode,
+            contexts=contexts,
+        )
+        for name, m in timed.items():
+            if isinstance(m, Exception):
+                raise RuntimeError(f"{case.op} {case.name} {name} {mode}: {m}") from m
+            out[(name, mode)] = m
+    return out
 
 
 def goal_lines(results: dict[tuple[str, str], dict[tuple[str, str], float]]) -> list[str]:
@@ -258,40 +255,35 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fixed_cost", description=__doc__.splitlines()[0])
     p.add_argument("--op", action="append", metavar="NAME", help=f"ops (default: all of {', '.join(OPS)})")
     p.add_argument("--out", type=Path, default=csvfile.RESULTS)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per mode")
     p.add_argument("--budget", type=float, default=0.05, help="seconds per (way, mode) per round")
     args = p.parse_args(argv)
     wanted = set(args.op or OPS)
     if unknown := wanted - set(OPS):
         p.error(f"--op: unknown {sorted(unknown)}; expected some of {list(OPS)}")
     info = env.describe("cpu")
-    rows, results = [], {}
+    rows, results, measured = [], {}, []
     for case in cases():
         if case.op not in wanted:
             continue
-        res = measure(case, args.rounds, args.budget)
+        timed = measure(case, args.rounds, args.budget)
+        measured += timed.values()
+        res = {key: m.median * 1e6 for key, m in timed.items()}  # µs per call
         results[(case.op, case.name)] = res
-        print(f"\n{case.op}: {case.name} (µs per call, median of {args.rounds} interleaved rounds)")
-        ways = [
-            w
-            for w in ("public", "public[cpu]", "raw kernel", "linear on Z", "reference")
-            if (w, MODES[0]) in res
-        ]
-        print(f"  {'mode':<10}" + "".join(f"{w:>14}" for w in ways))
-        for mode in MODES:
-            print(f"  {mode:<10}" + "".join(f"{res[(w, mode)]:>14.1f}" for w in ways))
-            for w in ways:
-                rows.append(
-                    {
-                        **info,
-                        "op": case.op,
-                        "case": case.name,
-                        "mode": mode,
-                        "way": w,
-                        "us_per_call": round(res[(w, mode)], 2),
-                        "vs_reference": round(res[(w, mode)] / res[("reference", mode)], 3),
-                    }
-                )
+        for way, mode in res:
+            rows.append(
+                {
+                    **info,
+                    "op": case.op,
+                    "case": case.name,
+                    "mode": mode,
+                    "way": way,
+                    "us_per_call": round(res[(way, mode)], 2),
+                    "vs_reference": round(res[(way, mode)] / res[("reference", mode)], 3),
+                }
+            )
+    # One table per case: modes down, ways across (medians of the interleaved rounds).
+    Compare(measured).print()
     path = csvfile.result_path(args.out, "fixed_cost", "cpu", "")
     csvfile.write_csv(rows, path)
     print(f"\nCSV: {path}")

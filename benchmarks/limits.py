@@ -32,7 +32,7 @@ class Limits:
 
 
 def measure(device: str, *, matmul_n: int | None = None, copy_mb: int | None = None) -> Limits:
-    """Median of timed rounds of each probe (``benchmarks.timing``: warm-up, CUDA events on GPU).
+    """Median time of each probe (``benchmarks.timing``, i.e. ``torch.utils.benchmark``).
 
     Defaults: GPU an 8192² bf16 matmul and a 2 GiB copy (far beyond L2); CPU a 1024² fp32
     matmul (the size the ops' block GEMMs reach) and a 256 MiB copy (beyond the caches).
@@ -43,19 +43,20 @@ def measure(device: str, *, matmul_n: int | None = None, copy_mb: int | None = N
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=torch.float32, generator=gen).to(dtype)
     b = torch.randn(n, n, device=device, dtype=torch.float32, generator=gen).to(dtype)
-    mm = timing.measure({"mm": lambda: lambda: torch.mm(a, b)}, device, target_s=0.3)["mm"]
     elems = (copy_mb or (2048 if cuda else 256)) * 2**20 // 4
     src = torch.randn(elems, device=device, generator=gen)
     dst = torch.empty_like(src)
-    cp = timing.measure({"copy": lambda: lambda: dst.copy_(src)}, device, target_s=0.3)["copy"]
-    for name, t in (("matmul", mm), ("copy", cp)):
-        if isinstance(t, Exception):
-            raise RuntimeError(f"measuring the {name} limit on {device} failed: {t}") from t
-    assert isinstance(mm, timing.Timing) and isinstance(cp, timing.Timing)
+    probes = {"matmul": lambda: lambda: torch.mm(a, b), "copy": lambda: lambda: dst.copy_(src)}
+    t = timing.measure(probes, seconds=0.3, rounds=1)
+    median = {}
+    for name, m in t.items():
+        if isinstance(m, Exception):
+            raise RuntimeError(f"measuring the {name} limit on {device} failed: {m}") from m
+        median[name] = m.median
     return Limits(
-        matmul_tflops=2 * n**3 / (mm.median_ms * 1e-3) / 1e12,
+        matmul_tflops=2 * n**3 / median["matmul"] / 1e12,
         matmul_dtype=str(dtype).removeprefix("torch."),
-        bandwidth_gbps=2 * elems * 4 / (cp.median_ms * 1e-3) / 1e9,
+        bandwidth_gbps=2 * elems * 4 / median["copy"] / 1e9,
     )
 
 

@@ -11,18 +11,20 @@ fwd+bwd peak column).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from benchmarks import limits, memory, timing, ways
 from benchmarks.spec import CaseBase, Inputs, OpSpec, Row, mb
 
-# Time spent per (way, mode) after warm-up, by grid: more for a headline's verdict.
+# Time per (way, mode), in interleaved rounds (``timing.measure``), by grid: more for a
+# headline's verdict.
 TIMING = {
-    "quick": {"target_s": 0.1, "min_repeats": 3},
-    "default": {"target_s": 0.3, "min_repeats": 5},
-    "headline": {"target_s": 2.0, "min_repeats": 7},
+    "quick": {"seconds": 0.1, "rounds": 3},
+    "default": {"seconds": 0.3, "rounds": 3},
+    "headline": {"seconds": 2.0, "rounds": 5},
 }
 
 
@@ -44,11 +46,16 @@ def input_sets(spec: OpSpec, case: CaseBase, device: str) -> list[Inputs]:
 
 
 def rotating(setups: list[timing.Setup]) -> timing.Setup:
-    """One setup that uses the next input set at every call."""
+    """One setup whose thunk uses the next input set at every call (a timed block makes many
+    calls after one setup)."""
     if len(setups) == 1:
         return setups[0]
-    turn = itertools.cycle(setups)
-    return lambda: next(turn)()
+
+    def setup() -> Callable[[], object]:
+        turn = itertools.cycle([s() for s in setups])
+        return lambda: next(turn)()
+
+    return setup
 
 
 def time_case(
@@ -56,7 +63,7 @@ def time_case(
     case: CaseBase,
     device: str,
     modes: Sequence[str],
-    knobs: Mapping[str, float],
+    knobs: Mapping[str, Any],  # timing.measure's seconds and rounds
     info: Mapping[str, str],
 ) -> list[Row]:
     """One row per (way, mode) that can run on this device and dtype and that the way serves
@@ -71,7 +78,7 @@ def time_case(
             continue
         # All ways of one mode side by side (interleaved), so load hits them alike.
         steps = {w.name: rotating([ways.make_step(w, inp, mode) for inp in inputs]) for w in serving}
-        timed = timing.measure(steps, device, **knobs)
+        timed = timing.measure(steps, **knobs)
         for way in serving:
             row: Row = {
                 **base,
@@ -88,12 +95,12 @@ def time_case(
                 print(f"  ! {case.name} {way.name} {mode}: {row['error']}")
             else:
                 row.update(
-                    median_ms=round(t.median_ms, 4),
-                    min_ms=round(t.min_ms, 4),
-                    iqr_ms=round(t.iqr_ms, 4),
-                    repeats=t.repeats,
+                    median_ms=round(t.median * 1e3, 4),
+                    min_ms=round(min(t.times) * 1e3, 4),
+                    iqr_ms=round(t.iqr * 1e3, 4),
+                    repeats=len(t.times),  # timed blocks; each the mean time of its calls
                 )
-                seconds = t.median_ms * 1e-3
+                seconds = t.median
                 if (flops := case.flops(mode)) is not None:
                     row["tflops"] = round(flops / seconds / 1e12, 4)
                 if (moved := case.bytes_moved(mode)) is not None:

@@ -63,7 +63,7 @@ def run(benchmark, spec: OpSpec, case: CaseBase, way_name: str, mode: str) -> No
             torch.cuda.synchronize()
 
     def prepare() -> tuple[tuple[object, ...], dict[str, object]]:
-        thunk = setup()  # untimed: e.g. the forward before a timed backward
+        thunk = setup()  # untimed: e.g. the forward of a timed backward (run once, graph reused)
         if cuda:
             torch.cuda.synchronize()
         return (thunk,), {}

@@ -1,98 +1,75 @@
-"""Wall-clock timing of several ways side by side: warm-up, then interleaved rounds.
+"""Timing of several ways side by side, by ``torch.utils.benchmark``.
 
-CPU: ``time.perf_counter`` around each call. CUDA: a pair of ``torch.cuda.Event`` per call
-(GPU time of the queued kernels, not host launch jitter), waited for after each call. The
-untimed part of a call (``setup``: e.g. the forward before a timed backward) runs before the
-start mark.
+Each way is a ``torch.utils.benchmark.Timer`` (statement ``thunk()``, setup ``thunk =
+setup()``: the untimed part, e.g. the forward before a timed backward, runs outside the timed
+loop). ``blocked_autorange`` does the warm-up (its block-size estimate calls the statement
+first, untimed: compilation, autotuning, lazy init), picks how many calls a timed block holds,
+times blocks with garbage collection off, and its ``Measurement`` gives the statistics.
+Its clock is ``timeit.default_timer`` (``time.perf_counter``), after synchronizing the
+accelerator when one is present, so a CUDA block's time is the host time of its queued kernels.
 
-Ways are interleaved: every round times each way once (order reversed every other round),
-so a burst of load from another process, or a clock change, hits all ways alike instead of
-whichever happened to be running. The reported figure is each way's median over the rounds.
+The one thing added here is the interleaving: the time per way is split into ``rounds``
+``blocked_autorange`` calls, every round measures each way once (order reversed every other
+round), and ``Measurement.merge`` joins a way's rounds. A burst of load from another process
+thus hits all ways alike instead of whichever happened to be running.
 """
 
 from __future__ import annotations
 
-import gc
-import math
-import statistics
-import time
+import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 
 import torch
+from torch.utils.benchmark import Measurement, Timer
 
-Setup = Callable[[], Callable[[], object]]
-
-
-@dataclass(frozen=True)
-class Timing:
-    median_ms: float
-    min_ms: float
-    iqr_ms: float  # spread: 75th minus 25th percentile
-    repeats: int
-
-
-def _once(setup: Setup, cuda: bool) -> float:
-    thunk = setup()
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        thunk()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    thunk()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def _summary(times: list[float]) -> Timing:
-    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-    return Timing(statistics.median(times), min(times), q3 - q1, len(times))
+Setup = Callable[[], Callable[[], object]]  # setup() does the untimed part, returns the thunk to time
 
 
 def measure(
     setups: Mapping[str, Setup],
-    device: str,
     *,
-    warmup: int = 2,
-    target_s: float = 0.5,
-    min_repeats: int = 5,
-    max_repeats: int = 100,
-) -> dict[str, Timing | Exception]:
-    """Time ``setup()()`` for each named setup.
+    seconds: float,
+    rounds: int = 3,
+    label: str = "",
+    sub_label: str = "",
+    contexts: Mapping[str, Callable[[], AbstractContextManager[object]]] | None = None,
+) -> dict[str, Measurement | Exception]:
+    """Time ``setup()()`` for each named setup: about ``seconds`` per way over ``rounds``
+    interleaved ``blocked_autorange`` calls, each taking at least one block.
 
-    ``warmup`` untimed calls each (compilation, autotuning, lazy init; a way that raises
-    here gets its exception back instead of a Timing), then rounds until about ``target_s``
-    seconds per way have been spent, between ``min_repeats`` and ``max_repeats`` rounds.
-    The median resists the odd slow call (a page fault, another process).
+    A way that raises gets its exception back instead of a Measurement; the others go on.
+    ``contexts[name]()`` is entered around each of that way's ``blocked_autorange`` calls
+    (e.g. ``fusionops.backend``), so its own cost is not counted per call. The Measurements
+    carry ``label`` / ``sub_label`` / the way's name as description, for
+    ``torch.utils.benchmark.Compare``.
     """
-    cuda = device.startswith("cuda")
-    out: dict[str, Timing | Exception] = {}
-    last: dict[str, float] = {}
-    for name, setup in setups.items():
-        try:
-            for _ in range(max(warmup, 1)):
-                last[name] = _once(setup, cuda)
-        except Exception as exc:  # noqa: BLE001 - reported per way, the others go on
-            out[name] = exc
-            last.pop(name, None)
-    if not last:
-        return out
-    per_round_ms = sum(last.values())
-    rounds = math.ceil(target_s * 1e3 * len(last) / max(per_round_ms, 1e-3))
-    rounds = min(max_repeats, max(min_repeats, rounds))
-    times: dict[str, list[float]] = {name: [] for name in last}
-    order = list(last)
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection inside a timed call is noise, not the op's cost
-    try:
-        for r in range(rounds):
-            for name in order if r % 2 == 0 else reversed(order):
-                times[name].append(_once(setups[name], cuda))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    out.update((name, _summary(ts)) for name, ts in times.items())
+    if rounds < 1 or not seconds > 0:
+        raise ValueError(f"measure: rounds >= 1 and seconds > 0 expected, got {rounds=}, {seconds=}")
+    timers = {
+        name: Timer(
+            "thunk()",
+            setup="thunk = setup()",
+            globals={"setup": setup},
+            # Timer's default is 1 thread; time with the threads the process runs with.
+            num_threads=torch.get_num_threads(),
+            label=label,
+            sub_label=sub_label,
+            description=name,
+        )
+        for name, setup in setups.items()
+    }
+    parts: dict[str, list[Measurement]] = {name: [] for name in timers}
+    failed: dict[str, Exception] = {}
+    for r in range(rounds):
+        alive = [name for name in timers if name not in failed]
+        for name in alive if r % 2 == 0 else reversed(alive):
+            try:
+                with (contexts or {}).get(name, contextlib.nullcontext)():
+                    parts[name].append(timers[name].blocked_autorange(min_run_time=seconds / rounds))
+            except Exception as exc:  # noqa: BLE001 - reported per way, the others go on
+                failed[name] = exc
+    out: dict[str, Measurement | Exception] = {}
+    for name in timers:
+        out[name] = failed[name] if name in failed else Measurement.merge(parts[name])[0]
     return out

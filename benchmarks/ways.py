@@ -140,11 +140,15 @@ def way_by_name(spec: OpSpec, name: str) -> Way:
 
 
 def make_step(way: Way, inp: Inputs, mode: str) -> Callable[[], Callable[[], object]]:
-    """``setup`` for one timed repeat: ``setup()`` does the untimed part and returns the thunk
-    to time. ``forward`` runs under ``no_grad`` (inference); ``backward`` runs the forward in
-    ``setup`` and times ``autograd.grad`` alone; ``fwd+bwd`` times both. Gradients are taken
-    for every floating input and returned, not accumulated into ``.grad``. A mode the way does
-    not serve (``way.modes``) is a ValueError: callers enumerate only the modes it serves.
+    """``setup`` for one timed block: ``setup()`` does the untimed part and returns the thunk
+    to time, which may be called many times. ``forward`` runs under ``no_grad`` (inference);
+    ``backward`` runs the forward once, in the first ``setup``, and times ``autograd.grad``
+    alone, with ``retain_graph=True`` so every timed call can repeat it on that one graph (the
+    saved tensors are then kept, not freed as a training step's backward frees them);
+    ``fwd+bwd`` times both.
+    Gradients are taken for every floating input and returned, not accumulated into ``.grad``.
+    A mode the way does not serve (``way.modes``) is a ValueError: callers enumerate only the
+    modes it serves.
     """
     if mode in MODES and not way.serves(mode):
         raise ValueError(f"way {way.name} serves only {', '.join(way.modes)}, not {mode}")
@@ -157,10 +161,13 @@ def make_step(way: Way, inp: Inputs, mode: str) -> Callable[[], Callable[[], obj
 
         return lambda: forward
     if mode == "backward":
+        graph: list[Tensor] = []
 
         def setup_backward() -> Callable[[], object]:
-            y = fn(*args)
-            return lambda: torch.autograd.grad(y, leaves, inp.grad_out)
+            if not graph:  # one forward per step: timeit runs setup before every block
+                graph.append(fn(*args))
+            y = graph[0]
+            return lambda: torch.autograd.grad(y, leaves, inp.grad_out, retain_graph=True)
 
         return setup_backward
     if mode == "fwd+bwd":

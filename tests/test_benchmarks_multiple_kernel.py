@@ -147,7 +147,7 @@ def test_a_forward_only_way_gets_forward_rows_only_through_the_report_path(monke
     pytest.importorskip("sklearn")
     # No compile(reference) (compiling is slow); a new spec object, so available_ways' cache is its own.
     spec = dataclasses.replace(SPEC, baselines=tuple(b for b in SPEC.baselines if not b.compiled))
-    knobs = {"target_s": 0.001, "min_repeats": 1, "max_repeats": 2}
+    knobs = {"seconds": 0.001, "rounds": 1}
     rows = runner.time_case(spec, TINY, "cpu", MODES, knobs, {"device_name": "test"})
     assert not [r for r in rows if r["error"]]
     by_way: dict[str, list[str]] = {}
