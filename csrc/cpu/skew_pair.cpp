@@ -7,8 +7,17 @@
 // pair: q for the distinct A layers of the pairs ("A slots"), k and v for the union of their
 // bands ("B slots"), each one GEMM of (rows · slots, D) by (D, D). The attention itself is a few
 // dot products per pair and head (a band has at most 2·window + 1 layers) in plain loops, then
-// c Woᵀ is one GEMM of (rows · P, D) per block. With window 0 every softmax is over one layer
-// (α = 1, c = v of layer j_p), so q and k are never computed.
+// c Woᵀ is one GEMM of (rows · P, D) per block.
+//
+// With window 0 (or a stack B of one layer) every softmax is over one score: α = 1 where that
+// score is finite and NaN where it is not, as softmax gives (and its gradient ds = α (dα - α dα)
+// is 0, or NaN where dα is not finite). A block first tries to prove every one of its scores (and,
+// in backward, every dα) finite from bounds: the largest |element| of its rows of ha and hb
+// (O(rows · D) beside the O(rows · D²) of its GEMMs) and of the weights (one pass over wq and wk,
+// and wv and wo in backward, per call); proven, it takes α = 1 and ds = 0 and computes neither q
+// nor k (c = v of layer j_p). A block that cannot prove it (a NaN or inf in its inputs or the
+// weights, or values near overflow) computes its scores as with a window, so that every NaN and
+// inf comes out where the reference's softmax puts it.
 //
 // Each thread takes a share of the blocks of rows and runs the GEMMs itself (BLAS
 // single-threaded inside the parallel region), as the low-rank fusion kernels do. Nothing of
@@ -115,17 +124,50 @@ Problem make_problem(const char* op, const at::Tensor& ha, const at::Tensor& hb,
   return p;
 }
 
+// The largest |element| of x[0, n), or +inf when one of them is NaN or ±inf.
+template <typename T>
+FUSIONOPS_SIMD_CLONES T max_abs_run(const T* x, int64_t n) {
+  T top = 0, poison = 0;  // poison: x · 0 is NaN exactly where x is not finite
+#pragma omp simd reduction(max : top) reduction(+ : poison)
+  for (int64_t e = 0; e < n; ++e) {
+    top = std::max(top, std::abs(x[e]));
+    poison += x[e] * T(0);
+  }
+  return poison == T(0) ? top : std::numeric_limits<T>::infinity();
+}
+
+// max_abs_run over a contiguous tensor of the compute dtype (0 when undefined), in parallel: a
+// (D, D) weight is read once per call, beside the rows · D² work of a GEMM.
+double max_abs(const at::Tensor& t) {
+  if (!t.defined() || t.numel() == 0) return 0.0;
+  double top = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "max_abs", [&] {
+    const scalar_t* x = t.const_data_ptr<scalar_t>();
+    const int64_t n = t.numel(), grain = kGrainElems * 4;
+    std::vector<scalar_t> part(ceil_div(n, grain), 0);
+    at::parallel_for(0, static_cast<int64_t>(part.size()), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) part[c] = max_abs_run(x + c * grain, std::min(grain, n - c * grain));
+    });
+    for (const scalar_t m : part) top = std::max(top, static_cast<double>(m));
+  });
+  return top;
+}
+
 // The parameters in the compute dtype, contiguous (a copy only where the dtype or layout
-// differs); wq, wk and bq undefined without attention, every bias undefined when None. bk is
-// never used: it adds q_h · bk_h to every score of a band, which the softmax ignores.
+// differs), every bias undefined when None; with one-key bands, the bounds that prove scores
+// (and dα) finite.
 struct Params {
-  at::Tensor wq, wk, wv, wo, bq, bv, bo;
+  at::Tensor wq, wk, wv, wo, bq, bk, bv, bo;
+  // Largest |element| (+inf when one is not finite; 0 for a missing bias): wq, wk, bq, bk for
+  // the scores, wv, bv, wo for dα = dc · v (backward).
+  double mq = 0, mk = 0, mbq = 0, mbk = 0, mv = 0, mbv = 0, mo = 0;
 };
 
 Params make_params(const char* op, const Problem& p, at::ScalarType dtype, const at::Tensor& wq,
                    const at::Tensor& wk, const at::Tensor& wv, const at::Tensor& wo,
                    const std::optional<at::Tensor>& bq, const std::optional<at::Tensor>& bk,
-                   const std::optional<at::Tensor>& bv, const std::optional<at::Tensor>& bo) {
+                   const std::optional<at::Tensor>& bv, const std::optional<at::Tensor>& bo,
+                   bool value_bounds) {
   const auto acc = at::toOpMathType(dtype);
   check_2d(op, "wq", wq, p.D, p.D, dtype);
   check_2d(op, "wk", wk, p.D, p.D, dtype);
@@ -140,17 +182,28 @@ Params make_params(const char* op, const Problem& p, at::ScalarType dtype, const
   };
   auto weight = [&](const at::Tensor& w) { return w.to(acc).contiguous(); };
   Params w;
-  if (p.attend) {
-    w.wq = weight(wq);
-    w.wk = weight(wk);
-    w.bq = bias("bq", bq);
-  }
-  bias("bk", bk);  // checked only
+  w.wq = weight(wq);  // one-key bands: for the blocks that cannot prove their scores finite
+  w.wk = weight(wk);
+  w.bq = bias("bq", bq);
+  w.bk = bias("bk", bk);
   w.wv = weight(wv);
   w.wo = weight(wo);
   w.bv = bias("bv", bv);
   w.bo = bias("bo", bo);
+  if (!p.attend) {
+    w.mq = max_abs(w.wq), w.mk = max_abs(w.wk), w.mbq = max_abs(w.bq), w.mbk = max_abs(w.bk);
+    if (value_bounds) w.mv = max_abs(w.wv), w.mbv = max_abs(w.bv), w.mo = max_abs(w.wo);
+  }
   return w;
+}
+
+// Whether x · y, a dot of `len` products of factors below fx and fy in magnitude, is finite
+// whatever the order of its sums: each factor and the dot below half the largest finite value.
+// Every bound is an upper bound (|x_e| <= a · D · max|W| + max|b| for a projection of a row
+// below a), and the 2 covers the rounding of sums of up to millions of terms (γ_n << 1).
+bool dot_is_finite(double fx, double fy, int64_t len, double largest) {
+  const double half = largest / 2;
+  return fx <= half && fy <= half && static_cast<double>(len) * fx * fy <= half;  // false for NaN
 }
 
 // ---- rows of a block ------------------------------------------------------------------------
@@ -315,11 +368,11 @@ FUSIONOPS_SIMD_CLONES void attend_row_backward(const Problem& p, const T* q, con
 
 // Which of a block's values to compute.
 struct Plan {
-  bool xa = false;   // ha at the A slots
-  bool xb = false;   // hb at the B slots
-  bool qk = false;   // q and k (attention only)
-  bool v = false;    // v
-  bool c = false;    // c, and α with attention
+  bool xa = false;      // ha at the A slots
+  bool xb = false;      // hb at the B slots
+  bool scores = false;  // α and c: by the softmax where scores are computed (below), else α = 1
+  bool c = false;       // with α = 1: c = v (forward, dWo)
+  bool dalpha = false;  // backward of one-key bands: prove dα finite too (ds = 0), or compute ds
 };
 
 // A (rows · per_row, D) buffer of one thread, of which a block uses the first nb · per_row rows.
@@ -351,42 +404,66 @@ struct Block {
   Buffer xa, q, xb, k, v, c;
   std::vector<T> alpha;  // (rows, P, H, band)
   int64_t r0 = 0, nb = 0;
+  bool scored = false;  // this block's α came from its scores (always with a window)
 
   // q_buffer, v_buffer, c_buffer: the backward needs these buffers (for dxa, dxb, dc) even where
-  // the plan does not compute q, v or c.
+  // the plan does not compute q, v or c. One-key bands allocate q, k and α at the first block
+  // whose scores are computed (none where every score is proven finite).
   Block(const Problem& p_, const Params& w_, const Plan& plan_, bool q_buffer, bool v_buffer, bool c_buffer)
       : p(p_), w(w_), plan(plan_), scale(T(1) / std::sqrt(T(p_.dh))) {
     const auto o = w.wo.options();
     if (plan.xa) xa = Buffer(p, p.nA, o);
     if (plan.xb) xb = Buffer(p, p.nB, o);
-    if (plan.qk || q_buffer) q = Buffer(p, p.nA, o);
-    if (plan.qk) k = Buffer(p, p.nB, o);
-    if (plan.v || v_buffer) v = Buffer(p, p.nB, o);
-    if (plan.c || c_buffer) c = Buffer(p, p.P, o);
-    if (plan.c && p.attend) alpha.resize(p.blocks.rows * p.P * p.H * p.band);
+    if (q_buffer) q = Buffer(p, p.nA, o);
+    if (plan.scores || plan.c || v_buffer) v = Buffer(p, p.nB, o);
+    if (plan.scores || c_buffer) c = Buffer(p, p.P, o);
+    if (plan.scores && p.attend) score_buffers();
   }
 
-  void compute(int64_t block, const at::Tensor& ha, const at::Tensor& hb) {
+  void score_buffers() {
+    const auto o = w.wo.options();
+    if (!q.full.defined()) q = Buffer(p, p.nA, o);
+    if (!k.full.defined()) k = Buffer(p, p.nB, o);
+    alpha.resize(p.blocks.rows * p.P * p.H * p.band);
+  }
+
+  // One-key bands: whether every score of the block (and with plan.dalpha every dα = dc · v,
+  // dc = g Wo from the block's upstream gradient g (nb · P, D)) is provably finite. Then α = 1
+  // and ds = α (dα - α dα) = 0 exactly, and q, k only ever meet zeros.
+  bool proven_finite(const T* g) const {
+    const double largest = static_cast<double>(std::numeric_limits<T>::max());
+    const double D = static_cast<double>(p.D);
+    const double ma = max_abs_run(xa.data<T>(), nb * p.nA * p.D);
+    const double mb = max_abs_run(xb.data<T>(), nb * p.nB * p.D);
+    const double fq = ma * D * w.mq + w.mbq, fk = mb * D * w.mk + w.mbk;
+    if (!dot_is_finite(fq, fk, p.dh, largest)) return false;
+    if (!g) return true;
+    const double fc = max_abs_run(g, nb * p.P * p.D) * D * w.mo, fv = mb * D * w.mv + w.mbv;
+    return dot_is_finite(fc, fv, p.dh, largest);
+  }
+
+  // g: the block's upstream gradient, read when plan.dalpha.
+  void compute(int64_t block, const at::Tensor& ha, const at::Tensor& hb, const T* g) {
     r0 = p.blocks.first(block);
     nb = p.blocks.count(block);
     if (plan.xa) load_layers<scalar_t>(ha, p.a_layer.data(), p.nA, r0, nb, xa.data<T>());
     if (plan.xb) load_layers<scalar_t>(hb, p.b_layer.data(), p.nB, r0, nb, xb.data<T>());
-    if (plan.qk) {
-      linear_out(q.rows(nb), xa.rows(nb), w.wq, w.bq);
-      linear_out(k.rows(nb), xb.rows(nb), w.wk, at::Tensor());
-    }
-    if (plan.v) linear_out(v.rows(nb), xb.rows(nb), w.wv, w.bv);
-    if (!plan.c) return;
+    scored = plan.scores && (p.attend || !proven_finite(plan.dalpha ? g : nullptr));
     const int64_t D = p.D;
-    T* c_ = c.data<T>();
-    const T* v_ = v.data<T>();
-    if (p.attend) {
-      const T *q_ = q.data<T>(), *k_ = k.data<T>();
+    if (scored) {
+      score_buffers();
+      linear_out(q.rows(nb), xa.rows(nb), w.wq, w.bq);
+      linear_out(k.rows(nb), xb.rows(nb), w.wk, w.bk);  // bk: the reference's scores have q·bk
+      linear_out(v.rows(nb), xb.rows(nb), w.wv, w.bv);
+      const T *q_ = q.data<T>(), *k_ = k.data<T>(), *v_ = v.data<T>();
       for (int64_t n = 0; n < nb; ++n) {
-        attend_row(p, q_ + n * p.nA * D, k_ + n * p.nB * D, v_ + n * p.nB * D, scale, c_ + n * p.P * D,
+        attend_row(p, q_ + n * p.nA * D, k_ + n * p.nB * D, v_ + n * p.nB * D, scale, c.data<T>() + n * p.P * D,
                    alpha.data() + n * p.P * p.H * p.band);
       }
-    } else {
+    } else if (plan.c) {  // one key, α = 1: c = v of layer j_p
+      linear_out(v.rows(nb), xb.rows(nb), w.wv, w.bv);
+      const T* v_ = v.data<T>();
+      T* c_ = c.data<T>();
       for (int64_t n = 0; n < nb; ++n) {
         for (int64_t pp = 0; pp < p.P; ++pp) {
           const T* src = v_ + (n * p.nB + p.pb[pp]) * D;
@@ -408,14 +485,13 @@ void forward_kernel(const Problem& p, const Params& w, const at::Tensor& ha, con
   scalar_t* out_ = out.mutable_data_ptr<scalar_t>();
   const T* bo = w.bo.defined() ? w.bo.const_data_ptr<T>() : nullptr;
   Plan plan;
-  plan.xa = plan.xb = plan.v = plan.c = true;  // xa: q, and the residual ha[n, i_p]
-  plan.qk = p.attend;
+  plan.xa = plan.xb = plan.scores = plan.c = true;  // xa: q, and the residual ha[n, i_p]
   at::parallel_for(0, p.blocks.blocks, 1, [&](int64_t b0, int64_t b1) {
     const BelowAutograd below_autograd;  // the weights may require grad
     Block<scalar_t> blk(p, w, plan, false, false, false);
     Buffer ybuf = in_place ? Buffer() : Buffer(p, p.P, w.wo.options());
     for (int64_t bi = b0; bi < b1; ++bi) {
-      blk.compute(bi, ha, hb);
+      blk.compute(bi, ha, hb, nullptr);
       const int64_t r0 = blk.r0, nb = blk.nb, D = p.D;
       at::Tensor y = in_place ? out2d.narrow(0, r0 * p.P, nb * p.P) : ybuf.rows(nb);
       at::mm_out(y, blk.c.rows(nb), w.wo.t());
@@ -431,33 +507,34 @@ void forward_kernel(const Problem& p, const Params& w, const at::Tensor& ha, con
 
 // ---- backward ---------------------------------------------------------------------------------
 
-// The gradients asked for (bk's is zero, so never computed), and what they take.
+// The gradients asked for, and what they take. dq and dk are computed in the blocks whose
+// scores are (all of them with a window); with α = 1 proven they are exactly 0.
 struct Needs {
-  bool ha, hb, wq, wk, wv, wo, bq, bv, bo;
+  bool ha, hb, wq, wk, wv, wo, bq, bk, bv, bo;
   bool dq, dk, dv, dc;  // dL/dq etc. of a block
 
-  Needs(const Problem& p, const c10::List<bool>& flags)
+  explicit Needs(const c10::List<bool>& flags)
       : ha(flags[0]), hb(flags[1]), wq(flags[2]), wk(flags[3]), wv(flags[4]), wo(flags[5]), bq(flags[6]),
-        bv(flags[8]), bo(flags[9]) {
-    dq = p.attend && (ha || wq || bq);
-    dk = p.attend && (hb || wk);
+        bk(flags[7]), bv(flags[8]), bo(flags[9]) {
+    dq = ha || wq || bq;
+    dk = hb || wk || bk;
     dv = hb || wv || bv;
     dc = dq || dk || dv;
   }
 
   Plan plan(const Problem& p) const {
     Plan r;
-    r.c = wo || (p.attend && dc);       // c for dWo, α for the attention's backward
-    r.qk = p.attend && r.c;
-    r.v = r.c;                           // c = Σ α v (and dα = dc · v)
-    r.xa = r.qk;                         // q, and dWq = dqᵀ xa
-    r.xb = r.qk || r.v || (dv && wv);    // k, v, and dWv = dvᵀ xb
+    r.scores = wo || dc;                 // α for c (dWo) and for the attention's backward
+    r.c = wo;                            // with α = 1: c = v for dWo
+    r.dalpha = !p.attend && (dq || dk);  // ds is 0 only where dα is finite
+    r.xa = r.scores;                     // the proof, q, and dWq = dqᵀ xa
+    r.xb = r.scores || (dv && wv);       // the proof, k, v, and dWv = dvᵀ xb
     return r;
   }
 };
 
 // Partial sums of the weight and bias gradients, in ThreadSums order.
-enum Sum { kWq, kWk, kWv, kWo, kBq, kBv, kBo, kSums };
+enum Sum { kWq, kWk, kWv, kWo, kBq, kBk, kBv, kBo, kSums };
 
 template <typename scalar_t>
 void backward_kernel(const Problem& p, const Params& w, const Needs& need, const at::Tensor& grad,
@@ -473,26 +550,29 @@ void backward_kernel(const Problem& p, const Params& w, const Needs& need, const
     // q's buffer takes dxa, v's dxb, c's dc once they are spent.
     Block<scalar_t> blk(p, w, plan, need.ha, need.hb, need.dc);
     Buffer g(p, p.P, opts);
-    Buffer dq = need.dq ? Buffer(p, p.nA, opts) : Buffer();
-    Buffer dk = need.dk ? Buffer(p, p.nB, opts) : Buffer();
+    Buffer dq, dk;  // at the first block whose scores are computed
     Buffer dv = need.dv ? Buffer(p, p.nB, opts) : Buffer();
     std::vector<T> da(p.band);
     for (int64_t bi = b0; bi < b1; ++bi) {
-      blk.compute(bi, ha, hb);  // recomputes q, k, v, α, c: the forward kept nothing
-      const int64_t r0 = blk.r0, nb = blk.nb;
+      const int64_t r0 = p.blocks.first(bi), nb = p.blocks.count(bi);
       load_layers<scalar_t>(grad, nullptr, p.P, r0, nb, g.data<T>());
+      blk.compute(bi, ha, hb, g.data<T>());  // recomputes q, k, v, α, c: the forward kept nothing
+      const bool scored = blk.scored;
+      const bool dq_now = scored && need.dq, dk_now = scored && need.dk;
+      if (dq_now && !dq.full.defined()) dq = Buffer(p, p.nA, opts);
+      if (dk_now && !dk.full.defined()) dk = Buffer(p, p.nB, opts);
       const at::Tensor gb = g.rows(nb);
       if (need.wo) mine[kWo].addmm_(gb.t(), blk.c.rows(nb));  // dWo += gᵀ c
       if (need.bo) add_column_sums(g.data<T>(), nb * p.P, D, mine[kBo].mutable_data_ptr<T>());
-      if (need.dc) {
+      if (scored ? need.dc : need.dv) {  // with α = 1 (proven), dc only feeds dv
         at::Tensor dc = blk.c.rows(nb);  // over c, spent
         at::mm_out(dc, gb, w.wo);        // dc = g Wo
         const T* dc_ = blk.c.template data<T>();
         for (Buffer* b : {&dq, &dk, &dv}) {
           if (b->full.defined()) b->rows(nb).zero_();
         }
-        T *dq_ = dq.data<T>(), *dk_ = dk.data<T>(), *dv_ = dv.data<T>();
-        if (p.attend) {
+        T *dq_ = dq_now ? dq.data<T>() : nullptr, *dk_ = dk_now ? dk.data<T>() : nullptr, *dv_ = dv.data<T>();
+        if (scored) {
           const T *q_ = blk.q.template data<T>(), *k_ = blk.k.template data<T>(), *v_ = blk.v.template data<T>();
           for (int64_t n = 0; n < nb; ++n) {
             const int64_t a = n * p.nA * D, b = n * p.nB * D;
@@ -508,14 +588,15 @@ void backward_kernel(const Problem& p, const Params& w, const Needs& need, const
           }
         }
       }
-      if (need.wq && need.dq) mine[kWq].addmm_(dq.rows(nb).t(), blk.xa.rows(nb));
-      if (need.bq && need.dq) add_column_sums(dq.data<T>(), nb * p.nA, D, mine[kBq].mutable_data_ptr<T>());
-      if (need.wk && need.dk) mine[kWk].addmm_(dk.rows(nb).t(), blk.xb.rows(nb));
+      if (need.wq && dq_now) mine[kWq].addmm_(dq.rows(nb).t(), blk.xa.rows(nb));
+      if (need.bq && dq_now) add_column_sums(dq.data<T>(), nb * p.nA, D, mine[kBq].mutable_data_ptr<T>());
+      if (need.wk && dk_now) mine[kWk].addmm_(dk.rows(nb).t(), blk.xb.rows(nb));
+      if (need.bk && dk_now) add_column_sums(dk.data<T>(), nb * p.nB, D, mine[kBk].mutable_data_ptr<T>());
       if (need.wv) mine[kWv].addmm_(dv.rows(nb).t(), blk.xb.rows(nb));
       if (need.bv) add_column_sums(dv.data<T>(), nb * p.nB, D, mine[kBv].mutable_data_ptr<T>());
       if (need.ha) {  // dxa = dq Wq, plus the residual's g at every pair of the layer
         at::Tensor dxa = blk.q.rows(nb);
-        if (need.dq) {
+        if (dq_now) {
           at::mm_out(dxa, dq.rows(nb), w.wq);
         } else {
           dxa.zero_();
@@ -532,7 +613,7 @@ void backward_kernel(const Problem& p, const Params& w, const Needs& need, const
       if (need.hb) {  // dxb = dv Wv + dk Wk
         at::Tensor dxb = blk.v.rows(nb);
         at::mm_out(dxb, dv.rows(nb), w.wv);
-        if (need.dk) dxb.addmm_(dk.rows(nb), w.wk);
+        if (dk_now) dxb.addmm_(dk.rows(nb), w.wk);
         store_layers(static_cast<const T*>(dxb.mutable_data_ptr<T>()), p.b_slot, p.nB, r0, nb, D,
                      dhb.mutable_data_ptr<scalar_t>());
       }
@@ -553,7 +634,7 @@ at::Tensor skew_pair_fwd(const at::Tensor& ha, const at::Tensor& hb, const at::T
   const BelowAutograd below_autograd;
   const Problem p = make_problem(kOp, ha, hb, pairs, heads, window);
   const auto dtype = ha.scalar_type();
-  const Params w = make_params(kOp, p, dtype, wq, wk, wv, wo, bq, bk, bv, bo);
+  const Params w = make_params(kOp, p, dtype, wq, wk, wv, wo, bq, bk, bv, bo, false);
   at::Tensor out = at::empty({p.N, p.P, p.D}, ha.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp,
                                   [&] { forward_kernel<scalar_t>(p, w, ha, hb, out); });
@@ -571,18 +652,18 @@ std::vector<at::Tensor> skew_pair_bwd(const at::Tensor& grad, const at::Tensor& 
   const Problem p = make_problem(kOp, ha, hb, pairs, heads, window);
   const auto dtype = ha.scalar_type();
   const auto acc = at::toOpMathType(dtype);
-  const Params w = make_params(kOp, p, dtype, wq, wk, wv, wo, bq, bk, bv, std::nullopt);
   TORCH_CHECK(needs.size() == 10, "fusionops::", kOp, ": needs must have 10 flags, got ", needs.size());
+  const Needs need(needs);
+  const Params w = make_params(kOp, p, dtype, wq, wk, wv, wo, bq, bk, bv, std::nullopt, need.dq || need.dk);
   TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == dtype && grad.dim() == 3 && grad.size(0) == p.N &&
                   grad.size(1) == p.P && grad.size(2) == p.D,
               "fusionops::", kOp, ": grad must be a ", dtype, " cpu tensor of shape (", p.N, ", ", p.P, ", ", p.D,
               "), got ", grad.scalar_type(), " on ", grad.device(), " of shape ", grad.sizes());
-  const Needs need(p, needs);
   const auto opts = ha.options();
   at::Tensor dha = need.ha ? at::empty({p.N, p.La, p.D}, opts) : at::empty({0}, opts);
   at::Tensor dhb = need.hb ? at::empty({p.N, p.Lb, p.D}, opts) : at::empty({0}, opts);
   // Zero-filled sums in the compute dtype; the ones not needed stay undefined.
-  const bool sum_flags[kSums] = {need.wq, need.wk, need.wv, need.wo, need.bq, need.bv, need.bo};
+  const bool sum_flags[kSums] = {need.wq, need.wk, need.wv, need.wo, need.bq, need.bk, need.bv, need.bo};
   std::vector<at::Tensor> totals;
   for (int s = 0; s < kSums; ++s) {
     const bool matrix = s < kBq;
@@ -604,7 +685,7 @@ std::vector<at::Tensor> skew_pair_bwd(const at::Tensor& grad, const at::Tensor& 
           out(need.wv, totals[kWv]),
           out(need.wo, totals[kWo]),
           out(need.bq, totals[kBq]),
-          needs[7] ? at::zeros({p.D}, opts) : at::empty({0}, opts),
+          out(need.bk, totals[kBk]),
           out(need.bv, totals[kBv]),
           out(need.bo, totals[kBo])};
 }

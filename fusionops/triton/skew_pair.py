@@ -2,10 +2,11 @@
 
 Per row n and pair p = (i, j), with the band ``J = [j - w, j + w] ∩ [0, Lb)`` (w the window
 clipped to ``Lb - 1``, which leaves every band as it is) and per head h (columns
-``h·dh … (h+1)·dh - 1``): ``q = ha[n,i] Wqᵀ + bq``, ``k_j' = hb[n,j'] Wkᵀ``,
+``h·dh … (h+1)·dh - 1``): ``q = ha[n,i] Wqᵀ + bq``, ``k_j' = hb[n,j'] Wkᵀ + bk``,
 ``v_j' = hb[n,j'] Wvᵀ + bv``, ``α = softmax_j'(q_h · k_j'h / sqrt(dh))``, ``c_h = Σ α_j' v_j'h``
-and ``out[n,p] = ha[n,i] + c Woᵀ + bo``. ``bk`` is never read: it adds ``q_h · bk_h`` to every
-score of a band, which softmax ignores (its gradient is exactly zero).
+and ``out[n,p] = ha[n,i] + c Woᵀ + bo``. ``bk`` adds ``q_h · bk_h`` to every score of a band,
+which softmax cancels while it is finite; it is read all the same, so that a NaN or inf in it
+gives the reference's NaN (and its gradient, ``Σ dk``, the reference's).
 
 Head columns are taken in chunks of ``BLOCK_C`` (the head dim padded to a power of two, at
 most 64), so no tile is wider than that whatever dh is. A band's scores live on chip as one
@@ -15,8 +16,18 @@ every band layer), accumulating ``q·k`` per band column; the softmax is then ex
 that tile, and the value pass walks the chunks again (``v`` chunk of every band layer, weighted
 by its column of α). Every projection is a ``tl.dot`` over D in tiles of ``BLOCK_K``, reading
 ``ha``/``hb``/weights with their strides (any, stride 0 included), so only the layers the
-pairs and their bands touch are read, and no projection is written to memory. With
-``w = 0`` (every α is 1) the score pass is skipped: ``c = v_j``.
+pairs and their bands touch are read, and no projection is written to memory.
+
+One key (``w = 0``): ``α`` is 1 where the band's one score is finite and NaN where it is not
+(the reference's softmax), and ``ds = α (dα - α dα)`` is 0 where dα is finite too. A guard
+kernel (``_skew_guard_kernel``, one launch reading ha, hb, wq, wk, bq, bk once) writes
+per-program maxima of |x| (+inf for a NaN or inf); each program of the main kernels reduces
+them and, when the bound ``|q_e| <= max|ha| · D · max|wq| + max|bq|`` (k alike) proves every
+score finite (``_scores_proven``), skips the score pass: ``c = v_j``. Otherwise it runs the
+score pass over the one key (a runtime branch, no host synchronisation). Backward computes
+``dα = dc · v`` exactly (both are at hand) and, where ds is NaN, stores NaN into small
+buffers for the rows of dha and dhb and the heads' rows of dWq, dWk, dbq, dbk that the
+reference's NaN dq and dk reach (see ``_skew_bwd_kernel``); there are no dQ or dK buffers.
 
 Forward (``_skew_fwd_kernel``), one launch, grid ``(row tiles, pairs)``: a program computes,
 head by head and chunk by chunk, ``c`` and adds ``c_chunk Wo[:, chunk]ᵀ`` into its output tile
@@ -161,6 +172,8 @@ def _band_alpha(
     stride_wk1,
     bq_ptr,
     stride_bq,
+    bk_ptr,
+    stride_bk,
     rows64,
     row_ok,
     head0,
@@ -169,6 +182,7 @@ def _band_alpha(
     D,
     DH: tl.constexpr,
     HAS_BQ: tl.constexpr,
+    HAS_BK: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -178,7 +192,8 @@ def _band_alpha(
     BLOCK_W: tl.constexpr,
 ):
     """The score pass: ``α`` (BLOCK_N, BLOCK_W) of the head whose first column is ``head0``,
-    column ``t`` for band layer ``lo + t`` (0 beyond ``hi - lo``). ``a_ptr`` points at layer i."""
+    column ``t`` for band layer ``lo + t`` (0 beyond ``hi - lo``). ``a_ptr`` points at layer i.
+    Over one key it is 1 where the score is finite and NaN where not, as the reference's softmax."""
     band_cols = tl.arange(0, BLOCK_W)
     scores = tl.zeros((BLOCK_N, BLOCK_W), ACC)
     for c0 in range(0, DH, BLOCK_C):
@@ -195,6 +210,7 @@ def _band_alpha(
                 b_ptr + jj * stride_bl, stride_bn, stride_bd, rows64, row_ok, wk_ptr, stride_wk0, stride_wk1,
                 cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
             )  # fmt: skip
+            k = _bias(k, bk_ptr, stride_bk, cols, c_ok, HAS_BK, ACC)  # the shift q·bk: NaN if not finite
             s = tl.sum(q * k, axis=1)
             scores += tl.where(band_cols[None, :] == jj - lo, s[:, None], 0.0)
     scale = 1.0 / tl.sqrt(tl.full((), DH, ACC))
@@ -207,6 +223,96 @@ def _band_alpha(
 def _add_to(ptrs, value, ok):
     """Read-modify-write of a tile only the calling program touches."""
     tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + value, mask=ok)
+
+
+# --- one-key bands: the bound that proves every score finite -------------------------------------
+
+
+@triton.jit
+def _max_abs_share(
+    x_ptr, s0, s1, s2, n1, n2, total, g, G: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
+    """max |x| over program g's share of the ``total`` elements of x (flat index f at
+    ``(f // (n1·n2))·s0 + (f // n2 % n1)·s1 + (f % n2)·s2``); +inf where one is NaN or inf."""
+    top = tl.zeros((BLOCK,), ACC)
+    for f0 in range(g * BLOCK, total, G * BLOCK):
+        f = f0 + tl.arange(0, BLOCK).to(tl.int64)
+        ok = f < total
+        x = tl.load(x_ptr + (f // (n1 * n2)) * s0 + (f // n2 % n1) * s1 + (f % n2) * s2, mask=ok, other=0.0)
+        a = tl.abs(x.to(ACC))
+        top = tl.maximum(top, tl.where(a < float("inf"), a, float("inf")))  # NaN: +inf
+    return tl.max(top, axis=0)
+
+
+@triton.jit
+def _skew_guard_kernel(
+    ha_ptr,
+    stride_an,
+    stride_al,
+    stride_ad,
+    hb_ptr,
+    stride_bn,
+    stride_bl,
+    stride_bd,
+    wq_ptr,
+    stride_wq0,
+    stride_wq1,
+    wk_ptr,
+    stride_wk0,
+    stride_wk1,
+    bq_ptr,
+    stride_bq,
+    bk_ptr,
+    stride_bk,
+    part_ptr,
+    N,
+    La,
+    Lb,
+    D,
+    HAS_BQ: tl.constexpr,
+    HAS_BK: tl.constexpr,
+    G: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``part[t, g]``: program g's share of max |ha|, |hb|, |wq|, |wk|, |bq|, |bk| (t = 0 … 5)."""
+    g = tl.program_id(0)
+    ma = _max_abs_share(ha_ptr, stride_an, stride_al, stride_ad, La, D, N * La * D, g, G, ACC, BLOCK)
+    tl.store(part_ptr + g, ma)
+    mb = _max_abs_share(hb_ptr, stride_bn, stride_bl, stride_bd, Lb, D, N * Lb * D, g, G, ACC, BLOCK)
+    tl.store(part_ptr + G + g, mb)
+    mq = _max_abs_share(wq_ptr, 0, stride_wq0, stride_wq1, D, D, D * D, g, G, ACC, BLOCK)
+    tl.store(part_ptr + 2 * G + g, mq)
+    mk = _max_abs_share(wk_ptr, 0, stride_wk0, stride_wk1, D, D, D * D, g, G, ACC, BLOCK)
+    tl.store(part_ptr + 3 * G + g, mk)
+    mbq = tl.zeros((), ACC)
+    if HAS_BQ:
+        mbq = _max_abs_share(bq_ptr, 0, 0, stride_bq, 1, D, D, g, G, ACC, BLOCK)
+    tl.store(part_ptr + 4 * G + g, mbq)
+    mbk = tl.zeros((), ACC)
+    if HAS_BK:
+        mbk = _max_abs_share(bk_ptr, 0, 0, stride_bk, 1, D, D, g, G, ACC, BLOCK)
+    tl.store(part_ptr + 5 * G + g, mbk)
+
+
+@triton.jit
+def _scores_proven(part_ptr, D, DH: tl.constexpr, G: tl.constexpr, ACC: tl.constexpr, HALF_MAX: tl.constexpr):
+    """Whether every one-key score is finite, from the guard's maxima: |q_e| <= max|ha| · D ·
+    max|wq| + max|bq| (k alike), and a dot of DH products of such factors, each factor and the
+    dot below half the largest finite value (the half covers rounding, whatever the order of the
+    sums). False where a maximum is +inf (a NaN or inf somewhere) or the bound overflows."""
+    gs = tl.arange(0, G)
+    ma = tl.max(tl.load(part_ptr + gs), axis=0)
+    mb = tl.max(tl.load(part_ptr + G + gs), axis=0)
+    mq = tl.max(tl.load(part_ptr + 2 * G + gs), axis=0)
+    mk = tl.max(tl.load(part_ptr + 3 * G + gs), axis=0)
+    mbq = tl.max(tl.load(part_ptr + 4 * G + gs), axis=0)
+    mbk = tl.max(tl.load(part_ptr + 5 * G + gs), axis=0)
+    width = tl.full((), 1.0, ACC) * D
+    fq = ma * width * mq + mbq
+    fk = mb * width * mk + mbk
+    half = tl.full((), HALF_MAX, ACC)
+    return (fq <= half) & (fk <= half) & (DH * fq * fk <= half)
 
 
 # --- kernels -----------------------------------------------------------------------------------
@@ -237,10 +343,13 @@ def _skew_fwd_kernel(
     stride_wo1,
     bq_ptr,
     stride_bq,
+    bk_ptr,
+    stride_bk,
     bv_ptr,
     stride_bv,
     bo_ptr,
     stride_bo,
+    part_ptr,
     out_ptr,
     N,
     P,
@@ -251,6 +360,7 @@ def _skew_fwd_kernel(
     DH: tl.constexpr,
     ATTEND: tl.constexpr,
     HAS_BQ: tl.constexpr,
+    HAS_BK: tl.constexpr,
     HAS_BV: tl.constexpr,
     HAS_BO: tl.constexpr,
     ACC: tl.constexpr,
@@ -261,8 +371,11 @@ def _skew_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    G: tl.constexpr,
+    HALF_MAX: tl.constexpr,
 ):
-    """``out[rows, p]`` for one row tile and one pair, all heads."""
+    """``out[rows, p]`` for one row tile and one pair, all heads. Without ATTEND (one key), the
+    scores are computed only where the guard's bound (``part``) cannot prove them finite."""
     p = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -274,14 +387,27 @@ def _skew_fwd_kernel(
     a_ptr = ha_ptr + i * stride_al
     band_cols = tl.arange(0, BLOCK_W)
     out_rows = out_ptr + rows64[:, None] * P * D + p * D
+    if not ATTEND:
+        proven = _scores_proven(part_ptr, D, DH, G, ACC, HALF_MAX)
     for h in range(H):
         head0 = h * DH
         if ATTEND:
             alpha = _band_alpha(
                 a_ptr, stride_an, stride_ad, hb_ptr, stride_bn, stride_bl, stride_bd, wq_ptr, stride_wq0,
-                stride_wq1, wk_ptr, stride_wk0, stride_wk1, bq_ptr, stride_bq, rows64, row_ok, head0, lo, hi,
-                D, DH, HAS_BQ, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_W,
+                stride_wq1, wk_ptr, stride_wk0, stride_wk1, bq_ptr, stride_bq, bk_ptr, stride_bk, rows64,
+                row_ok, head0, lo, hi, D, DH, HAS_BQ, HAS_BK, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+                BLOCK_W,
             )  # fmt: skip
+        else:  # one key: α = 1 where its score is finite (proven, or computed), NaN where not
+            alpha = tl.full((BLOCK_N, BLOCK_W), 1.0, ACC)
+            if proven == 0:
+                alpha = _band_alpha(
+                    a_ptr, stride_an, stride_ad, hb_ptr, stride_bn, stride_bl, stride_bd, wq_ptr, stride_wq0,
+                    stride_wq1, wk_ptr, stride_wk0, stride_wk1, bq_ptr, stride_bq, bk_ptr, stride_bk,
+                    rows64, row_ok, head0, lo, hi, D, DH, HAS_BQ, HAS_BK, ACC, DOT, PRECISION, BLOCK_N,
+                    BLOCK_C, BLOCK_K, BLOCK_W,
+                )  # fmt: skip
+            alpha_j = _column(alpha, band_cols, 0)
         for c0 in range(0, DH, BLOCK_C):
             cl = c0 + tl.arange(0, BLOCK_C)
             c_ok = cl < DH
@@ -294,12 +420,13 @@ def _skew_fwd_kernel(
                         stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
                     )  # fmt: skip
                     ctx += _column(alpha, band_cols, jj - lo)[:, None] * v
+                ctx = _bias(ctx, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)  # Σ α = 1
             else:
                 ctx = _proj(
                     hb_ptr + j * stride_bl, stride_bn, stride_bd, rows64, row_ok, wv_ptr, stride_wv0,
                     stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
                 )  # fmt: skip
-            ctx = _bias(ctx, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)  # Σ α = 1
+                ctx = alpha_j[:, None] * _bias(ctx, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)
             ctx_op = ctx.to(DOT)
             first = (h == 0) & (c0 == 0)
             # out[rows, p, :] += ctx Wo[:, cols]ᵀ, one column tile of the output at a time.
@@ -358,13 +485,19 @@ def _skew_bwd_kernel(
     stride_wo1,
     bq_ptr,
     stride_bq,
+    bk_ptr,
+    stride_bk,
     bv_ptr,
     stride_bv,
+    part_ptr,
     dq_ptr,
     r_ptr,
     dk_ptr,
     dv_ptr,
     c_ptr,
+    pa_ptr,
+    pb_ptr,
+    ph_ptr,
     N,
     P,
     D,
@@ -375,12 +508,16 @@ def _skew_bwd_kernel(
     DH: tl.constexpr,
     ATTEND: tl.constexpr,
     HAS_BQ: tl.constexpr,
+    HAS_BK: tl.constexpr,
     HAS_BV: tl.constexpr,
     NEED_DQ: tl.constexpr,
     NEED_R: tl.constexpr,
     NEED_DK: tl.constexpr,
     NEED_DV: tl.constexpr,
     NEED_C: tl.constexpr,
+    NEED_PA: tl.constexpr,
+    NEED_PB: tl.constexpr,
+    NEED_PH: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -388,9 +525,17 @@ def _skew_bwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    G: tl.constexpr,
+    HALF_MAX: tl.constexpr,
 ):
     """For one row tile and one head, over all pairs: adds to ``dq``/``r`` (N, SA, D) and
-    ``dk``/``dv`` (N, SB, D) at the slots of the layers, and writes ``c`` (N, P, D)."""
+    ``dk``/``dv`` (N, SB, D) at the slots of the layers, and writes ``c`` (N, P, D).
+
+    Without ATTEND (one key) there is no dQ or dK: ds = α (dα - α dα) is 0 where α and dα are
+    finite, and NaN where not, which makes the reference's dq and dk NaN over the head, so its
+    dha row, dhb row and the head's rows of dWq, dWk, dbq, dbk NaN. The kernel stores NaN at
+    those places of ``pa`` (N, SA), ``pb`` (N, SB) and ``ph`` (H,) (zero-filled; every program
+    that stores there stores NaN, so the result does not depend on their order)."""
     h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -399,6 +544,8 @@ def _skew_bwd_kernel(
     band_cols = tl.arange(0, BLOCK_W)
     a_rows = rows64[:, None] * SA * D
     b_rows = rows64[:, None] * SB * D
+    if not ATTEND:
+        proven = _scores_proven(part_ptr, D, DH, G, ACC, HALF_MAX)
     for p in range(P):
         i = tl.load(pairs_ptr + 2 * p)
         j = tl.load(pairs_ptr + 2 * p + 1)
@@ -410,10 +557,22 @@ def _skew_bwd_kernel(
         if ATTEND:
             alpha = _band_alpha(
                 a_ptr, stride_an, stride_ad, hb_ptr, stride_bn, stride_bl, stride_bd, wq_ptr, stride_wq0,
-                stride_wq1, wk_ptr, stride_wk0, stride_wk1, bq_ptr, stride_bq, rows64, row_ok, head0, lo, hi,
-                D, DH, HAS_BQ, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_W,
+                stride_wq1, wk_ptr, stride_wk0, stride_wk1, bq_ptr, stride_bq, bk_ptr, stride_bk, rows64,
+                row_ok, head0, lo, hi, D, DH, HAS_BQ, HAS_BK, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
+                BLOCK_W,
             )  # fmt: skip
             d_alpha = tl.zeros((BLOCK_N, BLOCK_W), ACC)
+        else:  # one key: α = 1 where its score is finite (proven, or computed), NaN where not
+            alpha = tl.full((BLOCK_N, BLOCK_W), 1.0, ACC)
+            if proven == 0:
+                alpha = _band_alpha(
+                    a_ptr, stride_an, stride_ad, hb_ptr, stride_bn, stride_bl, stride_bd, wq_ptr, stride_wq0,
+                    stride_wq1, wk_ptr, stride_wk0, stride_wk1, bq_ptr, stride_bq, bk_ptr, stride_bk,
+                    rows64, row_ok, head0, lo, hi, D, DH, HAS_BQ, HAS_BK, ACC, DOT, PRECISION, BLOCK_N,
+                    BLOCK_C, BLOCK_K, BLOCK_W,
+                )  # fmt: skip
+            alpha_j = _column(alpha, band_cols, 0)
+            d_alpha_j = tl.zeros((BLOCK_N,), ACC)
         # The value pass: c, dc = G Wo[:, cols], dα and dV.
         for c0 in range(0, DH, BLOCK_C):
             cl = c0 + tl.arange(0, BLOCK_C)
@@ -442,20 +601,34 @@ def _skew_bwd_kernel(
                         b_slot = tl.load(b_slot_ptr + jj).to(tl.int64) * D
                         _add_to(dv_ptr + b_rows + b_slot + cols64[None, :], a_j[:, None] * dc, ok)
             else:
-                ctx = _proj(
+                v = _proj(
                     hb_ptr + j * stride_bl, stride_bn, stride_bd, rows64, row_ok, wv_ptr, stride_wv0,
                     stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
                 )  # fmt: skip
-                ctx = _bias(ctx, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)
+                v = _bias(v, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)
+                ctx = alpha_j[:, None] * v
+                if NEED_PA or NEED_PB or NEED_PH:
+                    d_alpha_j += tl.sum(dc * v, axis=1)
                 if NEED_DV:
                     b_slot = tl.load(b_slot_ptr + j).to(tl.int64) * D
-                    _add_to(dv_ptr + b_rows + b_slot + cols64[None, :], dc, ok)
+                    _add_to(dv_ptr + b_rows + b_slot + cols64[None, :], alpha_j[:, None] * dc, ok)
             if NEED_C:
                 tl.store(c_ptr + rows64[:, None] * P * D + p * D + cols64[None, :], ctx, mask=ok)
             if NEED_R:
                 g_ptrs = gp_ptr + rows64[:, None] * stride_gn + cols64[None, :] * stride_gd
                 g = tl.load(g_ptrs, mask=ok, other=0.0)
                 _add_to(r_ptr + a_rows + a_slot + cols64[None, :], g.to(ACC), ok)
+        if not ATTEND and (NEED_PA or NEED_PB or NEED_PH):
+            d_score = alpha_j * (d_alpha_j - alpha_j * d_alpha_j)  # the reference's ds, up to the scale
+            bad = row_ok & (d_score != 0.0)  # NaN: its dq and dk are NaN
+            nan = tl.full((BLOCK_N,), float("nan"), ACC)
+            if NEED_PA:
+                tl.store(pa_ptr + rows64 * SA + tl.load(a_slot_ptr + i), nan, mask=bad)
+            if NEED_PB:
+                tl.store(pb_ptr + rows64 * SB + tl.load(b_slot_ptr + j), nan, mask=bad)
+            if NEED_PH:
+                any_bad = tl.max(bad.to(tl.int32), axis=0) > 0
+                tl.store(ph_ptr + h, tl.full((), float("nan"), ACC), mask=any_bad)
         if ATTEND and (NEED_DQ or NEED_DK):
             # ds = α (dα - Σ α dα) / sqrt(dh); the third pass: dQ += Σ ds k, dK += ds q.
             scale = 1.0 / tl.sqrt(tl.full((), DH, ACC))
@@ -480,7 +653,7 @@ def _skew_bwd_kernel(
                             hb_ptr + jj * stride_bl, stride_bn, stride_bd, rows64, row_ok, wk_ptr, stride_wk0,
                             stride_wk1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
                         )  # fmt: skip
-                        dq += ds_j * k
+                        dq += ds_j * _bias(k, bk_ptr, stride_bk, cols, c_ok, HAS_BK, ACC)
                     if NEED_DK:
                         b_slot = tl.load(b_slot_ptr + jj).to(tl.int64) * D
                         _add_to(dk_ptr + b_rows + b_slot + cols64[None, :], ds_j * q, ok)
@@ -544,6 +717,36 @@ def _bias_args(b: Tensor | None, dummy: Tensor) -> list:
     return [dummy, 0] if b is None else [b, b.stride(0)]
 
 
+# The guard: elements a step, and at most this many programs (their maxima, 6 per program, are
+# what every program of the main kernels reduces), each taking a few steps of the largest input,
+# so that its ~2 N L D + 2 D² reads are spread over the device rather than looped. The maxima
+# reach the kernels through memory: no host synchronisation.
+_GUARD_BLOCK = 2048
+_GUARD_PROGRAMS = 512
+
+
+def _guard(
+    ha: Tensor, hb: Tensor, wq: Tensor, wk: Tensor, bq: Tensor | None, bk: Tensor | None
+) -> tuple[Tensor, int]:
+    """One-key bands: the per-program maxima (6, G) that ``_scores_proven`` reduces, and G."""
+    n, la, d = ha.shape
+    largest = max(n * max(la, hb.shape[1]) * d, d * d)
+    g = min(_GUARD_PROGRAMS, triton.next_power_of_2(triton.cdiv(largest, 4 * _GUARD_BLOCK)))
+    part = torch.empty(6, g, dtype=_acc(ha.dtype), device=ha.device)
+    with _on(ha.device):
+        _skew_guard_kernel[(g,)](
+            ha, *ha.stride(), hb, *hb.stride(), *_weight_args(wq, wk), *_bias_args(bq, wq),
+            *_bias_args(bk, wq), part, n, la, hb.shape[1], d, HAS_BQ=bq is not None,
+            HAS_BK=bk is not None, G=g, ACC=_TL[_acc(ha.dtype)], BLOCK=_GUARD_BLOCK, num_warps=8,
+        )  # fmt: skip
+    return part, g
+
+
+def _half_max(dtype: torch.dtype) -> float:
+    """Half the largest finite value of the compute dtype (``_scores_proven``)."""
+    return torch.finfo(_acc(dtype)).max / 2
+
+
 def _slots(mark: Tensor, count: int) -> tuple[Tensor, Tensor]:
     """``(slot of every layer (int32; meaningful where marked), the layers of slots
     0..count-1)``: the marked layers in order, then unmarked ones as padding. No host sync."""
@@ -572,8 +775,7 @@ def forward(
     heads: int,
     window: int,
 ) -> Tensor:
-    """``out`` of shape (N, P, D), contiguous; ``bk`` is not read (softmax ignores it)."""
-    del bk
+    """``out`` of shape (N, P, D), contiguous."""
     n, _, d = ha.shape
     lb, p = hb.shape[1], pairs.shape[0]
     dtype, device = ha.dtype, ha.device
@@ -585,7 +787,8 @@ def forward(
     out = torch.empty(n, p, d, dtype=_acc(dtype) if staged else dtype, device=device)
     if n == 0:
         return out.to(dtype)
-    bn, bk, warps = _config("fwd", n, d, p, dtype, device)
+    bn, block_k, warps = _config("fwd", n, d, p, dtype, device)
+    part, g = (wq, 1) if w > 0 else _guard(ha, hb, wq, wk, bq, bk)
     with _on(device):
         _skew_fwd_kernel[(triton.cdiv(n, bn), p)](
             ha,
@@ -595,8 +798,10 @@ def forward(
             pairs,
             *_weight_args(wq, wk, wv, wo),
             *_bias_args(bq, wq),
+            *_bias_args(bk, wq),
             *_bias_args(bv, wq),
             *_bias_args(bo, wq),
+            part,
             out,
             n,
             p,
@@ -607,6 +812,7 @@ def forward(
             DH=dh,
             ATTEND=w > 0,
             HAS_BQ=bq is not None,
+            HAS_BK=bk is not None,
             HAS_BV=bv is not None,
             HAS_BO=bo is not None,
             ACC=_TL[_acc(dtype)],
@@ -614,9 +820,11 @@ def forward(
             PRECISION=_input_precision(dtype, device),
             BLOCK_N=bn,
             BLOCK_C=bc,
-            BLOCK_K=bk,
+            BLOCK_K=block_k,
             BLOCK_O=_block(d, 16, 64),
             BLOCK_W=bw,
+            G=g,
+            HALF_MAX=_half_max(dtype),
             num_warps=warps,
             maxnreg=_MAXNREG,
         )
@@ -642,7 +850,6 @@ def backward(
 ) -> list[Tensor]:
     """Ten gradients ``ha, hb, wq, wk, wv, wo, bq, bk, bv, bo`` given ``grad = dL/dout``
     (N, P, D); those whose flag in ``needs`` is False are empty tensors."""
-    del bk
     n, la, d = ha.shape
     lb, p = hb.shape[1], pairs.shape[0]
     dtype, device = ha.dtype, ha.device
@@ -652,19 +859,19 @@ def backward(
     need = dict(zip(_GRADS, needs, strict=True))
     shapes = dict(zip(_GRADS, (ha.shape, hb.shape, *[(d, d)] * 4, *[(d,)] * 4), strict=True))
     grads: dict[str, Tensor] = {}
-    # Exactly zero: bk always (softmax ignores it); wq, wk, bq when every α is 1.
-    for name in ("bk",) if attend else ("wq", "wk", "bq", "bk"):
-        if need[name]:
-            grads[name] = torch.zeros(shapes[name], dtype=dtype, device=device)
+    # One key: wq, wk, bq and bk get 0, or NaN over a head whose ds is NaN somewhere (ph).
+    heads_poisoned = [] if attend else [name for name in ("wq", "wk", "bq", "bk") if need[name]]
     if need["bo"]:
         grads["bo"] = grad.sum((0, 1), dtype=acc).to(dtype)
     # What the kernel writes: dQ, R, dK, dV, C (module docstring).
     need_dq = attend and (need["ha"] or need["wq"] or need["bq"])
     need_r = need["ha"]
-    need_dk = attend and (need["hb"] or need["wk"])
+    need_dk = attend and (need["hb"] or need["wk"] or need["bk"])
     need_dv = need["hb"] or need["wv"] or need["bv"]
     need_c = need["wo"]
-    if n == 0 or not (need_dq or need_r or need_dk or need_dv or need_c):
+    # One key: the places where ds is NaN, for dha (pa), dhb (pb) and the heads' rows (ph).
+    need_pa, need_pb, need_ph = not attend and need["ha"], not attend and need["hb"], bool(heads_poisoned)
+    if n == 0 or not (need_dq or need_r or need_dk or need_dv or need_c or need_ph):
         for name in _GRADS:
             if need[name] and name not in grads:
                 grads[name] = torch.zeros(shapes[name], dtype=dtype, device=device)
@@ -683,7 +890,7 @@ def backward(
     used_b = (torch.arange(sb, device=device) < touched_b.sum())[None, :, None]
 
     # Row chunks, each a multiple of BLOCK_N, so that the buffers stay under the cap.
-    bn, bk, warps = _config("bwd", n, d, heads, dtype, device)
+    bn, block_k, warps = _config("bwd", n, d, heads, dtype, device)
     per_row = d * (sa * (need_dq + need_r) + sb * (need_dk + need_dv) + p * need_c)
     chunk_rows = min(max(bn, _SCRATCH_ELEMENTS // per_row // bn * bn), triton.cdiv(n, bn) * bn)
 
@@ -692,6 +899,10 @@ def backward(
 
     dq_s, r_s, dk_s, dv_s = buffer(need_dq, sa), buffer(need_r, sa), buffer(need_dk, sb), buffer(need_dv, sb)
     c_s = torch.empty(chunk_rows if need_c else 0, p, d, dtype=dtype, device=device)
+    pa_s = torch.zeros(chunk_rows if need_pa else 0, sa, dtype=acc, device=device)
+    pb_s = torch.zeros(chunk_rows if need_pb else 0, sb, dtype=acc, device=device)
+    ph = torch.zeros(heads if need_ph else 0, dtype=acc, device=device)
+    part, g_programs = (wq, 1) if attend else _guard(ha, hb, wq, wk, bq, bk)
 
     def mm(a: Tensor, b: Tensor) -> Tensor:
         """A float32 buffer times an input (16-bit: both in the input dtype, on tensor cores)."""
@@ -704,14 +915,14 @@ def backward(
     # Weight and bias gradients summed over the chunks in float32.
     sums = {
         name: torch.zeros(shapes[name], dtype=acc, device=device)
-        for name in ("wq", "wk", "wv", "wo", "bq", "bv")
-        if need[name] and name not in grads
+        for name in ("wq", "wk", "wv", "wo", "bq", "bk", "bv")
+        if need[name] and name not in grads and name not in heads_poisoned
     }
 
     for row0 in range(0, n, chunk_rows):
         rows = min(chunk_rows, n - row0)
         if row0 > 0:
-            for t in (dq_s, r_s, dk_s, dv_s):
+            for t in (dq_s, r_s, dk_s, dv_s, pa_s, pb_s):
                 t.zero_()
         g = grad[row0 : row0 + rows]
         with _on(device):
@@ -727,12 +938,17 @@ def backward(
                 b_slot,
                 *_weight_args(wq, wk, wv, wo),
                 *_bias_args(bq, wq),
+                *_bias_args(bk, wq),
                 *_bias_args(bv, wq),
+                part,
                 dq_s,
                 r_s,
                 dk_s,
                 dv_s,
                 c_s,
+                pa_s,
+                pb_s,
+                ph,
                 rows,
                 p,
                 d,
@@ -743,29 +959,39 @@ def backward(
                 DH=d // heads,
                 ATTEND=attend,
                 HAS_BQ=bq is not None,
+                HAS_BK=bk is not None,
                 HAS_BV=bv is not None,
                 NEED_DQ=need_dq,
                 NEED_R=need_r,
                 NEED_DK=need_dk,
                 NEED_DV=need_dv,
                 NEED_C=need_c,
+                NEED_PA=need_pa,
+                NEED_PB=need_pb,
+                NEED_PH=need_ph,
                 ACC=_TL[acc],
                 DOT=_dot_dtype(dtype, device),
                 PRECISION=_input_precision(dtype, device),
                 BLOCK_N=bn,
                 BLOCK_C=_head_block(d // heads),
-                BLOCK_K=bk,
+                BLOCK_K=block_k,
                 BLOCK_W=bw,
+                G=g_programs,
+                HALF_MAX=_half_max(dtype),
                 num_warps=warps,
                 maxnreg=_MAXNREG,
             )
         dq, dk, dv = (t[:rows].view(-1, d) for t in (dq_s, dk_s, dv_s))
         if need["ha"]:
             da = r_s[:rows] + mm(dq, wq).view(rows, sa, d) if need_dq else r_s[:rows]
+            if need_pa:
+                da = da + pa_s[:rows, :, None]  # NaN over the rows whose ds is NaN
             da = torch.where(used_a, da, 0.0)
             grads["ha"][row0 : row0 + rows].index_copy_(1, a_layers, da.to(dtype))
         if need["hb"]:
             db = mm(dv, wv) + mm(dk, wk) if need_dk else mm(dv, wv)
+            if need_pb:
+                db = db + pb_s[:rows].view(-1, 1)
             db = torch.where(used_b, db.view(rows, sb, d), 0.0)
             grads["hb"][row0 : row0 + rows].index_copy_(1, b_layers, db.to(dtype))
         if "wq" in sums:
@@ -781,8 +1007,14 @@ def backward(
             sums["wo"] += (g.reshape(-1, d).t() @ c_s[:rows].view(-1, d)).to(acc)
         if "bq" in sums:
             sums["bq"] += dq.sum(0)
+        if "bk" in sums:
+            sums["bk"] += dk.sum(0)
         if "bv" in sums:
             sums["bv"] += dv.sum(0)
     for name, t in sums.items():
         grads[name] = t.to(dtype)
+    if heads_poisoned:
+        cols = ph.repeat_interleave(d // heads)  # 0, or NaN over the poisoned heads' columns
+        for name in heads_poisoned:
+            grads[name] = (cols[:, None].expand(d, d) if name[0] == "w" else cols).to(dtype, copy=True)
     return [grads.get(name, ha.new_empty(0)) for name in _GRADS]
