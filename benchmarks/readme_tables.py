@@ -172,6 +172,8 @@ OP_LABELS = {
     "product_fusion": "product fusion",
     "skew_pair_attention": "skew-pair attention",
     "multiple_kernel": "multiple kernel fusion",
+    "mfb": "MFB / MLB bilinear pooling",
+    "block_fusion": "BLOCK / MUTAN bilinear fusion",
 }
 _SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 

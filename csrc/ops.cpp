@@ -28,10 +28,24 @@ TORCH_LIBRARY(fusionops, m) {
   // Tensor fusion (DESIGN.md section 1); contract in fusionops/ops/_kernels.py.
   m.def("_tf_features_fwd(Tensor[] xs, Tensor? mask) -> Tensor");
   m.def("_tf_features_bwd(Tensor grad, Tensor[] xs, Tensor? mask) -> Tensor[]");
-  m.def("_tf_projected_fwd(Tensor[] xs, Tensor weight, Tensor? bias, Tensor? mask) -> Tensor");
+  // dropout, seed: inverted dropout on Z (the mask of fusionops/reference/tensor_fusion.py).
+  m.def(
+      "_tf_projected_fwd(Tensor[] xs, Tensor weight, Tensor? bias, Tensor? mask, float dropout=0., "
+      "int seed=0) -> Tensor");
   m.def(
       "_tf_projected_bwd(Tensor grad, Tensor[] xs, Tensor weight, Tensor? mask, bool need_dx, "
-      "bool need_dw, bool need_db) -> (Tensor[], Tensor?, Tensor?)");
+      "bool need_dw, bool need_db, float dropout=0., int seed=0) -> (Tensor[], Tensor?, Tensor?)");
+  // The eager projection with its autograd in C++ (csrc/cpu/eager_autograd.cpp), for calls outside
+  // tracing; and the differentiable gradients of its double backward, implemented in Python
+  // (fusionops/ops/tensor_fusion.py): one per nonzero `needs` flag (xs..., weight).
+  m.def(
+      "_tf_projected_eager(Tensor[] xs, Tensor weight, Tensor? bias, Tensor? mask, float dropout=0., "
+      "int seed=0) -> Tensor");
+  m.def(
+      "_tf_projected_reference_grads(Tensor grad, Tensor[] xs, Tensor weight, Tensor? mask, int[] needs, "
+      "float dropout, int seed) -> Tensor[]");
+  // Test knob of the CPU kernels: their small-problem limit (N·K·O), returning the previous one.
+  m.def("_tf_small_work(int limit) -> int");
   // Low-rank fusion (DESIGN.md section 2); contract in fusionops/ops/_kernels.py.
   m.def(
       "_lmf_fwd(Tensor[] xs, Tensor[] factors, Tensor rank_weight, Tensor? bias, Tensor? mask) "
@@ -55,4 +69,12 @@ TORCH_LIBRARY(fusionops, m) {
   m.def(
       "_mkl_bwd(Tensor grad, Tensor[] xs_a, Tensor[] xs_b, Tensor beta, int[] kinds, Tensor params, "
       "int[] degrees, bool[] needs) -> (Tensor[], Tensor[], Tensor, Tensor)");
+  // Bilinear pooling family: MFB/MLB, MUTAN, BLOCK (DESIGN.md section 6); contract in
+  // fusionops/ops/_bilinear.py (BilinearKernels).
+  m.def(
+      "_bilinear_fwd(Tensor x, Tensor t, Tensor wx, Tensor? bx, Tensor wt, Tensor? bt, Tensor wo, Tensor? bo, "
+      "int rank, bool rank_major, int activation, int normalize) -> Tensor");
+  m.def(
+      "_bilinear_bwd(Tensor grad, Tensor x, Tensor t, Tensor wx, Tensor? bx, Tensor wt, Tensor? bt, Tensor wo, "
+      "int rank, bool rank_major, int activation, int normalize, bool[] needs) -> Tensor[]");
 }

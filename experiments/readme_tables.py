@@ -24,6 +24,7 @@ TWEET = ROOT / "tweet"
 MKL = ROOT / "mkl_lmf"
 SKEW = ROOT / "skew_pair"
 TWEET_VAL = TWEET / "results" / "val_size"  # the --val-size run, beside the default one
+TWEET_BILINEAR = TWEET / "results" / "bilinear"  # the bilinear family under the same protocol
 BLOCK = re.compile(
     r"(<!-- generated: (?P<name>[\w-]+) .*?-->\n)(?P<body>.*?)(<!-- end generated: (?P=name) -->)", re.S
 )
@@ -264,6 +265,8 @@ def generators() -> dict[Path, dict[str, Callable[[], str]]]:
             "tweet-numbers": lambda: tweet_numbers(_load(TWEET / "results")),
             "tweet-verdicts": lambda: tweet_verdicts(_load(TWEET / "results")),
             "tweet-val-size": lambda: tweet_val_size(_load(TWEET / "results"), _load(TWEET_VAL)),
+            "tweet-bilinear-numbers": lambda: tweet_numbers(_load(TWEET_BILINEAR)),
+            "tweet-bilinear-verdicts": lambda: tweet_verdicts(_load(TWEET_BILINEAR)),
         },
         MKL / "README.md": {
             "mkl-setup": lambda: mkl_setup(_load(MKL / "results")),

@@ -60,6 +60,9 @@ class OpDef:
     cpu_min_modalities: int = 1
     cuda_kernels: bool = False
     autocast: Literal["lower", "keep"] = "keep"
+    # Why the CPU size rule is what it is, for fusionops.info (an op whose thresholds were not
+    # set from a crossover sweep says so here).
+    rule_basis: str = "measured faster there"
 
     def kernels_for(self, backend: str) -> Any:
         """The kernels serving ``backend`` (``cpu``, ``cuda`` or ``triton``)."""
@@ -100,7 +103,7 @@ class OpDef:
                 lines.append(f"{mode}: calls with " + " or ".join(parts) + " go to the reference")
             else:
                 lines.append(f"{mode}: every call goes to the fused kernels")
-        return "; ".join(lines) + " (measured faster there)"
+        return "; ".join(lines) + f" ({self.rule_basis})"
 
 
 def needs_grad(*tensors: object) -> bool:

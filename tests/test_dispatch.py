@@ -23,6 +23,8 @@ def test_every_op_is_registered_once_with_its_reference_and_kernels():
         "product_fusion",
         "skew_pair_attention",
         "multiple_kernel",
+        "mfb",
+        "block_fusion",
     }
     for op in OPS.values():
         assert op.reference is getattr(fusionops.reference, op.name)

@@ -15,20 +15,22 @@ run checks the same examples. Fixed problems add: every masked row non-finite; R
 (exactly 0) and across exp's underflow; the CUDA C++ kernels, emulated on the CPU (see
 test_cuda_kernels_emulated), for the ops they serve.
 
-Where a backend departs from the reference by construction, that case is pinned by a test of
-its own marked xfail(strict=True) with the reason, and kept out of the drawn problems:
+Skew-pair attention over a band of one key (``window = 0``, or a stack B of one layer) has
+``α = 1`` where the band's one score is finite, and its gradient ``α (dα - α dα)`` is 0 where dα
+is finite: the kernels skip the scores only where a cheap bound proves both finite, and compute
+them otherwise, so a NaN or inf that reaches a score (through ha, hb, wq, wk, bq, bk, or a q·k
+that overflows) or dα (wv, bv, wo, the upstream gradient) gives the reference's NaN. bk is read
+too (the shift q·bk it adds to every score of a band cancels in the softmax only when finite),
+and its gradient is compared like any other. The drawn problems include both;
+test_skew_pair_one_key_band and test_skew_pair_nonfinite_bk pin them.
 
-* skew-pair attention over a band of one key (``window = 0``, or a stack B of one layer): the
-  kernels compute no scores (``α = 1``), so a NaN or inf that reaches a score (through ha, hb,
-  wq, wk, bq) or the softmax's gradient ``α (dα - α dα)`` does not propagate; the reference's
-  softmax of one score, and its gradient, give NaN. And bk is never read (softmax ignores the
-  shift it adds), so a non-finite bk does not propagate, and the gradient of bk is exactly 0
-  (never compared with the reference's, which is NaN as soon as a score is).
-* tensor fusion projected on the cpu backend when K > 4096 puts more than one modality in the
-  kernel's tail: it factors Z = P ⊗ T (head and tail outer products) and sums
-  ``Σ_t dZ[h, t] T[t]`` over the flat tail (and the forward's direct path ``Σ_h P_h (T W_hᵀ)``),
-  a different grouping of the same products from autograd through the reference's
-  ``flatten(z_1 ⊗ … ⊗ z_M)``: with an inf, ``a · (b + c)`` is ±inf where ``a·b + a·c`` is NaN.
+Tensor fusion projected on the cpu backend when K > 4096 factors Z = P ⊗ T (head and tail
+outer products) and sums ``Σ_t dZ[h, t] T[t]`` over the flat tail (and the forward's direct
+path ``Σ_h P_h (T W_hᵀ)``), a different grouping of the same products from autograd through
+the reference's ``flatten(z_1 ⊗ … ⊗ z_M)``: with an inf, ``a · (b + c)`` is ±inf where
+``a·b + a·c`` is NaN. So a call whose features or upstream gradient hold an inf or a NaN takes
+the kernel's whole-row path (the reference's grouping), which
+test_tensor_fusion_cpu_head_tail_split checks at such a K.
 """
 
 from __future__ import annotations
@@ -287,17 +289,16 @@ def product_fusion_case(draw) -> Case:
     return Case("product_fusion", leaves, lambda v: fusionops.product_fusion(v["xs"]), {"inputs": ["xs"]})
 
 
-SKEW_WEIGHTS = ["wq", "wk", "wv", "wo", "bq", "bv", "bo"]  # bk: see the module docstring
+SKEW_WEIGHTS = ["wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo"]
 
 
 def skew_pair_case(draw, window: int | None = None, lb: int | None = None) -> Case:
-    """By default a window >= 1 over a stack B of 2 layers or more: every band has 2 keys or
-    more (one key: see the module docstring)."""
+    """Bands of one key (window 0, or a stack B of one layer) beside wider ones."""
     heads = draw(st.integers(1, 2), "heads")
     d = heads * draw(st.integers(1, 3), "head width")
     n, la = draw(st.integers(1, 3), "rows"), draw(st.integers(1, 4), "La")
-    lb = lb or draw(st.integers(2, 4), "Lb")
-    window = window if window is not None else draw(st.integers(1, 2), "window")
+    lb = lb or draw(st.integers(1, 4), "Lb")
+    window = window if window is not None else draw(st.integers(0, 2), "window")
     pair = st.tuples(st.integers(0, la - 1), st.integers(0, lb - 1))
     pairs = draw(st.lists(pair, min_size=1, max_size=3), "pairs")
     leaves: Leaves = {"ha": _randn(draw, n, la, d), "hb": _randn(draw, n, lb, d)}
@@ -311,8 +312,8 @@ def skew_pair_case(draw, window: int | None = None, lb: int | None = None) -> Ca
         bs = [v[k] for k in ("bq", "bk", "bv", "bo")]
         return fusionops.skew_pair_attention(v["ha"], v["hb"], pairs, *ws, *bs, heads=heads, window=window)
 
-    targets = {"inputs": ["ha", "hb"], "weights": SKEW_WEIGHTS, "bk": ["bk"]}
-    return Case("skew_pair_attention", leaves, call, targets, skip_grads=("bk",))
+    targets = {"inputs": ["ha", "hb"], "weights": SKEW_WEIGHTS}
+    return Case("skew_pair_attention", leaves, call, targets)
 
 
 def multiple_kernel_case(draw) -> Case:
@@ -467,62 +468,78 @@ def test_masked_rows_ignore_nonfinite(backend, value, op):
 
 
 def _skew_fixed(window: int, lb: int) -> Case:
+    """Two rows, two heads of width 2 (D = 4), pairs (0, 0) and (1, Lb - 1), every bias."""
     draw = fixed(
-        heads=1, rows=2, La=2, Lb=lb, window=window, pairs=[(0, 0), (1, lb - 1)], **{"head width": 4}
+        heads=2, rows=2, La=2, Lb=lb, window=window, pairs=[(0, 0), (1, lb - 1)], **{"head width": 2}
     )
     return skew_pair_case(draw, window, lb)
 
 
-ONE_KEY = (
-    "a band of one key: the kernels take α = 1 and compute no score, so a NaN that only scores "
-    "read (wq here) does not propagate, where the reference's softmax of one NaN score is NaN "
-    "(matching it would take the q and k projections the kernels skip)"
-)
+# What goes where (leaf, flat position, value) for a band of one key, whose softmax is NaN where
+# its score is not finite and whose gradient α (dα - α dα) is NaN where dα is not.
+ONE_KEY_CASES = {
+    "wq-nan": [("wq", 5, NAN)],  # the scores, through q, k or the shift q·bk
+    "wk-+inf": [("wk", 2, INF)],
+    "bq--inf": [("bq", 1, -INF)],
+    "bk-nan": [("bk", 3, NAN)],
+    "ha-+inf": [("ha", 3, INF)],  # row 0, layer 0 (pair (0, 0)): the score besides the residual
+    "hb-nan": [("hb", 1, NAN)],
+    "wv-nan": [("wv", 6, NAN)],  # dα = dc · v: ds is NaN, so are the gradients of wq, wk, bq, bk
+    "wo-+inf": [("wo", 9, INF)],  # dc = g Wo
+    # Finite, but past what the kernels' bound proves finite (q large in head 0, k in head 1):
+    # the scores are computed, and α = 1 and ds = 0 all the same.
+    "unproven-finite": [("bq", 0, 1e200), ("bk", 3, 1e200)],
+}
 
 
-@pytest.mark.xfail(strict=True, reason=ONE_KEY)
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("put", list(ONE_KEY_CASES))
 @pytest.mark.parametrize(("window", "lb"), [(0, 3), (1, 1)], ids=["window0", "one-layer-stack"])
-def test_skew_pair_one_key_band(backend, window, lb):
+def test_skew_pair_one_key_band(backend, put, window, lb):
     device, _ = _usable(("cpu", backend), torch.float64, "skew_pair_attention")
     case = _skew_fixed(window, lb)
-    case.put("wq", None, 5, NAN)
+    for leaf, pos, value in ONE_KEY_CASES[put]:
+        case.put(leaf, None, pos, value)
     check(case, backend, torch.float64, device)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bk is never read (softmax ignores the shift q·bk it adds to every score), so a NaN in "
-    "it does not propagate; the reference's scores, and so its output, are NaN",
-)
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_skew_pair_nonfinite_bk(backend):
+def test_skew_pair_one_key_overflow(backend):
+    """float32 rows of 1e20: q·k overflows, so the reference's softmax of that one score is NaN
+    (row 0); row 1 is finite, in the same block of rows."""
+    device, _ = _usable(("cpu", backend), torch.float32, "skew_pair_attention")
+    case = _skew_fixed(0, 3)
+    case.clean = _copy(case.leaves)
+    for name in ("ha", "hb"):
+        case.leaves[name][0] *= 1e20
+    check(case, backend, torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "+inf"])
+@pytest.mark.parametrize("window", [0, 1])
+def test_skew_pair_nonfinite_bk(backend, value, window):
+    """bk shifts every score of a band by q·bk, which the softmax cancels only while it is
+    finite: non-finite, the band's weights are NaN, and so is the gradient of bk (the sum of dk)."""
     device, _ = _usable(("cpu", backend), torch.float64, "skew_pair_attention")
-    case = _skew_fixed(1, 3)
-    case.put("bk", None, 2, NAN)
+    case = _skew_fixed(window, 3)
+    case.put("bk", None, 2, value)
     check(case, backend, torch.float64, device)
-
-
-SPLIT = (
-    "cpu tensor fusion with K > 4096 and a tail of two modalities or more: the kernel factors "
-    "Z = P ⊗ T and sums over the flat tail T (dP = Σ_t dZ T; forward Σ_h P_h (T W_hᵀ)), where "
-    "autograd through the reference contracts the last modality first: with an inf, a · (b + c) "
-    "is ±inf where a·b + a·c is NaN, or the reverse (matching it means rewriting the split)"
-)
 
 
 @pytest.mark.parametrize(
     ("modality", "value"),
     [
         pytest.param(None, NAN, id="nan"),
-        pytest.param(0, INF, id="head-+inf", marks=pytest.mark.xfail(strict=True, reason=SPLIT)),
-        pytest.param(1, INF, id="tail-+inf", marks=pytest.mark.xfail(strict=True, reason=SPLIT)),
-        pytest.param(2, -INF, id="last--inf", marks=pytest.mark.xfail(strict=True, reason=SPLIT)),
+        pytest.param(0, INF, id="head-+inf"),
+        pytest.param(1, INF, id="tail-+inf"),
+        pytest.param(2, -INF, id="last--inf"),
     ],
 )
 def test_tensor_fusion_cpu_head_tail_split(modality, value):
-    """(20, 20, 20): K = 9261, head (z_1), tail (z_2, z_3) of 441 columns (the direct path).
-    NaN propagates the same in any grouping, so the NaN case must pass. The Triton interpreter
+    """(20, 20, 20): K = 9261, where finite inputs take the head (z_1) / tail (z_2, z_3) split
+    of 441 columns (the direct path); an inf or a NaN must give the reference's NaN and ±inf
+    exactly, forward and every gradient (the kernel's whole-row path). The Triton interpreter
     takes 15 s a call at this K, so this is the cpu backend's (whose split it is) alone."""
     device, backend = _usable(("cpu", "cpu"), torch.float64, "tensor_fusion")
     case = tensor_fusion_case(fixed(O=3, masked=False), "projected", [20, 20, 20], 2)

@@ -15,7 +15,8 @@ import pytest
 
 from experiments import cli_args, reproduce
 from experiments.tweet import report, studies
-from experiments.tweet.studies import FUSIONS, StudyConfig
+from experiments.tweet.config import PAPER_FUSIONS as FUSIONS
+from experiments.tweet.studies import StudyConfig
 
 CPUS = os.cpu_count() or 1
 TINY_SYNTH = {"n_train": 48, "n_val": 24, "n_test": 40, "dim": 16}

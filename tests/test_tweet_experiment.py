@@ -13,7 +13,7 @@ import torch
 
 import fusionops
 from experiments.atomic import write_json as write_json_atomic
-from experiments.tweet.config import TweetConfig, load_config
+from experiments.tweet.config import FUSIONS, TweetConfig, load_config
 from experiments.tweet.data import (
     DataFormatError,
     Split,
@@ -26,7 +26,6 @@ from experiments.tweet.model import FusionClassifier
 from experiments.tweet.synthetic import make_synthetic
 from experiments.tweet.train import evaluate, loss_fn, main_train, roc_auc
 
-FUSIONS = ("concat", "product", "tensorfusion", "lowrank")
 TINY = {"n_train": 600, "n_val": 200, "n_test": 400, "dim": 16, "rank": 2, "noise": 0.05}
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from benchmarks.ops import low_rank_fusion, multiple_kernel, product_fusion, skew_pair, tensor_fusion
+from benchmarks.ops import (
+    bilinear,
+    low_rank_fusion,
+    multiple_kernel,
+    product_fusion,
+    skew_pair,
+    tensor_fusion,
+)
 from benchmarks.spec import OpSpec
 
 OPS: dict[str, OpSpec] = {
@@ -15,6 +22,8 @@ OPS: dict[str, OpSpec] = {
         product_fusion.SPEC,
         skew_pair.SPEC,
         multiple_kernel.SPEC,
+        bilinear.MFB_SPEC,
+        bilinear.BLOCK_SPEC,
     )
 }
 

@@ -7,6 +7,15 @@
 // multiplies T (scaling the small side by a column of P) or cache-sized column tiles of Z
 // rebuilt from P and T with the matching columns of W, and the tiles of dZ = G W are reduced
 // onto P and T, whose gradients give dx.
+//
+// Dropout on Z (the projected kernels' `dropout`, `seed`): the tiles of Z and of dZ are masked
+// as they are formed, with the counter-based mask of fusionops/reference/tensor_fusion.py
+// (dropout_keep), regenerated in backward: no mask or Z is ever stored.
+//
+// Non-finite inputs: the head/tail split groups the products differently from autograd
+// through the reference (with an inf, a·(b + c) is ±inf where a·b + a·c is NaN), so a call whose
+// features or upstream gradient hold an inf or NaN takes the whole-row path (Z = T, the
+// grouping of the reference) instead; finding out costs one pass over the N·Σd features.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,6 +23,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -40,6 +52,84 @@ constexpr int64_t kMinDirectCols = 256;
 // When the tail is all of Z (K <= kTailCols), a block is sized by kWholeElems elements of Z
 // instead (1 MB in float32, whatever N is): few, large GEMMs when K is small.
 constexpr int64_t kWholeElems = int64_t{1} << 18;
+
+// ---- dropout mask: keep(seed, row, k), bit for bit the reference's dropout_keep ------------
+
+constexpr uint32_t kSeedSalt = 0x27D4EB2Fu;
+constexpr uint32_t kRowMul = 0x9E3779B1u;
+constexpr uint32_t kColMul = 0x85EBCA77u;
+
+// murmur3's 32-bit finaliser: a bijection of uint32 with full avalanche.
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// row[j] = keep(k0 + j) ? row[j] * scale : 0 for one row of Z (or of dZ), given its row key.
+template <typename T>
+FUSIONOPS_SIMD_CLONES void mask_row(T* row, int64_t len, uint32_t key, uint32_t k0, uint32_t threshold, T scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t h = fmix32(key + (k0 + static_cast<uint32_t>(j)) * kColMul);
+    row[j] = (h >> 8) >= threshold ? row[j] * scale : T(0);
+  }
+}
+
+// Inverted dropout of probability p on Z: feature k of row n is kept, and scaled by 1/(1 - p),
+// iff (fmix32(fmix32(fmix32(seed ^ salt) ^ n·A) + k·B) >> 8) >= floor(p · 2^24).
+template <typename T>
+struct Dropout {
+  bool on = false;
+  uint32_t seed_key = 0;
+  uint32_t threshold = 0;
+  T scale = T(1);
+
+  Dropout(double p, int64_t seed) : on(p > 0) {
+    seed_key = fmix32(static_cast<uint32_t>(seed) ^ kSeedSalt);
+    threshold = static_cast<uint32_t>(p * 16777216.0);  // exact product, truncated = floor
+    scale = static_cast<T>(1.0 / (1.0 - p));
+  }
+
+  uint32_t row_key(int64_t row) const { return fmix32(seed_key ^ (static_cast<uint32_t>(row) * kRowMul)); }
+
+  // Rows [0, rows) of a (rows, cols) tile of row stride ld holding Z[row0 + n, k0 + j].
+  void apply(T* tile, int64_t rows, int64_t cols, int64_t ld, int64_t row0, int64_t k0) const {
+    at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        mask_row(tile + n * ld, cols, row_key(row0 + n), static_cast<uint32_t>(k0), threshold, scale);
+    });
+  }
+};
+
+// The checks of the op layer, repeated where the kernels take the numbers.
+void check_dropout(const char* op, double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fusionops::", op, ": dropout must be in [0, 1), got ", p);
+  TORCH_CHECK(seed >= 0 && seed < (int64_t{1} << 31), "fusionops::", op, ": seed must be in [0, 2**31), got ",
+              seed);
+}
+
+// Whether every element of a contiguous buffer is finite: x·0 is 0 for a finite x, NaN for
+// an inf or a NaN, and a NaN in the sum stays.
+template <typename T>
+FUSIONOPS_SIMD_CLONES bool all_finite(const T* x, int64_t len) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < len; ++i) acc += x[i] * T(0);
+  return acc == acc;
+}
+
+// Whether the features (masked rows already [1, 0…0]) and `extra` (grad, or undefined) are all
+// finite.
+template <typename T>
+bool features_finite(const Features& f, const at::Tensor& extra) {
+  for (const at::Tensor& z : f.z)
+    if (!all_finite(z.const_data_ptr<T>(), z.numel())) return false;
+  return !extra.defined() || all_finite(extra.const_data_ptr<T>(), extra.numel());
+}
 
 // ---- one row of an outer product, forward and backward ---------------------------------
 
@@ -246,17 +336,20 @@ struct Plan {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-Plan make_plan(const std::vector<int64_t>& D, int64_t N, int64_t O, int64_t max_rows) {
+// whole: the tail is all of Z (split 0) whatever K is, the grouping of the reference (see the
+// top of the file). direct_ok: false when the tiles of Z must be formed (dropout masks them).
+Plan make_plan(const std::vector<int64_t>& D, int64_t N, int64_t O, int64_t max_rows, bool whole, bool direct_ok) {
   Plan p;
   p.M = static_cast<int>(D.size());
   p.split = p.M - 1;
   p.Kt = D.back();
-  while (p.split > 0 && p.Kt * D[p.split - 1] <= kTailCols) p.Kt *= D[--p.split];
+  const int64_t tail_cols = whole ? std::numeric_limits<int64_t>::max() : kTailCols;
+  while (p.split > 0 && p.Kt * D[p.split - 1] <= tail_cols) p.Kt *= D[--p.split];
   for (int j = 0; j < p.split; ++j) p.H *= D[j];
   p.rows = p.split == 0 ? std::max(kWholeElems / p.Kt, kMinBlockRows)
                         : std::clamp(kBlockElems / (p.H + p.Kt), kMinBlockRows, max_rows);
   p.rows = std::max<int64_t>(1, std::min(p.rows, N));
-  p.direct = p.Kt >= kMinDirectCols && p.Kt > O;
+  p.direct = direct_ok && p.Kt >= kMinDirectCols && p.Kt > O;
   const int64_t tile_cols = std::max<int64_t>(1, kTileElems / p.rows);
   if (p.Kt <= tile_cols) {
     const int64_t groups = tile_cols / p.Kt;
@@ -285,10 +378,12 @@ struct Block {
   at::Tensor P, Tt;          // the block's (nr, H) and (nr, Kt), contiguous
   at::Tensor P_buf, T_buf;   // their storage when they are products, not a single z_m
   at::Tensor tile;           // flat scratch of build(), allocated on first use
+  at::Tensor dropped;        // whole() under dropout: the block's Z, masked
   int64_t r0 = 0, nr = 0;    // rows [r0, r0 + nr) of the current block
+  const Dropout<T>* drop;    // null when p = 0: Z as it is
 
-  Block(const Features& f_, const Plan& p_, const at::TensorOptions& opts)
-      : f(f_), p(p_), zp(base_pointers<T>(f_.z)) {
+  Block(const Features& f_, const Plan& p_, const at::TensorOptions& opts, const Dropout<T>* drop_ = nullptr)
+      : f(f_), p(p_), zp(base_pointers<T>(f_.z)), drop(drop_ && drop_->on ? drop_ : nullptr) {
     if (p.split > 1) P_buf = at::empty({p.rows, p.H}, opts);
     if (p.M - p.split != 1) T_buf = at::empty({p.rows, p.Kt}, opts);
   }
@@ -320,6 +415,23 @@ struct Block {
 
   at::Tensor P_col(int64_t h) const { return P.narrow(1, h, 1); }
 
+  // Z of the block's rows when the tail is all of it (split 0): T, masked under dropout (into
+  // a copy: T may be z_m itself, which backward reads again).
+  at::Tensor whole() {
+    if (drop == nullptr) return Tt;
+    if (!dropped.defined()) dropped = at::empty({p.rows, p.Kt}, Tt.options());
+    at::Tensor out = dropped.narrow(0, 0, nr);
+    out.copy_(Tt);
+    mask(out, 0);
+    return out;
+  }
+
+  // Dropout on a contiguous (nr, cols) tile holding columns [k0, k0 + cols) of Z (or of dZ)
+  // for the block's rows; nothing without dropout.
+  void mask(const at::Tensor& tile_, int64_t k0) const {
+    if (drop) drop->apply(tile_.mutable_data_ptr<T>(), nr, tile_.size(1), tile_.size(1), r0, k0);
+  }
+
   // The tile's columns of Z for the block's rows: Z[n, h*Kt + t] = P[n, h] * T[n, t].
   at::Tensor build(const Tile& t) {
     const int64_t w = p.width(t), cols = p.cols(t);
@@ -327,10 +439,13 @@ struct Block {
     const T* P_ = P.const_data_ptr<T>();
     const T* T_ = Tt.const_data_ptr<T>();
     T* out = tile.mutable_data_ptr<T>();
+    const uint32_t k0 = static_cast<uint32_t>(p.k0(t));
     at::parallel_for(0, nr, grain_rows(cols), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const T* src = T_ + n * p.Kt + t.t0;
-        for (int64_t h = t.h0; h < t.h1; ++h) scale(out + n * cols + (h - t.h0) * w, src, P_[n * p.H + h], w);
+        T* row = out + n * cols;
+        for (int64_t h = t.h0; h < t.h1; ++h) scale(row + (h - t.h0) * w, src, P_[n * p.H + h], w);
+        if (drop) mask_row(row, cols, drop->row_key(r0 + n), k0, drop->threshold, drop->scale);
       }
     });
     return as_matrix(tile, nr, cols);
@@ -338,14 +453,15 @@ struct Block {
 };
 
 template <typename T>
-void projected_forward_kernel(const Features& f, const at::Tensor& w, const Plan& p, at::Tensor& y) {
-  Block<T> block(f, p, w.options());
+void projected_forward_kernel(const Features& f, const at::Tensor& w, const Plan& p, const Dropout<T>& drop,
+                              at::Tensor& y) {
+  Block<T> block(f, p, w.options(), &drop);
   at::Tensor u = at::empty({p.rows, w.size(0)}, w.options());  // T W_hᵀ of one group (direct)
   for (int64_t r0 = 0; r0 < f.N; r0 += p.rows) {
     block.load(r0, std::min(p.rows, f.N - r0));
     at::Tensor yb = y.narrow(0, r0, block.nr);
     if (p.split == 0) {
-      at::mm_out(yb, block.Tt, w.t());  // Z = T: one GEMM per block
+      at::mm_out(yb, block.whole(), w.t());  // Z = T: one GEMM per block
     } else if (p.direct) {
       at::Tensor ub = u.narrow(0, 0, block.nr);
       for (int64_t h = 0; h < p.H; ++h) {
@@ -420,8 +536,9 @@ void block_dw(Block<T>& block, const at::Tensor& gb, const at::Tensor& scaled_g,
 
 // dW = Gᵀ Z, block by block.
 template <typename T>
-void projected_dw_kernel(const Features& f, const at::Tensor& g, const Plan& p, at::Tensor& dw) {
-  Block<T> block(f, p, dw.options());
+void projected_dw_kernel(const Features& f, const at::Tensor& g, const Plan& p, const Dropout<T>& drop,
+                         at::Tensor& dw) {
+  Block<T> block(f, p, dw.options(), &drop);
   const at::Tensor scaled_g = at::empty({p.rows, dw.size(0)}, dw.options());
   for (int64_t r0 = 0; r0 < f.N; r0 += p.rows) {
     block.load(r0, std::min(p.rows, f.N - r0));
@@ -432,8 +549,8 @@ void projected_dw_kernel(const Features& f, const at::Tensor& g, const Plan& p, 
 // dx from dZ = G W, tile by tile, reduced onto the head and tail features.
 template <typename T>
 void projected_dx_kernel(const Features& f, const at::Tensor& g, const at::Tensor& w, const Plan& p,
-                         std::vector<at::Tensor>& dx) {
-  Block<T> block(f, p, w.options());
+                         const Dropout<T>& drop, std::vector<at::Tensor>& dx) {
+  Block<T> block(f, p, w.options(), &drop);
   at::Tensor dZ = at::empty({p.tile_elems}, w.options());
   at::Tensor dP = at::empty({p.rows, p.H}, w.options());
   at::Tensor dT = at::empty({p.rows, p.Kt}, w.options());
@@ -446,26 +563,30 @@ void projected_dx_kernel(const Features& f, const at::Tensor& g, const at::Tenso
     for (const Tile& t : p.tiles) {
       at::Tensor dZt = as_matrix(dZ, block.nr, p.cols(t));
       at::mm_out(dZt, gb, w.narrow(1, p.k0(t), p.cols(t)));
+      block.mask(dZt, p.k0(t));  // the gradient of a dropped feature is 0, of a kept one scaled
       reduce_tile(block, t, dZt, dP, dT);
     }
     block_dx(block, dP, dT, dxp);
   }
 }
 
-// Backward when Z = T (empty head): dW += Gᵀ T and dT = dZ = G W, block by block, T built once.
+// Backward when Z = T (empty head): dW += Gᵀ T and dT = dZ = G W, block by block, T built once
+// (both masked under dropout).
 template <typename T>
 void projected_whole_bwd_kernel(const Features& f, const at::Tensor& g, const at::Tensor& w, const Plan& p,
-                                bool need_dw, bool need_dx, at::Tensor& dw, std::vector<at::Tensor>& dx) {
-  Block<T> block(f, p, g.options());  // (w is undefined when !need_dx)
+                                const Dropout<T>& drop, bool need_dw, bool need_dx, at::Tensor& dw,
+                                std::vector<at::Tensor>& dx) {
+  Block<T> block(f, p, g.options(), &drop);  // (w is undefined when !need_dx)
   const at::Tensor dZ = need_dx ? at::empty({p.rows, p.Kt}, g.options()) : at::Tensor();
   const auto dxp = need_dx ? mutable_pointers<T>(dx) : std::vector<T*>{};
   for (int64_t r0 = 0; r0 < f.N; r0 += p.rows) {
     block.load(r0, std::min(p.rows, f.N - r0));
     const at::Tensor gb = g.narrow(0, r0, block.nr);
-    if (need_dw) dw.addmm_(gb.t(), block.Tt);
+    if (need_dw) dw.addmm_(gb.t(), block.whole());
     if (need_dx) {
       at::Tensor dZb = dZ.narrow(0, 0, block.nr);
       at::mm_out(dZb, gb, w);
+      block.mask(dZb, 0);
       block_dx(block, at::Tensor(), dZb, dxp);
     }
   }
@@ -481,6 +602,239 @@ at::Tensor blas_weight(const at::Tensor& weight, at::ScalarType acc) {
   const bool row_major = w.stride(1) == 1 && w.stride(0) >= std::max<int64_t>(1, w.size(1));
   const bool col_major = w.stride(0) == 1 && w.stride(1) >= std::max<int64_t>(1, w.size(0));
   return row_major || col_major ? w : w.contiguous();
+}
+
+// ---- small problems: plain loops, no ATen call beyond the outputs ----------------------------
+// At research-batch sizes and below (N·K·O of a few thousand) the blocked kernels' ATen calls
+// (scratch allocations, narrow views, GEMM dispatch, conversions) cost several times their
+// arithmetic. Up to kSmallWork multiply-adds and kSmallRows rows a call reads its inputs through
+// their strides, builds each row of Z (whole, the reference's grouping, so non-finite inputs need
+// no test) in a row buffer and writes the outputs directly: one allocation per output, no zero
+// fill of what is fully written. Never parallel: at this size a thread hand-off costs more than
+// the work.
+constexpr int64_t kSmallWork = int64_t{1} << 15;
+// The limit in force: kSmallWork, unless the tests move it (_tf_small_work): 0 runs the blocked
+// kernels on small inputs too, a limit above kSmallWork also lifts the row cap (every test call
+// takes the loops).
+std::atomic<int64_t> small_work{kSmallWork};
+
+// Sets the limit (limit < 0: leaves it) and returns the previous one.
+int64_t set_small_work(int64_t limit) { return limit < 0 ? small_work.load() : small_work.exchange(limit); }
+
+// K = prod (d_m + 1), from the inputs' shapes.
+int64_t feature_count(at::TensorList xs) {
+  int64_t K = 1;
+  for (const at::Tensor& x : xs) K *= x.size(1) + 1;
+  return K;
+}
+
+// Measured on this machine (1 thread, raw kernels, small vs blocked): the loops win or tie up to
+// N·K·O = 32768 with N <= 64; with more rows the per-row work (loading the z rows, O dot products
+// of a short K) loses to the blocked path's one GEMM, forward (N = 128, K = 16, O = 16: 1.5x slower).
+constexpr int64_t kSmallRows = 64;
+
+bool is_small(at::TensorList xs, int64_t O) {
+  const int64_t limit = small_work.load();
+  const int64_t N = xs[0].size(0);
+  return (N <= kSmallRows || limit > kSmallWork) && N * feature_count(xs) * O <= limit;
+}
+
+// One call's inputs as raw pointers and strides, rows read on demand in the compute dtype.
+template <typename scalar_t>
+struct SmallInputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<const scalar_t*> x;
+  std::vector<int64_t> s0, s1, D, off;  // strides, widths d_m + 1, offsets in the row buffer
+  const bool* keep = nullptr;
+  int64_t k0 = 0, k1 = 0, K = 1, sumD = 0;
+
+  SmallInputs(at::TensorList xs, const std::optional<at::Tensor>& mask) {
+    for (const at::Tensor& t : xs) {
+      x.push_back(t.const_data_ptr<scalar_t>());
+      s0.push_back(t.stride(0));
+      s1.push_back(t.stride(1));
+      D.push_back(t.size(1) + 1);
+      off.push_back(sumD);
+      sumD += t.size(1) + 1;
+      K *= t.size(1) + 1;
+    }
+    if (mask) {
+      keep = mask->const_data_ptr<bool>();
+      k0 = mask->stride(0);
+      k1 = mask->stride(1);
+    }
+  }
+
+  bool kept(int64_t n, size_t m) const { return keep == nullptr || keep[n * k0 + static_cast<int64_t>(m) * k1]; }
+
+  // z_m = [1, x_m] (or [1, 0…0] where masked: a select, so a masked NaN stays out) of row n
+  // into buf[off[m] : off[m] + D[m]), and zr[m] pointing there.
+  void load_row(int64_t n, acc_t* buf, const acc_t** zr) const {
+    for (size_t m = 0; m < x.size(); ++m) {
+      acc_t* z = buf + off[m];
+      z[0] = acc_t(1);
+      if (kept(n, m)) {
+        load_n(x[m] + n * s0[m], s1[m], z + 1, D[m] - 1);
+      } else {
+        std::fill(z + 1, z + D[m], acc_t(0));
+      }
+      zr[m] = z;
+    }
+  }
+};
+
+// <a, b> over len elements (a contiguous row of W, a row of Z), vectorized.
+template <typename T>
+FUSIONOPS_SIMD_CLONES T dot(const T* __restrict a, const T* __restrict b, int64_t len) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < len; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// c += s * a over len elements, vectorized.
+template <typename T>
+FUSIONOPS_SIMD_CLONES void axpy(T s, const T* __restrict a, T* __restrict c, int64_t len) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) c[i] += s * a[i];
+}
+
+// W's rows as the kernels read them: straight when W is contiguous along K in the compute dtype
+// (nn.Linear's weight in float32 or float64), else element by element through the strides.
+template <typename scalar_t>
+constexpr bool kDirectRows = std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+
+template <typename scalar_t>
+void small_forward_kernel(at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& mask, double dropout, int64_t seed, at::Tensor& y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const SmallInputs<scalar_t> in(xs, mask);
+  const int M = static_cast<int>(xs.size());
+  const int64_t N = xs[0].size(0), O = weight.size(0), K = in.K;
+  const scalar_t* W = weight.const_data_ptr<scalar_t>();
+  const int64_t w0 = weight.stride(0), w1 = weight.stride(1);
+  const scalar_t* B = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+  const int64_t b0 = bias ? bias->stride(0) : 0;
+  const Dropout<acc_t> drop(dropout, seed);
+  scalar_t* Y = y.mutable_data_ptr<scalar_t>();
+  c10::SmallVector<acc_t, 512> buf(in.sumD + K + O, acc_t(0));
+  c10::SmallVector<const acc_t*, 8> zr(M);
+  acc_t* Z = buf.data() + in.sumD;
+  acc_t* yrow = Z + K;
+  for (int64_t n = 0; n < N; ++n) {
+    in.load_row(n, buf.data(), zr.data());
+    outer_row(zr.data(), in.D.data(), M, Z);
+    if (drop.on) mask_row(Z, K, drop.row_key(n), 0, drop.threshold, drop.scale);
+    for (int64_t o = 0; o < O; ++o) {
+      const scalar_t* Wo = W + o * w0;
+      acc_t acc = 0;
+      if constexpr (kDirectRows<scalar_t>) {
+        if (w1 == 1) acc = dot(Wo, Z, K);
+      }
+      if (!kDirectRows<scalar_t> || w1 != 1)
+        for (int64_t k = 0; k < K; ++k) acc += static_cast<acc_t>(Wo[k * w1]) * Z[k];
+      yrow[o] = B ? acc + static_cast<acc_t>(B[o * b0]) : acc;  // (Z Wᵀ) + b, as the GEMM path adds
+    }
+    store_n(yrow, Y + n * O, O);
+  }
+}
+
+template <typename scalar_t>
+void small_backward_kernel(const at::Tensor& grad, at::TensorList xs, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& mask, double dropout, int64_t seed,
+                           std::vector<at::Tensor>& dx, at::Tensor& dw, at::Tensor& db) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const SmallInputs<scalar_t> in(xs, mask);
+  const int M = static_cast<int>(xs.size());
+  const int64_t N = xs[0].size(0), O = weight.size(0), K = in.K;
+  const scalar_t* W = weight.const_data_ptr<scalar_t>();
+  const int64_t w0 = weight.stride(0), w1 = weight.stride(1);
+  const scalar_t* G = grad.const_data_ptr<scalar_t>();
+  const int64_t g0 = grad.stride(0), g1 = grad.stride(1);
+  const bool need_dx = !dx.empty(), need_dw = dw.defined(), need_db = db.defined();
+  const Dropout<acc_t> drop(dropout, seed);
+  const int64_t scratch = need_dx ? outer_backward_scratch(in.D.data(), M) : 0;
+  // Row buffers: z rows, Z, dZ, g, dx rows and outer_backward_row's scratch; then the sums of
+  // dW and db over the rows (in the compute dtype, rounded once at the end).
+  c10::SmallVector<acc_t, 1024> buf(in.sumD + 2 * K + O + in.sumD + scratch + (need_dw ? O * K : 0) + O, acc_t(0));
+  c10::SmallVector<const acc_t*, 8> zr(M);
+  c10::SmallVector<acc_t*, 8> dxr(M);
+  acc_t* Z = buf.data() + in.sumD;
+  acc_t* dZ = Z + K;
+  acc_t* g = dZ + K;
+  acc_t* dxbuf = g + O;
+  acc_t* work = dxbuf + in.sumD;
+  acc_t* dW = work + scratch;  // zero (SmallVector's value-initialisation)
+  acc_t* dB = dW + (need_dw ? O * K : 0);
+  for (int m = 0; m < M; ++m) dxr[m] = dxbuf + in.off[m];
+  std::vector<scalar_t*> dxp;
+  for (at::Tensor& t : dx) dxp.push_back(t.mutable_data_ptr<scalar_t>());
+  for (int64_t n = 0; n < N; ++n) {
+    load_n(G + n * g0, g1, g, O);
+    if (need_db)
+      for (int64_t o = 0; o < O; ++o) dB[o] += g[o];
+    if (!need_dx && !need_dw) continue;
+    in.load_row(n, buf.data(), zr.data());
+    const uint32_t key = drop.on ? drop.row_key(n) : 0;
+    if (need_dw) {
+      outer_row(zr.data(), in.D.data(), M, Z);
+      if (drop.on) mask_row(Z, K, key, 0, drop.threshold, drop.scale);
+      for (int64_t o = 0; o < O; ++o) {
+        axpy(g[o], Z, dW + o * K, K);
+      }
+    }
+    if (need_dx) {
+      std::fill(dZ, dZ + K, acc_t(0));
+      for (int64_t o = 0; o < O; ++o) {  // dZ = g W, row by row of W
+        const acc_t go = g[o];
+        const scalar_t* Wo = W + o * w0;
+        if constexpr (kDirectRows<scalar_t>) {
+          if (w1 == 1) {
+            axpy(go, Wo, dZ, K);
+            continue;
+          }
+        }
+        for (int64_t k = 0; k < K; ++k) dZ[k] += go * static_cast<acc_t>(Wo[k * w1]);
+      }
+      if (drop.on) mask_row(dZ, K, key, 0, drop.threshold, drop.scale);
+      outer_backward_row(dZ, zr.data(), in.D.data(), M, dxr.data(), work);
+      for (int m = 0; m < M; ++m) {
+        const int64_t d = in.D[m] - 1;
+        if (!in.kept(n, m)) std::fill(dxr[m], dxr[m] + d, acc_t(0));  // a missing modality: zero
+        store_n(dxr[m], dxp[m] + n * d, d);
+      }
+    }
+  }
+  if (need_dw) store_n(dW, dw.mutable_data_ptr<scalar_t>(), O * K);
+  if (need_db) store_n(dB, db.mutable_data_ptr<scalar_t>(), O);
+}
+
+at::Tensor small_projected_fwd(at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& mask, double dropout, int64_t seed) {
+  at::Tensor y = at::empty({xs[0].size(0), weight.size(0)}, xs[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "_tf_projected_fwd", [&] {
+    small_forward_kernel<scalar_t>(xs, weight, bias, mask, dropout, seed, y);
+  });
+  return y;
+}
+
+std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> small_projected_bwd(
+    const at::Tensor& grad, at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& mask,
+    bool need_dx, bool need_dw, bool need_db, double dropout, int64_t seed) {
+  const auto opts = xs[0].options();
+  const int64_t N = xs[0].size(0), O = weight.size(0);
+  std::vector<at::Tensor> dx;
+  if (need_dx)
+    for (const at::Tensor& x : xs) dx.push_back(at::empty({N, x.size(1)}, opts));
+  at::Tensor dw = need_dw ? at::empty({O, weight.size(1)}, opts) : at::Tensor();
+  at::Tensor db = need_db ? at::empty({O}, opts) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "_tf_projected_bwd", [&] {
+    small_backward_kernel<scalar_t>(grad, xs, weight, mask, dropout, seed, dx, dw, db);
+  });
+  std::optional<at::Tensor> dw_out, db_out;
+  if (need_dw) dw_out = std::move(dw);
+  if (need_db) db_out = std::move(db);
+  return {std::move(dx), dw_out, db_out};
 }
 
 // ---- the ops ------------------------------------------------------------------------------
@@ -513,52 +867,69 @@ std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList x
   return finish_dx(std::move(dx), mask, dtype);
 }
 
+// The plan of the forward and dW: the head/tail split for speed, unless the inputs hold an inf
+// or a NaN (the reference's grouping then, see the top of the file); no direct path under dropout.
+template <typename T>
+Plan main_plan(const Features& f, int64_t O, const at::Tensor& grad, bool dropout) {
+  const Plan fast = make_plan(f.D, f.N, O, kBlockRows, false, !dropout);
+  if (fast.split == 0 || features_finite<T>(f, grad)) return fast;
+  return make_plan(f.D, f.N, O, kBlockRows, true, !dropout);
+}
+
 at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& mask) {
+                            const std::optional<at::Tensor>& mask, double dropout, int64_t seed) {
   constexpr const char* kOp = "_tf_projected_fwd";
   const BelowAutograd below_autograd;
   check_modalities(kOp, xs, mask);
+  check_dropout(kOp, dropout, seed);
   const auto dtype = xs[0].scalar_type();
   const auto acc = at::toOpMathType(dtype);
-  const Features f = make_features(xs, mask, acc);
-  check_2d(kOp, "weight", weight, -1, f.K, dtype);
+  check_2d(kOp, "weight", weight, -1, feature_count(xs), dtype);
   const int64_t O = weight.size(0);
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == dtype && bias->dim() == 1 && bias->size(0) == O,
+                "fusionops::_tf_projected_fwd: bias must be a ", dtype, " tensor of shape (", O,
+                "), got ", bias->scalar_type(), " of shape ", bias->sizes());
+  }
+  if (is_small(xs, O)) return small_projected_fwd(xs, weight, bias, mask, dropout, seed);
+  const Features f = make_features(xs, mask, acc);
   // A weight expanded along O (every row w_0, stride 0) is used as its one row: y = (Z w_0) 1ᵀ,
   // instead of a copy of O rows for BLAS.
   const bool expanded = is_expanded_rows(weight);
   const at::Tensor w = blas_weight(expanded ? weight.narrow(0, 0, 1) : weight, acc);
   at::Tensor y = at::zeros({f.N, w.size(0)}, w.options());
   if (f.N > 0) {
-    const Plan p = make_plan(f.D, f.N, w.size(0), kBlockRows);
-    AT_DISPATCH_FLOATING_TYPES(acc, "_tf_projected_fwd", [&] { projected_forward_kernel<scalar_t>(f, w, p, y); });
+    AT_DISPATCH_FLOATING_TYPES(acc, "_tf_projected_fwd", [&] {
+      const Dropout<scalar_t> drop(dropout, seed);
+      const Plan p = main_plan<scalar_t>(f, w.size(0), at::Tensor(), drop.on);
+      projected_forward_kernel<scalar_t>(f, w, p, drop, y);
+    });
   }
   if (expanded) y = y.expand({f.N, O}).contiguous();
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == dtype && bias->dim() == 1 && bias->size(0) == O,
-                "fusionops::_tf_projected_fwd: bias must be a ", dtype, " tensor of shape (", O,
-                "), got ", bias->scalar_type(), " of shape ", bias->sizes());
-    y.add_(bias->to(acc));
-  }
+  if (bias) y.add_(bias->to(acc));
   return y.to(dtype);
 }
 
 std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> tf_projected_bwd(
     const at::Tensor& grad, at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& mask,
-    bool need_dx, bool need_dw, bool need_db) {
+    bool need_dx, bool need_dw, bool need_db, double dropout, int64_t seed) {
   constexpr const char* kOp = "_tf_projected_bwd";
   const BelowAutograd below_autograd;
   check_modalities(kOp, xs, mask);
+  check_dropout(kOp, dropout, seed);
   const auto dtype = xs[0].scalar_type();
   const auto acc = at::toOpMathType(dtype);
+  check_2d(kOp, "weight", weight, -1, feature_count(xs), dtype);
+  check_2d(kOp, "grad", grad, xs[0].size(0), weight.size(0), dtype);
+  if (is_small(xs, weight.size(0)))
+    return small_projected_bwd(grad, xs, weight, mask, need_dx, need_dw, need_db, dropout, seed);
   const Features f = make_features(xs, mask, acc);
-  check_2d(kOp, "weight", weight, -1, f.K, dtype);
-  check_2d(kOp, "grad", grad, f.N, weight.size(0), dtype);
   if (need_dx && is_expanded_rows(weight)) {
     // Every row of W is w_0: dZ = G W = (G 1) w_0, so dx needs one row of W and the row sums of
     // G, not a copy of W. dW (the gradient of the (O, K) view) still has O rows.
     auto dx = std::get<0>(tf_projected_bwd(grad.to(acc).sum(1, /*keepdim=*/true).to(dtype), xs,
-                                           weight.narrow(0, 0, 1), mask, true, false, false));
-    auto rest = tf_projected_bwd(grad, xs, weight, mask, false, need_dw, need_db);
+                                           weight.narrow(0, 0, 1), mask, true, false, false, dropout, seed));
+    auto rest = tf_projected_bwd(grad, xs, weight, mask, false, need_dw, need_db, dropout, seed);
     return {std::move(dx), std::get<1>(rest), std::get<2>(rest)};
   }
   const int64_t O = weight.size(0);
@@ -568,13 +939,14 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at:
   at::Tensor dw = need_dw ? at::zeros({O, f.K}, g.options()) : at::Tensor();
   if (f.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "_tf_projected_bwd", [&] {
-      const Plan whole = make_plan(f.D, f.N, O, kBlockRows);
-      if (whole.split == 0) {
-        if (need_dw || need_dx) projected_whole_bwd_kernel<scalar_t>(f, g, w, whole, need_dw, need_dx, dw, dx);
+      const Dropout<scalar_t> drop(dropout, seed);
+      const Plan p = main_plan<scalar_t>(f, O, g, drop.on);
+      if (p.split == 0) {
+        if (need_dw || need_dx) projected_whole_bwd_kernel<scalar_t>(f, g, w, p, drop, need_dw, need_dx, dw, dx);
         return;
       }
-      if (need_dw) projected_dw_kernel<scalar_t>(f, g, make_plan(f.D, f.N, O, kBlockRows), dw);
-      if (need_dx) projected_dx_kernel<scalar_t>(f, g, w, make_plan(f.D, f.N, O, kDxBlockRows), dx);
+      if (need_dw) projected_dw_kernel<scalar_t>(f, g, p, drop, dw);
+      if (need_dx) projected_dx_kernel<scalar_t>(f, g, w, make_plan(f.D, f.N, O, kDxBlockRows, false, true), drop, dx);
     });
   }
   std::optional<at::Tensor> dw_out, db_out;
@@ -585,6 +957,12 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at:
 
 }  // namespace
 }  // namespace fusionops::cpu
+
+// A test knob, not a kernel: the small-problem limit (see kSmallWork). No tensor argument, so
+// the dispatcher serves it from the CompositeExplicitAutograd key.
+TORCH_LIBRARY_IMPL(fusionops, CompositeExplicitAutograd, m) {
+  m.impl("_tf_small_work", &fusionops::cpu::set_small_work);
+}
 
 TORCH_LIBRARY_IMPL(fusionops, CPU, m) {
   m.impl("_tf_features_fwd", &fusionops::cpu::tf_features_fwd);

@@ -82,9 +82,17 @@ std::vector<at::Tensor> tf_features_bwd(const at::Tensor& grad, at::TensorList x
   return dx.tensors;
 }
 
+// The CUDA kernels have no dropout on Z: the op layer sends calls with dropout > 0 to the
+// triton backend (fusionops/ops/tensor_fusion.py), and these refuse them.
+void check_no_dropout(const char* op, double dropout) {
+  TORCH_CHECK(dropout == 0.0, "fusionops::", op, ": the CUDA C++ kernels have no dropout on Z (dropout must be 0, got ",
+              dropout, "); use the triton backend");
+}
+
 at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& mask) {
+                            const std::optional<at::Tensor>& mask, double dropout, int64_t /*seed*/) {
   constexpr const char* kOp = "_tf_projected_fwd";
+  check_no_dropout(kOp, dropout);
   const auto [p, K, O, dtype, device] = projected(kOp, xs, weight, mask);
   if (bias) check_tensor(kOp, "bias", *bias, {O}, dtype, device);
   const c10::cuda::CUDAGuard guard(device);
@@ -98,8 +106,9 @@ at::Tensor tf_projected_fwd(at::TensorList xs, const at::Tensor& weight, const s
 
 std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> tf_projected_bwd(
     const at::Tensor& grad, at::TensorList xs, const at::Tensor& weight, const std::optional<at::Tensor>& mask,
-    bool need_dx, bool need_dw, bool need_db) {
+    bool need_dx, bool need_dw, bool need_db, double dropout, int64_t /*seed*/) {
   constexpr const char* kOp = "_tf_projected_bwd";
+  check_no_dropout(kOp, dropout);
   const auto [p, K, O, dtype, device] = projected(kOp, xs, weight, mask);
   check_tensor(kOp, "grad", grad, {p.N, O}, dtype, device);
   const c10::cuda::CUDAGuard guard(device);

@@ -18,7 +18,21 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data" / "dataset"
-FUSIONS = ("concat", "product", "tensorfusion", "lowrank")
+# The paper's four fusions (the study's default and the claims' subject), then the bilinear
+# family (issue 20: block.bootstrap's layers, fused), which the same protocol can compare.
+PAPER_FUSIONS = ("concat", "product", "tensorfusion", "lowrank")
+BILINEAR_FUSIONS = ("mfb", "mfh", "mutan", "block")
+FUSIONS = PAPER_FUSIONS + BILINEAR_FUSIONS
+LABELS = {
+    "concat": "Concatenation",
+    "product": "Product",
+    "tensorfusion": "Tensor",
+    "lowrank": "Low-rank",
+    "mfb": "MFB",
+    "mfh": "MFH",
+    "mutan": "MUTAN",
+    "block": "BLOCK",
+}
 
 
 @dataclass
@@ -26,7 +40,8 @@ class TweetConfig:
     """One training run.
 
     Fields:
-        fusion: ``"concat"`` | ``"product"`` | ``"tensorfusion"`` | ``"lowrank"``.
+        fusion: ``"concat"`` | ``"product"`` | ``"tensorfusion"`` | ``"lowrank"``, or a bilinear
+            fusion ``"mfb"`` | ``"mfh"`` | ``"mutan"`` | ``"block"`` (block.bootstrap's layers).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         batch_size: mini-batch size (shuffled every epoch with a seeded generator).
@@ -35,8 +50,11 @@ class TweetConfig:
             (the paper's rule, 1e-4).
         stop_window: number of epoch losses the stopping rule looks at (the paper's 10).
         hidden: width of the two hidden layers of the head (the paper's 32).
-        rank: rank of the low-rank fusion (``fusion: lowrank`` only).
+        rank: rank of the low-rank fusion, and of MUTAN and BLOCK (``rank`` there).
         lowrank_dim: output width of the low-rank fusion (its ``fusion_dim``).
+        mm_dim: the bilinear fusions' inner width (block.bootstrap's ``mm_dim``).
+        factor: MFB's and MFH's pooling factor ``k`` (block.bootstrap's ``factor``).
+        chunks: BLOCK's number of chunks (block.bootstrap's ``chunks``).
         seed: seed of the model init, the batch order and the synthetic data.
         paper_faithful: ``False``: cross-entropy on the logits and the per-sample
             :class:`fusionops.ProductFusion`; ``True``: the paper's code exactly, i.e.
@@ -62,6 +80,9 @@ class TweetConfig:
     hidden: int = 32
     rank: int = 4
     lowrank_dim: int = 32
+    mm_dim: int = 64
+    factor: int = 2
+    chunks: int = 4
     seed: int = 0
     paper_faithful: bool = False
     data_dir: str = str(DEFAULT_DATA_DIR)
@@ -72,7 +93,8 @@ class TweetConfig:
             raise ValueError(
                 f"unknown fusion {self.fusion!r}{_suggest(self.fusion, FUSIONS)}; valid: {FUSIONS}"
             )
-        for name in ("batch_size", "max_epochs", "stop_window", "hidden", "rank", "lowrank_dim"):
+        sizes = ("batch_size", "max_epochs", "stop_window", "hidden", "rank", "lowrank_dim")
+        for name in (*sizes, "mm_dim", "factor", "chunks"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")
         if float(self.lr) <= 0:

@@ -16,6 +16,11 @@ Fusion layers (all from ``fusionops``) and their ``fusion_dim``:
   paper's ``K`` and ``project`` is the identity (the first Linear lives in the fusion layer).
 * ``lowrank``: :class:`fusionops.LowRankFusion` ``(input_dims, lowrank_dim, rank)``,
   ``fusion_dim = lowrank_dim``.
+* the bilinear family (issue 20; not in the paper): ``mfb``, ``mfh`` (:class:`fusionops.MFB`,
+  :class:`fusionops.MFH`: ``mm_dim``, ``factor``), ``mutan`` (:class:`fusionops.Mutan`:
+  ``mm_dim``, ``rank``) and ``block`` (:class:`fusionops.Block`: ``mm_dim``, ``chunks``,
+  ``rank``), block.bootstrap's layers with their default options; each ends in its own output
+  projection to ``hidden`` (so ``project`` is the identity), ``fusion_dim = hidden``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 import fusionops
-from experiments.tweet.config import FUSIONS
+from experiments.tweet.config import BILINEAR_FUSIONS, FUSIONS
 
 
 class FusionClassifier(nn.Module):
@@ -38,6 +43,9 @@ class FusionClassifier(nn.Module):
         hidden: int = 32,
         rank: int = 4,
         lowrank_dim: int = 32,
+        mm_dim: int = 64,
+        factor: int = 2,
+        chunks: int = 4,
         paper_faithful: bool = False,
     ) -> None:
         super().__init__()
@@ -65,10 +73,22 @@ class FusionClassifier(nn.Module):
             self.fusion = fusionops.TensorFusion([img_dim, text_dim], hidden)
             self.fusion_dim = (img_dim + 1) * (text_dim + 1)
             self.project = nn.Identity()
+        elif fusion in BILINEAR_FUSIONS:
+            dims = [img_dim, text_dim]
+            if fusion == "mfb":
+                self.fusion = fusionops.MFB(dims, hidden, mm_dim=mm_dim, factor=factor)
+            elif fusion == "mfh":
+                self.fusion = fusionops.MFH(dims, hidden, mm_dim=mm_dim, factor=factor)
+            elif fusion == "mutan":
+                self.fusion = fusionops.Mutan(dims, hidden, mm_dim=mm_dim, rank=rank)
+            else:
+                self.fusion = fusionops.Block(dims, hidden, mm_dim=mm_dim, chunks=chunks, rank=rank)
+            self.fusion_dim = hidden
+            self.project = nn.Identity()
         else:
             self.fusion = fusionops.LowRankFusion([img_dim, text_dim], lowrank_dim, rank)
             self.fusion_dim = lowrank_dim
-        if fusion != "tensorfusion":
+        if fusion not in ("tensorfusion", *BILINEAR_FUSIONS):
             self.project = nn.Linear(self.fusion_dim, hidden)
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.Linear(hidden, 2))
 

@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import provenance, stats
+from experiments.tweet.config import LABELS
 
 SMALL_MAX = 128  # sizes up to this count as "little data" for claim 1
 INCOMPLETE = "incomplete: no verdict"
-LABELS = {"concat": "Concatenation", "product": "Product", "tensorfusion": "Tensor", "lowrank": "Low-rank"}
 
 
 def _size_key(size: str) -> float:

@@ -26,7 +26,7 @@ import fusionops
 from experiments import atomic, provenance
 from experiments.atomic import write_json as write_json_atomic
 from experiments.tweet import report
-from experiments.tweet.config import TweetConfig, load_config
+from experiments.tweet.config import PAPER_FUSIONS, TweetConfig, load_config
 from experiments.tweet.data import Split, TweetData, load_data
 from experiments.tweet.synthetic import SYNTHETIC_DEFAULTS, make_synthetic
 from experiments.tweet.train import evaluate, main_train
@@ -34,10 +34,8 @@ from fusionops import _backend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_SEEDS = 8
-FUSIONS = ("concat", "product", "tensorfusion", "lowrank")
 CONDITIONS = ("img", "text", "both")
 NOISY = {"img": ("img",), "text": ("text",), "both": ("img", "text")}
-LABELS = {"concat": "Concatenation", "product": "Product", "tensorfusion": "Tensor", "lowrank": "Low-rank"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class StudyConfig:
     noisy ROC panel's σ (noise on both modalities, models of ``robust_size``; the largest σ if
     it is not in ``sigmas``)."""
 
-    fusions: tuple[str, ...] = FUSIONS
+    fusions: tuple[str, ...] = PAPER_FUSIONS
     sizes: tuple[int | None, ...] = (32, 64, 128, 256, 512, None)
     n_seeds: int = 10
     seed: int = 0

@@ -214,6 +214,9 @@ def main_train(
         hidden=cfg.hidden,
         rank=cfg.rank,
         lowrank_dim=cfg.lowrank_dim,
+        mm_dim=cfg.mm_dim,
+        factor=cfg.factor,
+        chunks=cfg.chunks,
         paper_faithful=cfg.paper_faithful,
     )
     # only the batch-flipping ProductConcat depends on the batch: evaluate it in training-size batches

@@ -1,5 +1,6 @@
 """Drop-in fusion layers."""
 
+from fusionops.nn.bilinear import MFB, MFH, MLB, Block, Mutan
 from fusionops.nn.low_rank_fusion import LowRankFusion, LowRankTensorFusion
 from fusionops.nn.multiple_kernel import MultipleKernelFusion
 from fusionops.nn.product_fusion import Concat, ProductConcat, ProductFusion
@@ -7,11 +8,16 @@ from fusionops.nn.skew_pair import EncoderStacks, SkewPairFusion, layer_summarie
 from fusionops.nn.tensor_fusion import TensorFusion
 
 __all__ = [
+    "MFB",
+    "MFH",
+    "MLB",
+    "Block",
     "Concat",
     "EncoderStacks",
     "LowRankFusion",
     "LowRankTensorFusion",
     "MultipleKernelFusion",
+    "Mutan",
     "ProductConcat",
     "ProductFusion",
     "SkewPairFusion",

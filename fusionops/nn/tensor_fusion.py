@@ -29,6 +29,14 @@ class TensorFusion(nn.Module):
 
     ``forward(xs, mask=None)``: ``mask (*, M)`` bool marks present modalities; a missing one
     contributes ``[1, 0…0]``.
+
+    ``dropout=p`` (projected layer only): in training mode, inverted dropout of probability
+    ``p`` on the features Z, inside the fused kernels (the mask is regenerated from a seed in
+    backward; Z is still never held). ``TensorFusion(dims, O, dropout=p)`` trains as
+    ``nn.Sequential(TensorFusion(), nn.Dropout(p), nn.Linear(K, O))`` does (MMSA's TFN
+    post-fusion dropout), with its own random mask: each forward draws the mask's seed from
+    torch's default CPU generator, so ``torch.manual_seed`` makes training reproducible. In eval
+    mode, or with ``p = 0``, the call is exactly the layer without dropout.
     """
 
     def __init__(
@@ -37,6 +45,7 @@ class TensorFusion(nn.Module):
         output_dim: int | None = None,
         bias: bool = True,
         *,
+        dropout: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -46,6 +55,14 @@ class TensorFusion(nn.Module):
                 "TensorFusion: give both input_dims and output_dim (projected layer) or "
                 f"neither (features layer), got input_dims={input_dims}, output_dim={output_dim}"
             )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"TensorFusion: dropout must be a float in [0, 1), got {dropout!r}")
+        if dropout > 0 and input_dims is None:
+            raise ValueError(
+                "TensorFusion: dropout is fused into the projected layer (input_dims, output_dim); "
+                "the features layer returns Z itself: apply nn.Dropout to it"
+            )
+        self.dropout = float(dropout)
         self.input_dims: tuple[int, ...] | None = None
         self.output_dim = output_dim
         if input_dims is None:
@@ -79,11 +96,15 @@ class TensorFusion(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, input_dims: Sequence[int], linear: nn.Linear) -> TensorFusion:
+    def from_linear(
+        cls, input_dims: Sequence[int], linear: nn.Linear, *, dropout: float = 0.0
+    ) -> TensorFusion:
         """A projected layer computing ``linear(TensorFusion()(xs))`` with ``linear``'s weights.
 
         ``linear`` must be ``nn.Linear(K, O)`` with ``K = prod(d_m + 1)`` for ``input_dims``.
         The parameters are copied (the new layer does not share storage with ``linear``).
+        ``dropout``: the layer's dropout on Z in training mode (e.g. the ``nn.Dropout`` that
+        preceded ``linear``).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(
@@ -97,7 +118,12 @@ class TensorFusion(nn.Module):
             )
         w = linear.weight
         layer = cls(
-            input_dims, linear.out_features, bias=linear.bias is not None, device=w.device, dtype=w.dtype
+            input_dims,
+            linear.out_features,
+            bias=linear.bias is not None,
+            dropout=dropout,
+            device=w.device,
+            dtype=w.dtype,
         )
         with torch.no_grad():
             layer.weight.copy_(w)
@@ -112,9 +138,12 @@ class TensorFusion(nn.Module):
             # MultiBench / Michaels et al. return a lone modality unchanged: drop the 1 column
             # (the op still checks the arguments and applies the mask)
             return tensor_fusion(xs, mask=mask)[..., 1:]
-        return tensor_fusion(xs, self.weight, self.bias, mask=mask)
+        p = self.dropout if self.training else 0.0  # eval: exactly the call without dropout
+        return tensor_fusion(xs, self.weight, self.bias, mask=mask, dropout=p)
 
     def extra_repr(self) -> str:
         if self.input_dims is None:
             return "features"
-        return f"input_dims={self.input_dims}, output_dim={self.output_dim}, bias={self.bias is not None}"
+        drop = f", dropout={self.dropout}" if self.dropout else ""
+        bias = self.bias is not None
+        return f"input_dims={self.input_dims}, output_dim={self.output_dim}, bias={bias}{drop}"

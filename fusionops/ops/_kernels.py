@@ -31,9 +31,16 @@ class TensorFusionKernels(Protocol):
         """``dL/dx_m`` (N, d_m) for every m, given ``grad = dL/dZ`` (N, K)."""
 
     def projected_forward(
-        self, xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None
+        self,
+        xs: list[Tensor],
+        weight: Tensor,
+        bias: Tensor | None,
+        mask: Tensor | None,
+        dropout: float = 0.0,
+        seed: int = 0,
     ) -> Tensor:
-        """``y = Z Wᵀ + b`` of shape (N, O), without holding Z."""
+        """``y = Z Wᵀ + b`` of shape (N, O), without holding Z; ``dropout`` > 0: Z under the
+        inverted dropout mask of ``fusionops.reference.tensor_fusion.dropout_keep(seed, …)``."""
 
     def projected_backward(
         self,
@@ -44,9 +51,11 @@ class TensorFusionKernels(Protocol):
         need_dx: bool,
         need_dw: bool,
         need_db: bool,
+        dropout: float = 0.0,
+        seed: int = 0,
     ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
         """``(dxs, dW (O, K), db (O,))`` given ``grad = dL/dy`` (N, O); parts not needed
-        may be returned as None (dxs as an empty list)."""
+        may be returned as None (dxs as an empty list); the mask regenerated, never stored."""
 
 
 class LowRankFusionKernels(Protocol):
@@ -113,9 +122,11 @@ class SkewPairKernels(Protocol):
     ``grad`` (N, P, D) any strides. Kernels accumulate in float32 (float64 for float64) and
     return tensors of the input dtype.
 
-    ``bk`` adds ``q_h · bk_h`` to every score of a band, which softmax ignores: its gradient is
-    exactly zero and kernels may skip it. With ``window = 0`` every α is 1, so ``wq, wk, bq``
-    get zero gradients too.
+    ``bk`` adds ``q_h · bk_h`` to every score of a band, which softmax ignores: its gradient
+    is the sum of dk, rounding noise around 0 for finite inputs (exactly 0 with one key), NaN
+    where the reference's is. With ``window = 0`` every α is 1 when its score is finite, so
+    ``wq, wk, bq`` get zero gradients there; a non-finite score gives NaN, as the reference's
+    softmax of one score does.
     """
 
     def forward(

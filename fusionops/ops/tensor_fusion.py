@@ -4,10 +4,22 @@ Two torch ops carry the fused implementations, each with a ``backend`` string ch
 (so the choice is fixed at trace time and visible in a compiled graph):
 
 * ``fusionops::tensor_fusion_features(xs, mask, backend) -> Z``
-* ``fusionops::tensor_fusion_projected(xs, weight, bias, mask, backend) -> y``
+* ``fusionops::tensor_fusion_projected(xs, weight, bias, mask, backend, dropout=0., seed=0) -> y``
 
 and one backward op each. The ``reference`` backend is served by ``fusionops.reference``
 directly, with PyTorch's own autograd.
+
+Eager calls (outside torch.compile/export and fake tensors) skip those custom ops: the triton
+backend through ``ops/_eager.py``; the cpu and cuda backends, for the projection, through
+``fusionops::_tf_projected_eager``, whose autograd is in C++ (csrc/cpu/eager_autograd.cpp; its
+double backward calls ``_tf_projected_reference_grads``, registered here), or straight to the
+forward kernel when no gradient is recorded.
+
+Dropout on Z (``dropout`` > 0): the projected kernels mask the tiles of Z and dZ as they form
+them, with the counter-based mask of ``fusionops.reference.tensor_fusion`` (seed, row, feature),
+regenerated in backward; the features form returns Z, which is materialised anyway, so its
+dropout is the reference's ``feature_dropout`` applied to the fused features. The CUDA C++
+kernels have no dropout: such calls go to the triton backend.
 """
 
 from __future__ import annotations
@@ -19,8 +31,8 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from fusionops import _backend, reference
-from fusionops._backend import entry_kernels
+from fusionops import _backend, _extension, reference
+from fusionops._backend import BackendUnavailableError, entry_kernels
 from fusionops._checks import (
     check_grad,
     check_like,
@@ -33,9 +45,12 @@ from fusionops._checks import (
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import TensorFusionKernels, empty_grad
+from fusionops.reference.tensor_fusion import feature_dropout
 from fusionops.registry import OpDef, needs_grad, register
 
 OP = "tensor_fusion"
+# Seeds are drawn in [0, SEED_LIMIT) (torch.randint on the CPU generator), and accepted there.
+SEED_LIMIT = 2**31
 
 
 class _CompiledKernels:
@@ -49,9 +64,15 @@ class _CompiledKernels:
         return list(torch.ops.fusionops._tf_features_bwd.default(grad, xs, mask))
 
     def projected_forward(
-        self, xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None
+        self,
+        xs: list[Tensor],
+        weight: Tensor,
+        bias: Tensor | None,
+        mask: Tensor | None,
+        dropout: float = 0.0,
+        seed: int = 0,
     ) -> Tensor:
-        return torch.ops.fusionops._tf_projected_fwd.default(xs, weight, bias, mask)
+        return torch.ops.fusionops._tf_projected_fwd.default(xs, weight, bias, mask, dropout, seed)
 
     def projected_backward(
         self,
@@ -62,9 +83,11 @@ class _CompiledKernels:
         need_dx: bool,
         need_dw: bool,
         need_db: bool,
+        dropout: float = 0.0,
+        seed: int = 0,
     ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
         dxs, dw, db = torch.ops.fusionops._tf_projected_bwd.default(
-            grad, xs, weight, mask, need_dx, need_dw, need_db
+            grad, xs, weight, mask, need_dx, need_dw, need_db, dropout, seed
         )
         return list(dxs), dw, db
 
@@ -180,14 +203,27 @@ _features.register_autograd(_features_grad, setup_context=_features_setup)
 
 @torch.library.custom_op("fusionops::tensor_fusion_projected", mutates_args=())
 def _projected(
-    xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None, backend: str
+    xs: list[Tensor],
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    backend: str,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> Tensor:
-    return _entry(xs, weight, bias, mask, backend).projected_forward(xs, weight, bias, mask).contiguous()
+    kernels = _entry(xs, weight, bias, mask, backend, dropout=dropout, seed=seed)
+    return kernels.projected_forward(xs, weight, bias, mask, dropout, seed).contiguous()
 
 
 @_projected.register_fake
 def _projected_fake(
-    xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None, backend: str
+    xs: list[Tensor],
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    backend: str,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> Tensor:
     return xs[0].new_empty(xs[0].shape[0], weight.shape[0])
 
@@ -202,9 +238,11 @@ def _projected_backward(
     need_dw: bool,
     need_db: bool,
     backend: str,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    kernels = _entry(xs, weight, None, mask, backend, grad)
-    dxs, dw, db = kernels.projected_backward(grad, xs, weight, mask, need_dx, need_dw, need_db)
+    kernels = _entry(xs, weight, None, mask, backend, grad, dropout=dropout, seed=seed)
+    dxs, dw, db = kernels.projected_backward(grad, xs, weight, mask, need_dx, need_dw, need_db, dropout, seed)
     dxs = [d.contiguous() for d in dxs] if need_dx else []
     dw = dw.contiguous() if need_dw else empty_grad(weight)
     db = db.contiguous() if need_db else empty_grad(weight)
@@ -221,6 +259,8 @@ def _projected_backward_fake(
     need_dw: bool,
     need_db: bool,
     backend: str,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     dxs = [x.new_empty(x.shape) for x in xs] if need_dx else []
     dw = weight.new_empty(weight.shape) if need_dw else empty_grad(weight)
@@ -229,9 +269,10 @@ def _projected_backward_fake(
 
 
 def _projected_setup(ctx, inputs, output) -> None:
-    xs, weight, bias, mask, backend = inputs
+    xs, weight, bias, mask, backend, dropout, seed = inputs
     ctx.n_xs = len(xs)
     ctx.backend = backend
+    ctx.dropout, ctx.seed = dropout, seed
     ctx.has_bias = bias is not None
     ctx.save_for_backward(*xs, weight, mask)
 
@@ -243,38 +284,42 @@ def _projected_grad(ctx, grad: Tensor):
     need_dx = any(ctx.needs_input_grad[0])  # a list: one flag per modality
     need_dw = bool(ctx.needs_input_grad[1])
     need_db = ctx.has_bias and bool(ctx.needs_input_grad[2])
+    drop = (ctx.dropout, ctx.seed)
+    # The dispatcher drops trailing arguments equal to their defaults (dropout=0., seed=0), and
+    # the gradients must match the arguments as given: None for each non-tensor one.
+    rest = (None,) * (len(ctx.needs_input_grad) - 3)
     if torch.is_grad_enabled():  # create_graph=True
-        *dxs, dw = _projected_reference_grads(grad, xs, weight, mask, [*ctx.needs_input_grad[0], need_dw])
-        return dxs, dw, grad.sum(0) if need_db else None, None, None
+        *dxs, dw = _projected_reference_grads(
+            grad, xs, weight, mask, [*ctx.needs_input_grad[0], need_dw], *drop
+        )
+        return dxs, dw, grad.sum(0) if need_db else None, *rest
     dxs, dw, db = torch.ops.fusionops.tensor_fusion_projected_backward(
-        grad, xs, weight, mask, need_dx, need_dw, need_db, ctx.backend
+        grad, xs, weight, mask, need_dx, need_dw, need_db, ctx.backend, *drop
     )
-    return (
-        list(dxs) if need_dx else [None] * n,
-        dw if need_dw else None,
-        db if need_db else None,
-        None,
-        None,
-    )
+    return (list(dxs) if need_dx else [None] * n, dw if need_dw else None, db if need_db else None, *rest)
 
 
 _projected.register_autograd(_projected_grad, setup_context=_projected_setup)
 
 
 class _ProjectedCall(EagerCall):
-    """Eager projection: flat = (*xs, weight, bias, mask)."""
+    """Eager projection: flat = (*xs, weight, bias, mask); dropout on Z of (p, seed)."""
 
     op = OP
 
-    __slots__ = ("m",)
+    __slots__ = ("m", "dropout", "seed")
 
-    def __init__(self, kernels: TensorFusionKernels, m: int) -> None:
+    def __init__(self, kernels: TensorFusionKernels, m: int, dropout: float = 0.0, seed: int = 0) -> None:
         super().__init__(kernels)
         self.m = m
+        self.dropout, self.seed = dropout, seed
 
     def forward(self, flat):
         m = self.m
-        return self.kernels.projected_forward(list(flat[:m]), flat[m], flat[m + 1], flat[m + 2]).contiguous()
+        xs, w, b, mask = list(flat[:m]), flat[m], flat[m + 1], flat[m + 2]
+        if self.dropout == 0:  # the call of every layer in eval mode: no extra arguments
+            return self.kernels.projected_forward(xs, w, b, mask).contiguous()
+        return self.kernels.projected_forward(xs, w, b, mask, self.dropout, self.seed).contiguous()
 
     def saved(self, flat):
         return (*flat[: self.m + 1], None, flat[self.m + 2])  # the bias is not read by backward
@@ -283,7 +328,7 @@ class _ProjectedCall(EagerCall):
         m = self.m
         need_dx, need_dw, need_db = any(needs[:m]), needs[m], needs[m + 1]
         dxs, dw, db = self.kernels.projected_backward(
-            grad, list(flat[:m]), flat[m], flat[m + 2], need_dx, need_dw, need_db
+            grad, list(flat[:m]), flat[m], flat[m + 2], need_dx, need_dw, need_db, self.dropout, self.seed
         )
         dxs = (
             [d.contiguous() if n else None for d, n in zip(dxs, needs, strict=False)]
@@ -294,18 +339,84 @@ class _ProjectedCall(EagerCall):
 
     def reference_grads(self, grad, flat, needs):
         m = self.m
-        grads = _projected_reference_grads(grad, list(flat[:m]), flat[m], flat[m + 2], needs[: m + 1])
+        grads = _projected_reference_grads(
+            grad, list(flat[:m]), flat[m], flat[m + 2], needs[: m + 1], self.dropout, self.seed
+        )
         return (*grads, grad.sum(0) if needs[m + 1] else None, None)  # bias: not saved; dy/db = 1
 
 
 def _projected_reference_grads(
-    grad: Tensor, xs: list[Tensor], weight: Tensor, mask: Tensor | None, needs
+    grad: Tensor,
+    xs: list[Tensor],
+    weight: Tensor,
+    mask: Tensor | None,
+    needs,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> list[Tensor | None]:
-    """Second order: gradients of xs and weight through the reference, without the bias (it
-    only shifts y). This materialises Z, as the reference does."""
+    """Second order: gradients of xs and weight through the reference (same dropout mask),
+    without the bias (it only shifts y). This materialises Z, as the reference does."""
     return _eager.grads_through(
-        lambda: reference.tensor_fusion(xs, weight, None, mask), grad, [*xs, weight], needs
+        lambda: reference.tensor_fusion(xs, weight, None, mask, dropout, seed), grad, [*xs, weight], needs
     )
+
+
+def _reference_grads_kernel(
+    grad: Tensor,
+    xs: list[Tensor],
+    weight: Tensor,
+    mask: Tensor | None,
+    needs: list[int],
+    dropout: float,
+    seed: int,
+) -> list[Tensor]:
+    """``fusionops::_tf_projected_reference_grads``: the second-order path of the C++ eager op
+    (csrc/cpu/eager_autograd.cpp), whose backward calls it when create_graph=True. The gradients
+    of xs and weight through the reference, one per nonzero flag of ``needs``, as a graph."""
+    flags = [bool(n) for n in needs]
+    grads = _projected_reference_grads(grad, list(xs), weight, mask, flags, dropout, seed)
+    inputs = [*xs, weight]
+    # allow_unused gives None for an input outside the graph: its gradient is zero
+    return [
+        g if g is not None else torch.zeros_like(t) for g, t, n in zip(grads, inputs, flags, strict=True) if n
+    ]
+
+
+def _kernel_fwd_fake(
+    xs: list[Tensor],
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> Tensor:
+    return xs[0].new_empty(xs[0].shape[0], weight.shape[0])
+
+
+def _kernel_bwd_fake(
+    grad: Tensor,
+    xs: list[Tensor],
+    weight: Tensor,
+    mask: Tensor | None,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
+    dxs = [x.new_empty(x.shape) for x in xs] if need_dx else []
+    dw = weight.new_empty(weight.shape) if need_dw else None
+    return dxs, dw, weight.new_empty(weight.shape[0]) if need_db else None
+
+
+# Kept alive for the registrations' lifetime. The schemas live in the extension (csrc/ops.cpp).
+_LIB = torch.library.Library("fusionops", "IMPL")
+if _extension.extension_loaded():
+    _LIB.impl("_tf_projected_reference_grads", _reference_grads_kernel, "CompositeImplicitAutograd")
+    # Fake kernels of the C++ kernels that the eager op calls, so that it runs on fake tensors
+    # too (torch.library.opcheck; the public function never hands it one: _eager.traced).
+    torch.library.register_fake("fusionops::_tf_projected_fwd", _kernel_fwd_fake, lib=_LIB)
+    torch.library.register_fake("fusionops::_tf_projected_bwd", _kernel_bwd_fake, lib=_LIB)
 
 
 for _name in ("tensor_fusion_features", "tensor_fusion_features_backward"):
@@ -342,6 +453,41 @@ def _check_args(
     return lead, k
 
 
+def _check_dropout(dropout: object, seed: object) -> float:
+    """``dropout``: a real number in [0, 1) (returned as a float); ``seed``: None or an int in
+    [0, 2**31) (None: drawn per call)."""
+    # bool is an int, but True as a probability is a mistake, not 1
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"{OP}: dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
+    if not 0.0 <= dropout < 1.0:  # also refuses NaN
+        raise ValueError(f"{OP}: dropout must be in [0, 1), got {dropout}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)):
+            raise TypeError(f"{OP}: seed must be an int in [0, 2**31) or None, got {type(seed).__name__}")
+        if isinstance(seed, int) and not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"{OP}: seed must be in [0, 2**31), got {seed}")
+    return float(dropout)
+
+
+# torch._disable_dynamo is torch.compiler.disable imported on the first call rather than at
+# `import fusionops` (importing torch._dynamo costs about a second, and fails where sysconfig is
+# stubbed out, as tests/test_packaging.py does).
+@torch._disable_dynamo
+def draw_seed() -> int:
+    """A dropout seed in [0, 2**31) from torch's default CPU generator, whatever the device of
+    the call (no host-device sync on CUDA). Run eagerly even inside torch.compile, so that a
+    compiled model draws the same seeds as the eager one after the same torch.manual_seed
+    (traced, randint would come from the compiler's own random stream)."""
+    return int(torch.randint(SEED_LIMIT, (), dtype=torch.int64).item())
+
+
+def _no_cuda_dropout(backend: str, dropout: float) -> str | None:
+    """Why ``backend`` cannot serve a call with this dropout (None when it can)."""
+    if backend == "cuda" and dropout > 0:
+        return "the CUDA C++ kernels have no dropout on Z (the triton backend has)"
+    return None
+
+
 def _entry(
     xs: list[Tensor],
     weight: Tensor | None,
@@ -349,14 +495,37 @@ def _entry(
     mask: Tensor | None,
     backend: str,
     grad: Tensor | None = None,
+    *,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> TensorFusionKernels:
     """A registered op's checks (its arguments are rows; ``grad``: a backward op's upstream
     gradient), then the kernels of ``backend``."""
     lead, k = _check_args(xs, weight, bias, mask)
+    _check_dropout(dropout, seed)
     n = check_rows(OP, lead)
     if grad is not None:
         check_grad(OP, grad, (n, k if weight is None else weight.shape[0]), xs[0])
-    return cast(TensorFusionKernels, entry_kernels(OPDEF, backend, xs[0].device, xs[0].dtype, len(xs)))
+    kernels = entry_kernels(OPDEF, backend, xs[0].device, xs[0].dtype, len(xs))
+    if (why := _no_cuda_dropout(backend, dropout)) is not None:
+        raise BackendUnavailableError(f"{OP}: backend 'cuda' cannot serve this call:\n  - {why}")
+    return cast(TensorFusionKernels, kernels)
+
+
+def _choose(first: Tensor, m: int, size: int, training: bool, dropout: float) -> str:
+    """The backend of a call (``_backend.choose``), never the cuda one with dropout: forced,
+    that is an error with the reason; chosen automatically, triton (else the reference) serves."""
+    backend = _backend.choose(OPDEF, first.device, first.dtype, m, size, training)
+    why = _no_cuda_dropout(backend, dropout)
+    if why is None:
+        return backend
+    if _backend.forced_backend() == "cuda":
+        raise BackendUnavailableError(
+            f"{OP}: the forced backend 'cuda' cannot serve this call:\n  - {why}\n"
+            "Backends that could: triton, reference"
+        )
+    usable = not _backend.reasons(OPDEF, "triton", first.device, first.dtype, m)
+    return "triton" if usable else "reference"
 
 
 # --- public function ----------------------------------------------------------------------
@@ -368,6 +537,8 @@ def tensor_fusion(
     bias: Tensor | None = None,
     *,
     mask: Tensor | None = None,
+    dropout: float = 0.0,
+    seed: int | None = None,
 ) -> Tensor:
     """Tensor fusion of M modalities (Zadeh et al. 2017; DESIGN.md section 1).
 
@@ -378,6 +549,13 @@ def tensor_fusion(
         bias: optional ``(O,)``; only with ``weight``.
         mask: optional bool ``(*, M)``; False marks a missing modality, which contributes
             ``[1, 0…0]`` (its values are ignored, NaN included) and gets zero gradient.
+        dropout: probability in [0, 1) of inverted dropout on the features Z: each feature of
+            each row is zeroed with this probability, the others scaled by ``1 / (1 - dropout)``
+            (always applied when > 0: the layer passes 0 in eval mode). The mask is a function
+            of (seed, flattened row, feature index), ``fusionops.reference.tensor_fusion
+            .dropout_keep``, regenerated in backward; the projected form never holds it or Z.
+        seed: the mask's seed, an int in [0, 2**31); None draws one from torch's default CPU
+            generator (``torch.manual_seed`` makes it reproducible). Ignored when dropout is 0.
 
     Returns:
         ``Z = flatten(z_1 ⊗ … ⊗ z_M)`` of shape ``(*, K)`` when ``weight`` is None, with
@@ -388,15 +566,24 @@ def tensor_fusion(
     (see ``python -m fusionops.info``).
     """
     lead, k = _check_args(xs, weight, bias, mask)
+    dropout = _check_dropout(dropout, seed)
+    if dropout > 0 and seed is None:
+        seed = draw_seed()
+    seed = 0 if dropout == 0 else cast(int, seed)
+    if dropout > 0 and weight is None:  # Z is the output, materialised anyway: mask it whole
+        return feature_dropout(tensor_fusion(xs, mask=mask), dropout, seed)
     first = xs[0]
     if _autocast.enabled(first.device):  # features: elementwise products, kept in their dtype
         rule = "keep" if weight is None else OPDEF.autocast
-        return _autocast.call_without_autocast(rule, first.device, tensor_fusion, xs, weight, bias, mask=mask)
+        return _autocast.call_without_autocast(
+            rule, first.device, tensor_fusion, xs, weight, bias, mask=mask, dropout=dropout, seed=seed
+        )
 
     n = math.prod(lead)
-    backend = _backend.choose(OPDEF, first.device, first.dtype, len(xs), n * k, needs_grad(xs, weight, bias))
+    training = needs_grad(xs, weight, bias)
+    backend = _choose(first, len(xs), n * k, training, dropout)
     if backend == "reference":
-        return reference.tensor_fusion(xs, weight, bias, mask)
+        return reference.tensor_fusion(xs, weight, bias, mask, dropout, seed)
 
     if len(lead) == 1:  # rows already: no reshape (a view, but a call each)
         xs2, mask2 = list(xs), mask
@@ -406,10 +593,18 @@ def tensor_fusion(
     if _eager.traced(first):  # the custom ops: what compiled graphs, exports and fake tensors take
         if weight is None:
             out = torch.ops.fusionops.tensor_fusion_features(xs2, mask2, backend)
-        else:
+        elif dropout == 0:  # the graph of a call without dropout stays what it was
             out = torch.ops.fusionops.tensor_fusion_projected(xs2, weight, bias, mask2, backend)
+        else:
+            drop = (dropout, seed)
+            out = torch.ops.fusionops.tensor_fusion_projected(xs2, weight, bias, mask2, backend, *drop)
     elif weight is None:
         out = _eager.apply(_FeaturesCall(_kernels(backend), len(xs)), (*xs2, mask2))
+    elif backend == "triton":
+        call = _ProjectedCall(_kernels(backend), len(xs), dropout, seed)
+        out = _eager.apply(call, (*xs2, weight, bias, mask2))
+    elif training:  # cpu, cuda: autograd in C++ (csrc/cpu/eager_autograd.cpp), same kernels
+        out = torch.ops.fusionops._tf_projected_eager.default(xs2, weight, bias, mask2, dropout, seed)
     else:
-        out = _eager.apply(_ProjectedCall(_kernels(backend), len(xs)), (*xs2, weight, bias, mask2))
+        out = torch.ops.fusionops._tf_projected_fwd.default(xs2, weight, bias, mask2, dropout, seed)
     return out if len(lead) == 1 else out.reshape(*lead, out.shape[-1])

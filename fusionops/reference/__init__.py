@@ -3,6 +3,7 @@
 These are the oracle the tests hold every kernel to, and the ``reference`` backend.
 """
 
+from fusionops.reference.bilinear import block_fusion, mfb
 from fusionops.reference.low_rank_fusion import low_rank_fusion
 from fusionops.reference.multiple_kernel import base_kernel, multiple_kernel
 from fusionops.reference.product_fusion import product_fusion
@@ -11,7 +12,9 @@ from fusionops.reference.tensor_fusion import tensor_fusion, tensor_fusion_featu
 
 __all__ = [
     "base_kernel",
+    "block_fusion",
     "low_rank_fusion",
+    "mfb",
     "multiple_kernel",
     "product_fusion",
     "skew_pair_attention",

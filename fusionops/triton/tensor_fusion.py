@@ -21,6 +21,11 @@ Memory beyond inputs and outputs: ``zcat``; for dW with few (O, K) tiles, float3
 of ``(splits, O, K)``; per split level, float32 ``dz`` partials ``(chunks, N, D_s)`` and
 ``dP`` of ``(N, H)`` (times ``ceil(D_s / 64)`` when ``D_s > 64``). Never ``(N, K)``.
 
+Dropout on Z (``dropout`` > 0 in the projected functions): every Z tile (forward, dW) and every
+``dZ = G W`` tile (first split level) is masked where it is formed, by the counter-based mask
+of ``fusionops.reference.tensor_fusion.dropout_keep`` computed in uint32 (``_keep``), so the
+backward regenerates it and nothing of size (N, K) is stored.
+
 Compute precision: float32 (float64 for float64 inputs); ``tl.dot`` takes operands of the
 input dtype (tensor cores for float16/bfloat16); float32 dots follow torch's float32 matmul
 setting (``_common._input_precision``: tf32 on CUDA when ``torch.backends.cuda.matmul.allow_tf32``
@@ -37,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusionops.reference.tensor_fusion import COL_MUL, ROW_MUL, SEED_SALT, dropout_threshold
 from fusionops.triton._common import (
     _HALF,
     _TL,
@@ -52,6 +58,43 @@ from fusionops.triton._common import (
     _target_programs,
     _zeros_like_inputs,
 )
+
+# --- dropout mask: the reference's dropout_keep, in uint32 ------------------------------------
+
+# Triton reads an int literal as uint32 from 2^31 up, so these multiply modulo 2^32 as in C++.
+_SEED_SALT: tl.constexpr = tl.constexpr(SEED_SALT)
+_ROW_MUL: tl.constexpr = tl.constexpr(ROW_MUL)
+_COL_MUL: tl.constexpr = tl.constexpr(COL_MUL)
+
+
+@triton.jit
+def _fmix32(h):
+    """murmur3's 32-bit finaliser on uint32."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _keep(seed, threshold, rows, cols):
+    """The keep mask at ``[rows, cols]`` of Z (rows: flattened row indices, cols: flat
+    feature indices), for ``seed`` in [0, 2^31) and ``threshold = floor(p · 2^24)``."""
+    seed_key = _fmix32(seed.to(tl.uint32) ^ _SEED_SALT)
+    row_key = _fmix32(seed_key ^ (rows.to(tl.uint32) * _ROW_MUL))
+    h = _fmix32(row_key[:, None] + cols.to(tl.uint32)[None, :] * _COL_MUL)
+    return (h >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _dropped(tile, seed, threshold, scale_ptr, rows, cols):
+    """Inverted dropout of a tile of Z (or of dZ) at ``[rows, cols]``: kept elements times
+    ``1 / (1 - p)`` (read from ``scale_ptr``, in the tile's dtype), dropped ones 0."""
+    scale = tl.load(scale_ptr)
+    return tl.where(_keep(seed, threshold, rows, cols), tile * scale, 0.0)
+
 
 # --- on-chip tiles ---------------------------------------------------------------------------
 
@@ -124,7 +167,7 @@ def _features_fwd_kernel(
     tl.store(ptrs, tile, mask=row_ok[:, None] & k_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call: no recompilation
 def _projected_fwd_kernel(
     zcat_ptr,
     stride_zn,
@@ -139,8 +182,12 @@ def _projected_fwd_kernel(
     N,
     O,
     K,
+    seed,
+    threshold,
+    scale_ptr,
     NMOD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -167,6 +214,8 @@ def _projected_fwd_kernel(
         z = _z_tile(
             zcat_ptr, stride_zn, rows, row_ok, ks, k_ok, widths_ptr, offsets_ptr, NMOD, ACC, BLOCK_N, BLOCK_K
         )
+        if DROPOUT:
+            z = _dropped(z, seed, threshold, scale_ptr, rows, ks)
         acc = tl.dot(_rounded(z, zcat_ptr, DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + outs * stride_b, mask=out_ok, other=0.0).to(ACC)[None, :]
@@ -174,7 +223,7 @@ def _projected_fwd_kernel(
     tl.store(ptrs, acc, mask=row_ok[:, None] & out_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call: no recompilation
 def _weight_grad_kernel(
     g_ptr,
     stride_gn,
@@ -188,7 +237,11 @@ def _weight_grad_kernel(
     O,
     K,
     BLOCKS_PER_SPLIT,
+    seed,
+    threshold,
+    scale_ptr,
     NMOD: tl.constexpr,
+    DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -221,12 +274,14 @@ def _weight_grad_kernel(
         z = _z_tile(
             zcat_ptr, stride_zn, rows, row_ok, ks, k_ok, widths_ptr, offsets_ptr, NMOD, ACC, BLOCK_N, BLOCK_K
         )
+        if DROPOUT:
+            z = _dropped(z, seed, threshold, scale_ptr, rows, ks)
         acc = tl.dot(g_t.to(DOT), _rounded(z, zcat_ptr, DOT), acc, input_precision=PRECISION, out_dtype=ACC)
     ptrs = out_ptr + split.to(tl.int64) * O * K + outs.to(tl.int64)[:, None] * K + ks[None, :]
     tl.store(ptrs, acc, mask=out_ok[:, None] & k_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call: no recompilation
 def _split_grad_kernel(
     src_ptr,
     stride_sn,
@@ -245,8 +300,12 @@ def _split_grad_kernel(
     H,
     D,
     TILES_PER_CHUNK,
+    seed,
+    threshold,
+    scale_ptr,
     SPLIT: tl.constexpr,
     FROM_MEMORY: tl.constexpr,
+    DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -258,7 +317,8 @@ def _split_grad_kernel(
     """One level of the split ``Z = P ⊗ z_s`` (s = SPLIT, P over modalities 0..s-1).
 
     ``dZ (N, H·D)`` is ``src`` itself when FROM_MEMORY, else ``G W`` with ``src = G (N, O)``,
-    formed tile by tile. A program owns a row block, a chunk of h tiles and a block of j:
+    formed tile by tile (and masked under DROPOUT: the gradient of Z's dropped features is 0,
+    of its kept ones scaled). A program owns a row block, a chunk of h tiles and a block of j:
     ``dz[chunk, rows, js] = Σ_h dZ[rows, h, js] P[rows, h]`` (held in registers over the
     chunk) and ``dp[jblock, rows, h] = Σ_j dZ[rows, h, j] z_s[rows, j]`` (written per h tile).
     A tile's columns are (h, j) pairs with j padded to BLOCK_J so that it reshapes to 3-D.
@@ -311,6 +371,8 @@ def _split_grad_kernel(
                     other=0.0,
                 )
                 dz = tl.dot(g.to(DOT), w.to(DOT), dz, input_precision=PRECISION, out_dtype=ACC)
+            if DROPOUT:
+                dz = _dropped(dz, seed, threshold, scale_ptr, rows, ks)
         dz3 = tl.reshape(dz, (BLOCK_N, BLOCK_H, BLOCK_J))
         p = _z_tile(
             zcat_ptr, stride_zn, rows, row_ok, hs, h_ok, widths_ptr, offsets_ptr, SPLIT, ACC, BLOCK_N, BLOCK_H
@@ -361,7 +423,27 @@ def _split_blocks(
     return bn, bh, bj, _block(o, 16, _reduce_hi(dtype)), 8 if bn * bh * bj >= 2048 else 4
 
 
-def _weight_grad(grad: Tensor, packed: _Packed, o: int) -> Tensor:
+class _Drop:
+    """The dropout arguments of a launch: ``seed``, ``threshold`` and ``scale`` (a one-element
+    tensor of the compute dtype: a Python float would reach the kernel as float32, and float64
+    calls need 1/(1-p) in float64). ``on`` is False for p = 0."""
+
+    def __init__(self, dropout: float, seed: int, placeholder: Tensor) -> None:
+        self.on = dropout > 0
+        self.seed = int(seed) if self.on else 0
+        self.threshold = dropout_threshold(dropout)
+        # p = 0 costs no allocation: the kernels then never read scale (any pointer will do)
+        self.scale = (
+            torch.full((1,), 1.0 / (1.0 - dropout), dtype=_acc(placeholder.dtype), device=placeholder.device)
+            if self.on
+            else placeholder
+        )
+
+    def args(self) -> tuple[int, int, Tensor]:
+        return self.seed, self.threshold, self.scale
+
+
+def _weight_grad(grad: Tensor, packed: _Packed, o: int, drop: _Drop) -> Tensor:
     """``dW = Gᵀ Z`` (O, K); row blocks are split over programs when (O, K) has few tiles."""
     zcat, dims = packed.zcat, packed.dims
     n, k, dtype = zcat.shape[0], math.prod(dims), zcat.dtype
@@ -386,7 +468,9 @@ def _weight_grad(grad: Tensor, packed: _Packed, o: int) -> Tensor:
             o,
             k,
             per_split,
+            *drop.args(),
             NMOD=len(dims),
+            DROPOUT=drop.on,
             ACC=_TL[_acc(dtype)],
             DOT=_dot_dtype(dtype, zcat.device),
             PRECISION=_input_precision(dtype, zcat.device),
@@ -398,11 +482,14 @@ def _weight_grad(grad: Tensor, packed: _Packed, o: int) -> Tensor:
     return out[0] if splits == 1 else out.sum(0).to(dtype)
 
 
-def _split_grads(src: Tensor, weight: Tensor | None, packed: _Packed) -> list[Tensor]:
+def _split_grads(
+    src: Tensor, weight: Tensor | None, packed: _Packed, drop: _Drop | None = None
+) -> list[Tensor]:
     """``dz_m`` (N, D_m) for every modality, in compute precision, by the split recursion.
 
     ``src`` is ``dZ (N, K)`` when ``weight`` is None, else ``G (N, O)`` (dZ = G W, formed on
-    chip). Each level peels off the last remaining modality and hands ``dP`` to the next.
+    chip, masked by ``drop``). Each level peels off the last remaining modality and hands ``dP``
+    to the next.
     """
     zcat, dims = packed.zcat, packed.dims
     n, device = zcat.shape[0], zcat.device
@@ -437,8 +524,10 @@ def _split_grads(src: Tensor, weight: Tensor | None, packed: _Packed) -> list[Te
                 h,
                 d,
                 per_chunk,
+                *(drop.args() if drop is not None else (0, 0, zcat)),
                 SPLIT=s,
                 FROM_MEMORY=weight is None,
+                DROPOUT=drop is not None and drop.on and weight is not None,
                 ACC=_TL[acc],
                 DOT=_dot_dtype(zcat.dtype, device),
                 PRECISION=_input_precision(zcat.dtype, device),
@@ -500,14 +589,22 @@ def features_backward(grad: Tensor, xs: list[Tensor], mask: Tensor | None) -> li
     return _input_grads(_split_grads(grad, None, _pack(xs, mask)), xs, mask)
 
 
-def projected_forward(xs: list[Tensor], weight: Tensor, bias: Tensor | None, mask: Tensor | None) -> Tensor:
-    """``y = Z Wᵀ + b`` of shape (N, O), without holding Z."""
+def projected_forward(
+    xs: list[Tensor],
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> Tensor:
+    """``y = Z Wᵀ + b`` of shape (N, O), without holding Z (masked by dropout when > 0)."""
     n, (o, k) = xs[0].shape[0], weight.shape
     out = torch.empty(n, o, dtype=weight.dtype, device=weight.device)
     if n == 0 or o == 0:
         return out
     packed = _pack(xs, mask)
     zcat = packed.zcat
+    drop = _Drop(dropout, seed, zcat)
     bn, bo, bk, warps = _projected_blocks(n, o, k, zcat.dtype, _target_programs(zcat.device))
     with _on(zcat.device):
         _projected_fwd_kernel[(triton.cdiv(n, bn) * triton.cdiv(o, bo),)](
@@ -524,8 +621,10 @@ def projected_forward(xs: list[Tensor], weight: Tensor, bias: Tensor | None, mas
             n,
             o,
             k,
+            *drop.args(),
             NMOD=len(packed.dims),
             HAS_BIAS=bias is not None,
+            DROPOUT=drop.on,
             ACC=_TL[_acc(zcat.dtype)],
             DOT=_dot_dtype(zcat.dtype, zcat.device),
             PRECISION=_input_precision(zcat.dtype, zcat.device),
@@ -545,9 +644,11 @@ def projected_backward(
     need_dx: bool,
     need_dw: bool,
     need_db: bool,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
     """``(dxs, dW (O, K), db (O,))`` given ``grad = dL/dy`` (N, O); parts not needed are
-    None (dxs: an empty list)."""
+    None (dxs: an empty list). Under dropout the mask of the forward is regenerated."""
     n, (o, k), dtype = xs[0].shape[0], weight.shape, weight.dtype
     db = grad.sum(0, dtype=_acc(dtype)).to(dtype) if need_db else None
     if n == 0 or o == 0:
@@ -556,6 +657,7 @@ def projected_backward(
     if not (need_dx or need_dw):
         return [], None, db
     packed = _pack(xs, mask)
-    dw = _weight_grad(grad, packed, o) if need_dw else None
-    dxs = _input_grads(_split_grads(grad, weight, packed), xs, mask) if need_dx else []
+    drop = _Drop(dropout, seed, packed.zcat)
+    dw = _weight_grad(grad, packed, o, drop) if need_dw else None
+    dxs = _input_grads(_split_grads(grad, weight, packed, drop), xs, mask) if need_dx else []
     return dxs, dw, db

@@ -1,0 +1,271 @@
+"""BLOCK op (Ben-younes et al. 2019; MUTAN, Ben-younes et al. 2017, is its one-chunk case;
+DESIGN.md section 6): checks, backend choice, autograd, fake kernels.
+
+``fusionops::block_fusion(x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1,
+out_weight, out_bias, rank, normalize, backend) -> y`` and its backward op carry the fused
+implementations (shared with MFB: ``fusionops/ops/_bilinear.py``); the ``reference`` backend is
+served by ``fusionops.reference`` directly, with PyTorch's own autograd. ``x``, ``t`` are the
+projected ``x̃``, ``t̃`` (block.bootstrap's ``linear0``/``linear1`` outputs, after their dropout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fusionops import _backend, reference
+from fusionops._backend import entry_kernels
+from fusionops._checks import check_grad, check_rows
+from fusionops.ops import _autocast, _bilinear, _eager
+from fusionops.ops._bilinear import BilinearCall, BilinearKernels
+from fusionops.registry import OpDef, needs_grad, register
+
+OP = "block_fusion"
+
+# Automatic choice on CPU, on N·R·m: the fused kernels everywhere, for their memory (2.7-8x less
+# extra peak than the reference at the headline sizes, benchmarks/results/{mfb,block_fusion}_cpu_
+# 2026-12-04_headline*.csv); their speed there is 0.6-1.3x the reference's (the backward
+# recomputes the projections). Two crossover sweeps here (python -m benchmarks.crossover, 2026-12-04, a
+# machine loaded by other jobs) were noise-dominated (neighbouring sizes 0.1x to 300x):
+# no threshold was set from them; small sizes may be faster on the reference.
+CPU_FUSED_MIN_ELEMENTS = 0
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
+
+OPDEF = register(
+    OpDef(
+        name=OP,
+        reference=reference.block_fusion,
+        compiled=_bilinear.CompiledKernels(),
+        kernels=("_bilinear_fwd", "_bilinear_bwd"),
+        triton_module="bilinear",
+        size_metric="N*R*m",
+        cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
+        cpu_min_size_forward=CPU_FUSED_MIN_ELEMENTS_FORWARD,
+        autocast="lower",
+        rule_basis="fused for its memory; not faster than the reference at every size: "
+        "benchmarks/results/{mfb,block_fusion}_cpu_2026-12-04_*.csv",
+    )
+)
+
+
+def _reference_of(rank: int, normalize: str):
+    def ref(x, t, w0, b0, w1, b1, ow, ob):
+        return reference.block_fusion(x, t, w0, b0, w1, b1, ow, ob, rank, normalize)
+
+    return ref
+
+
+_NORM_CODES = {"none": _bilinear.NORM_NONE, "before_cat": _bilinear.NORM_PER_CHUNK,
+               "after_cat": _bilinear.NORM_WHOLE_ROW}  # fmt: skip
+
+
+def _call_args(rank: int, normalize: str) -> tuple[int, bool, int, int]:
+    """(rank, rank_major, activation code, normalize code) of the shared kernels."""
+    return rank, True, _bilinear.ACTIVATION_CODES[None], _NORM_CODES[normalize]
+
+
+@torch.library.custom_op("fusionops::block_fusion", mutates_args=())
+def _fused(
+    x: Tensor,
+    t: Tensor,
+    merge_weight0: Tensor,
+    merge_bias0: Tensor | None,
+    merge_weight1: Tensor,
+    merge_bias1: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor | None,
+    rank: int,
+    normalize: str,
+    backend: str,
+) -> Tensor:
+    flat = (x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias)
+    kernels = _entry(*flat, rank, normalize, backend)
+    return _bilinear.run_forward(kernels, flat, *_call_args(rank, normalize), chunked=True)
+
+
+@_fused.register_fake
+def _fused_fake(x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias, rank,
+                normalize, backend) -> Tensor:  # fmt: skip
+    return x.new_empty(x.shape[0], out_weight.shape[0])
+
+
+@torch.library.custom_op("fusionops::block_fusion_backward", mutates_args=())
+def _fused_backward(
+    grad: Tensor,
+    x: Tensor,
+    t: Tensor,
+    merge_weight0: Tensor,
+    merge_bias0: Tensor | None,
+    merge_weight1: Tensor,
+    merge_bias1: Tensor | None,
+    out_weight: Tensor,
+    rank: int,
+    normalize: str,
+    needs: list[bool],
+    backend: str,
+) -> list[Tensor]:
+    flat = (x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, None)
+    kernels = _entry(*flat, rank, normalize, backend, grad)
+    grads = _bilinear.run_backward(kernels, grad, flat, needs, *_call_args(rank, normalize), chunked=True)
+    return [_bilinear.empty_grad(out_weight) if g is None else g for g in grads]  # no aliased returns
+
+
+@_fused_backward.register_fake
+def _fused_backward_fake(grad, x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight,
+                         rank, normalize, needs, backend) -> list[Tensor]:  # fmt: skip
+    needs = list(needs)
+    needs[3] = needs[3] and merge_bias0 is not None
+    needs[5] = needs[5] and merge_bias1 is not None
+    flat = (x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, None)
+    return _bilinear.fake_grads(flat, needs)
+
+
+def _setup(ctx, inputs, output) -> None:
+    *flat, rank, normalize, backend = inputs
+    ctx.args = (rank, normalize, backend)
+    ctx.has = [p is not None for p in flat]
+    # The inputs only: the kernels recompute the projections in backward.
+    ctx.save_for_backward(*flat[:7])
+
+
+def _grad(ctx, grad: Tensor):
+    flat = (*ctx.saved_tensors, None)
+    rank, normalize, backend = ctx.args
+    needs = [bool(n) and h for n, h in zip(ctx.needs_input_grad[:8], ctx.has, strict=True)]
+    if torch.is_grad_enabled():  # create_graph=True: through the reference
+        ref = _reference_of(rank, normalize)
+        grads = _eager.grads_through(lambda: ref(*flat[:7], None), grad, list(flat[:7]), needs[:7])
+        return (*grads, grad.sum(0) if needs[7] else None, None, None, None)
+    grads = torch.ops.fusionops.block_fusion_backward(grad, *flat[:7], rank, normalize, needs, backend)
+    return (*(g if n else None for g, n in zip(grads, needs, strict=True)), None, None, None)
+
+
+_fused.register_autograd(_grad, setup_context=_setup)
+for _name in ("block_fusion", "block_fusion_backward"):
+    _autocast.register(_name, OPDEF.autocast)
+
+
+def _check_args(
+    x: Tensor,
+    t: Tensor,
+    merge_weight0: Tensor,
+    merge_bias0: Tensor | None,
+    merge_weight1: Tensor,
+    merge_bias1: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor | None,
+    rank: int,
+    normalize: str,
+) -> tuple[torch.Size, int, int, int]:
+    """Every argument of a call; returns the leading shape, C (chunks), s (chunk width) and O."""
+    lead = _bilinear.check_pair(OP, x, t)
+    m = int(x.shape[-1])
+    if t.shape[-1] != m:
+        raise ValueError(
+            f"{OP}: t has width {t.shape[-1]}, expected {m} (the width m of x: BLOCK pairs chunks of x̃ "
+            "and t̃ of equal widths)"
+        )
+    _bilinear.check_positive_int(OP, "rank", rank, "R, the rank of every chunk's bilinear form")
+    if normalize not in _NORM_CODES:
+        raise ValueError(f"{OP}: normalize must be one of {list(_NORM_CODES)}, got {normalize!r}")
+    if not isinstance(merge_weight0, Tensor) or merge_weight0.dim() != 3:
+        given = tuple(merge_weight0.shape) if isinstance(merge_weight0, Tensor) else type(merge_weight0)
+        raise ValueError(
+            f"{OP}: merge_weight0 must be a 3-d tensor (C, R·s, s): the chunks' nn.Linear(s, s·R) "
+            f"weights stacked, got {given}"
+        )
+    chunks = int(merge_weight0.shape[0])
+    if chunks < 1 or m % chunks != 0:
+        raise ValueError(
+            f"{OP}: the chunk count C = merge_weight0.shape[0] = {chunks} must be >= 1 and divide the "
+            f"width m = {m} of x (chunks of equal width s = m / C)"
+        )
+    s = m // chunks
+    shape = (chunks, rank * s, s)
+    why = f" (C, R·s, s) with C = {chunks}, R = rank = {rank}, s = m / C = {s}"
+    _bilinear.check_param(OP, "merge_weight0", merge_weight0, shape, x, why)
+    _bilinear.check_param(OP, "merge_weight1", merge_weight1, shape, x, why)
+    if merge_bias0 is not None:
+        _bilinear.check_param(OP, "merge_bias0", merge_bias0, (chunks, rank * s), x, " (C, R·s)")
+    if merge_bias1 is not None:
+        _bilinear.check_param(OP, "merge_bias1", merge_bias1, (chunks, rank * s), x, " (C, R·s)")
+    if not isinstance(out_weight, Tensor) or out_weight.dim() != 2:
+        raise ValueError(f"{OP}: out_weight must be a 2-d tensor (O, m) as nn.Linear stores it")
+    out = int(out_weight.shape[0])
+    _bilinear.check_param(OP, "out_weight", out_weight, (out, m), x, f" (O, m = {m}, the width of x)")
+    if out_bias is not None:
+        _bilinear.check_param(OP, "out_bias", out_bias, (out,), x, " (O, the rows of out_weight)")
+    return lead, chunks, s, out
+
+
+def _entry(x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias, rank,
+           normalize, backend, grad: Tensor | None = None) -> BilinearKernels:  # fmt: skip
+    """A registered op's checks (its arguments are rows; ``grad``: the backward op's upstream
+    gradient), then the kernels of ``backend``."""
+    lead, _, _, out = _check_args(
+        x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias, rank, normalize
+    )
+    n = check_rows(OP, lead)
+    if grad is not None:
+        check_grad(OP, grad, (n, out), x)
+    return entry_kernels(OPDEF, backend, x.device, x.dtype, 2)
+
+
+def block_fusion(
+    x: Tensor,
+    t: Tensor,
+    merge_weight0: Tensor,
+    merge_bias0: Tensor | None,
+    merge_weight1: Tensor,
+    merge_bias1: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor | None = None,
+    *,
+    rank: int,
+    normalize: str = "before_cat",
+) -> Tensor:
+    """Block-term bilinear fusion (BLOCK, Ben-younes et al. 2019; MUTAN with one chunk;
+    DESIGN.md section 6) of the projected ``x̃``, ``t̃``.
+
+    Per chunk c of width ``s = m / C``: ``z_c = Σ_{r<R} (x̃_c A_{c,r}ᵀ + a_{c,r}) ⊙
+    (t̃_c B_{c,r}ᵀ + b_{c,r})``; ``n`` (signed square root, then L2) on each ``z_c``
+    (``"before_cat"``, block.bootstrap's default), on ``cat_c z_c`` (``"after_cat"``; MUTAN's
+    ``normalize=True``) or not at all (``"none"``); ``y = cat_c(z_c) W_oᵀ + b_o``.
+
+    Args:
+        x, t: ``(*, m)``, one leading shape, dtype and device.
+        merge_weight0, merge_weight1: ``(C, R·s, s)``, chunk c's ``nn.Linear(s, s·R)`` weight at
+            index c (row ``r·s + j``: rank major, as block.bootstrap's ``view(bsize, rank, -1)``);
+            MUTAN's ``merge_linear0.weight (R·m, m)`` is ``merge_weight0[None]``.
+        merge_bias0, merge_bias1: ``(C, R·s)`` or None.
+        out_weight: ``(O, m)``; out_bias: ``(O,)`` or None.
+        rank: R >= 1. normalize: ``"before_cat"``, ``"after_cat"`` or ``"none"``.
+
+    Returns:
+        ``(*, O)``. The fused kernels never hold the chunks' ``(*, R·s)`` projections for all
+        rows: they work on tiles of rows and recompute them in backward.
+    """
+    lead, chunks, s, out = _check_args(
+        x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias, rank, normalize
+    )
+    if _autocast.enabled(x.device):
+        return _autocast.call_without_autocast(
+            OPDEF.autocast, x.device, block_fusion, x, t, merge_weight0, merge_bias0, merge_weight1,
+            merge_bias1, out_weight, out_bias, rank=rank, normalize=normalize,
+        )  # fmt: skip
+    n = math.prod(lead)
+    params = (merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias)
+    backend = _backend.choose(OPDEF, x.device, x.dtype, 2, n * rank * chunks * s, needs_grad(x, t, *params))
+    if backend == "reference":
+        return reference.block_fusion(x, t, *params, rank, normalize)
+    x2, t2 = x.reshape(n, x.shape[-1]), t.reshape(n, t.shape[-1])
+    if _eager.traced(x2):  # the custom op: what compiled graphs, exports and fake tensors take
+        y = torch.ops.fusionops.block_fusion(x2, t2, *params, rank, normalize, backend)
+    else:
+        call = BilinearCall(
+            OPDEF.kernels_for(backend), OP, *_call_args(rank, normalize), True, _reference_of(rank, normalize)
+        )
+        y = _eager.apply(call, (x2, t2, *params))
+    return y.reshape(*lead, out)

@@ -1,0 +1,245 @@
+"""Triton kernels of the bilinear pooling family (DESIGN.md section 6), behind
+``fusionops.ops._bilinear.BilinearKernels``: MFB/MLB, MUTAN, BLOCK.
+
+What is Triton and what is not: rows go in tiles; per tile the projections ``A = x Wxᵀ + bx``,
+``B = t Wtᵀ + bt`` (chunked: batched) and the output projection are torch matmuls (cuBLAS on a
+GPU), the middle part (activation, product, sum-pool over the rank) is one Triton kernel
+forward and one backward, and the optional normalisation ``n`` runs in torch on the tile's
+pooled ``(rows, C·S)``. Only one tile's ``(C, rows, R·S)`` projections exist at a time, never
+all rows'; the backward recomputes them and the kernel overwrites them with their gradients.
+Everything is computed in float32 (float64 for float64 inputs) and rounded once at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fusionops.ops._bilinear import NORM_NONE, NORM_PER_CHUNK
+from fusionops.triton._common import _acc, _block, _on
+
+# Bytes of one tile's A (or B): as the C++ kernels (csrc/cpu/bilinear.cpp), at least 16 rows.
+_TILE_BYTES = 1 << 18
+_MIN_TILE_ROWS = 16
+_NORM_EPS = 1e-12  # F.normalize's
+
+
+@triton.jit
+def _act(v, ACT: tl.constexpr):
+    if ACT == 1:
+        v = tl.where(v < 0, 0.0, v)  # NaN stays NaN, as F.relu
+    elif ACT == 2:
+        v = 2.0 * tl.sigmoid(2.0 * v) - 1.0  # tanh
+    return v
+
+
+@triton.jit
+def _act_grad(v, a, ACT: tl.constexpr):
+    """d act / d v from the pre-activation v and the activated a."""
+    if ACT == 1:
+        d = tl.where(v <= 0, 0.0, 1.0)  # as relu's backward: NaN passes
+    elif ACT == 2:
+        d = 1.0 - a * a
+    else:
+        d = tl.full(v.shape, 1.0, v.dtype)
+    return d
+
+
+@triton.jit
+def _pool_fwd_kernel(
+    a_ptr, b_ptr, p_ptr, T, S, R, C,
+    RANK_MAJOR: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """p[n, c·S + j] = Σ_r act(A[c, n, i]) act(B[c, n, i]), i = r·S + j or j·R + r."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = (rows < T)[:, None] & (cols < S)[None, :]
+    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
+    P = R * S
+    base = (c * T + rows64[:, None]) * P
+    acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=p_ptr.dtype.element_ty)
+    for r in range(R):
+        if RANK_MAJOR:
+            i = r * S + cols64[None, :]
+        else:
+            i = cols64[None, :] * R + r
+        va = tl.load(a_ptr + base + i, mask=ok, other=0.0)
+        vb = tl.load(b_ptr + base + i, mask=ok, other=0.0)
+        acc += _act(va, ACT) * _act(vb, ACT)
+    tl.store(p_ptr + rows64[:, None] * (C * S) + c * S + cols64[None, :], acc, mask=ok)
+
+
+@triton.jit
+def _pool_bwd_kernel(
+    a_ptr, b_ptr, dp_ptr, T, S, R, C,
+    RANK_MAJOR: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """A, B (pre-activation) overwritten with dL/dA = dp act(B) act'(A), dL/dB likewise."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = (rows < T)[:, None] & (cols < S)[None, :]
+    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
+    P = R * S
+    base = (c * T + rows64[:, None]) * P
+    dp = tl.load(dp_ptr + rows64[:, None] * (C * S) + c * S + cols64[None, :], mask=ok, other=0.0)
+    for r in range(R):
+        if RANK_MAJOR:
+            i = r * S + cols64[None, :]
+        else:
+            i = cols64[None, :] * R + r
+        va = tl.load(a_ptr + base + i, mask=ok, other=0.0)
+        vb = tl.load(b_ptr + base + i, mask=ok, other=0.0)
+        fa = _act(va, ACT)
+        fb = _act(vb, ACT)
+        tl.store(a_ptr + base + i, dp * fb * _act_grad(va, fa, ACT), mask=ok)
+        tl.store(b_ptr + base + i, dp * fa * _act_grad(vb, fb, ACT), mask=ok)
+
+
+def _tile_rows(n: int, c: int, p: int, acc: torch.dtype) -> int:
+    return max(1, min(n, max(_MIN_TILE_ROWS, _TILE_BYTES // (acc.itemsize * c * p))))
+
+
+def _chunks(x: Tensor, r0: int, rows: int, c: int, acc: torch.dtype) -> Tensor:
+    """Rows [r0, r0 + rows) of a (N, C·d) input as (C, rows, d) in the compute dtype."""
+    return x[r0 : r0 + rows].to(acc).reshape(rows, c, -1).transpose(0, 1)
+
+
+def _project(X: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+    """(C, rows, P) = X Wᵀ + b per chunk, contiguous."""
+    out = torch.bmm(X, W.transpose(1, 2))
+    return out if b is None else out.add_(b.unsqueeze(1))
+
+
+def _grid(rows: int, c: int, s: int) -> tuple[tuple[int, int, int], int, int]:
+    bs = _block(s, 16, 128)
+    bt = _block(rows, 1, max(1, 2048 // bs))
+    return (triton.cdiv(rows, bt), c, triton.cdiv(s, bs)), bt, bs
+
+
+def _pool(A: Tensor, B: Tensor, rank: int, rank_major: bool, act: int) -> Tensor:
+    c, rows, p = A.shape
+    s = p // rank
+    pooled = torch.empty(rows, c * s, dtype=A.dtype, device=A.device)
+    grid, bt, bs = _grid(rows, c, s)
+    _pool_fwd_kernel[grid](
+        A, B, pooled, rows, s, rank, c, RANK_MAJOR=rank_major, ACT=act, BLOCK_T=bt, BLOCK_S=bs
+    )
+    return pooled
+
+
+def _pool_backward(A: Tensor, B: Tensor, dp: Tensor, rank: int, rank_major: bool, act: int) -> None:
+    c, rows, p = A.shape
+    grid, bt, bs = _grid(rows, c, p // rank)
+    _pool_bwd_kernel[grid](
+        A,
+        B,
+        dp.contiguous(),
+        rows,
+        p // rank,
+        rank,
+        c,
+        RANK_MAJOR=rank_major,
+        ACT=act,
+        BLOCK_T=bt,
+        BLOCK_S=bs,
+    )
+
+
+def _groups(pooled: Tensor, c: int, normalize: int) -> Tensor:
+    """The pooled tile as (rows, groups, width): the vectors n normalises."""
+    return pooled.view(pooled.shape[0], c if normalize == NORM_PER_CHUNK else 1, -1)
+
+
+def _normalize(pooled: Tensor, c: int, normalize: int) -> Tensor:
+    """n(p): signed square root, then L2 over each group (as F.normalize: / max(‖q‖, eps))."""
+    if normalize == NORM_NONE:
+        return pooled
+    p = _groups(pooled, c, normalize)
+    q = p.sign() * p.abs().sqrt()
+    return (q / q.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)).view_as(pooled)
+
+
+def _normalize_backward(gz: Tensor, pooled: Tensor, z: Tensor, c: int, normalize: int) -> Tensor:
+    """dL/dp from dL/dz: through the L2 normalisation (no gradient through a clamped norm),
+    then the signed square root (gradient 0 at p = 0, as sqrt(relu(·)) gives there)."""
+    if normalize == NORM_NONE:
+        return gz
+    p, g, zz = (_groups(v, c, normalize) for v in (pooled, gz, z))
+    norm = p.abs().sum(-1, keepdim=True).sqrt()  # ‖q‖ with q² = |p|
+    clamped = norm < _NORM_EPS
+    dq = torch.where(clamped, g, g - zz * (g * zz).sum(-1, keepdim=True)) / norm.clamp_min(_NORM_EPS)
+    root = p.abs().sqrt()
+    dp = torch.where(p != 0, dq / (2 * root).masked_fill(p == 0, 1.0), torch.zeros_like(dq))
+    return dp.view_as(pooled)
+
+
+def forward(x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize) -> Tensor:
+    """``y`` (N, O), contiguous, one tile of rows at a time."""
+    n, c, p = x.shape[0], wx.shape[0], wx.shape[1]
+    acc = _acc(x.dtype)
+    Wx, Wt, Wo = wx.to(acc), wt.to(acc), wo.to(acc)
+    Bx, Bt, Bo = (None if b is None else b.to(acc) for b in (bx, bt, bo))
+    y = torch.empty(n, wo.shape[0], dtype=acc, device=x.device)
+    tile = _tile_rows(n, c, p, acc)
+    with _on(x.device):
+        for r0 in range(0, n, tile):
+            rows = min(tile, n - r0)
+            A = _project(_chunks(x, r0, rows, c, acc), Wx, Bx)
+            B = _project(_chunks(t, r0, rows, c, acc), Wt, Bt)
+            z = _normalize(_pool(A, B, rank, rank_major, activation), c, normalize)
+            out = y[r0 : r0 + rows]
+            if Bo is None:
+                torch.mm(z, Wo.t(), out=out)
+            else:
+                torch.addmm(Bo, z, Wo.t(), out=out)
+    return y.to(x.dtype)
+
+
+def backward(grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, normalize, needs) -> list[Tensor]:
+    """Eight gradients (x, t, wx, bx, wt, bt, wo, bo); empty where not needed."""
+    n, c, p = x.shape[0], wx.shape[0], wx.shape[1]
+    acc = _acc(x.dtype)
+    Wx, Wt, Wo = wx.to(acc), wt.to(acc), wo.to(acc)
+    Bx, Bt = (None if b is None else b.to(acc) for b in (bx, bt))
+    dev = x.device
+
+    def zeros(shape, need):
+        return torch.zeros(shape, dtype=acc, device=dev) if need else None
+
+    dx = torch.empty(n, x.shape[1], dtype=acc, device=dev) if needs[0] else None
+    dt = torch.empty(n, t.shape[1], dtype=acc, device=dev) if needs[1] else None
+    dwx, dwt, dwo = zeros(wx.shape, needs[2]), zeros(wt.shape, needs[4]), zeros(wo.shape, needs[6])
+    dbx = zeros((c, p), needs[3] and bx is not None)
+    dbt = zeros((c, p), needs[5] and bt is not None)
+    tile = _tile_rows(n, c, p, acc)
+    with _on(dev):
+        for r0 in range(0, n, tile):
+            rows = min(tile, n - r0)
+            X, Tt = _chunks(x, r0, rows, c, acc), _chunks(t, r0, rows, c, acc)
+            A, B = _project(X, Wx, Bx), _project(Tt, Wt, Bt)
+            pooled = _pool(A, B, rank, rank_major, activation)
+            z = _normalize(pooled, c, normalize)
+            G = grad[r0 : r0 + rows].to(acc)
+            if dwo is not None:
+                dwo.addmm_(G.t(), z)
+            dp = _normalize_backward(G @ Wo, pooled, z, c, normalize)
+            _pool_backward(A, B, dp, rank, rank_major, activation)  # A, B now hold dL/dA, dL/dB
+            if dwx is not None:
+                dwx.baddbmm_(A.transpose(1, 2), X)
+            if dbx is not None:
+                dbx += A.sum(1)
+            if dwt is not None:
+                dwt.baddbmm_(B.transpose(1, 2), Tt)
+            if dbt is not None:
+                dbt += B.sum(1)
+            if dx is not None:
+                dx[r0 : r0 + rows].view(rows, c, -1).copy_(torch.bmm(A, Wx).transpose(0, 1))
+            if dt is not None:
+                dt[r0 : r0 + rows].view(rows, c, -1).copy_(torch.bmm(B, Wt).transpose(0, 1))
+    dbo = grad.to(acc).sum(0) if needs[7] else None
+    empty = x.new_empty(0)
+    return [empty if g is None else g.to(x.dtype) for g in (dx, dt, dwx, dbx, dwt, dbt, dwo, dbo)]
