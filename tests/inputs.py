@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -161,3 +163,17 @@ def make_skew_pair_inputs(
         ws.append(w)
         bs.append(b)
     return ha, hb, ws, bs
+
+
+@contextmanager
+def saved_shapes() -> Iterator[list[tuple[int, ...]]]:
+    """The shapes of the tensors autograd saves for backward inside the block (to check that a
+    fused op keeps its inputs only, never Z or any ``(N, K)`` tensor)."""
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved

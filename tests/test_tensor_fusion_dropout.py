@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import TOL, assert_close_to, skip_unless_usable
-from inputs import LAYOUTS, detached64, make_grad, make_mask, make_weight, make_xs
+from inputs import LAYOUTS, detached64, make_grad, make_mask, make_weight, make_xs, saved_shapes
 
 import fusionops
 from fusionops import BackendUnavailableError, reference
@@ -361,15 +361,9 @@ def test_saves_no_feature_sized_tensor(kernel_backend, device):
     """Autograd keeps the inputs, never Z, the mask or any (N, K) tensor."""
     dims, n = (6, 5, 4), 32
     k = math.prod(d + 1 for d in dims)
-    saved: list[tuple[int, ...]] = []
-
-    def pack(t):
-        saved.append(tuple(t.shape))
-        return t
-
     xs = make_xs((n,), dims, torch.float32, device)
     w, b = make_weight(dims, 3, torch.float32, device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fusionops.backend(kernel_backend):
+    with saved_shapes() as saved, fusionops.backend(kernel_backend):
         y = fusionops.tensor_fusion(xs, w, b, dropout=P, seed=SEED)
     y.sum().backward()
     assert saved, "nothing was saved: the hook did not see the op"

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 from conftest import assert_close_to, skip_unless_usable
-from inputs import LAYOUTS, detached64, make_grad, make_mask, make_weight, make_xs
+from inputs import LAYOUTS, detached64, make_grad, make_mask, make_weight, make_xs, saved_shapes
 
 import fusionops
 import fusionops.ops.tensor_fusion  # noqa: F401  (the module, not the function of that name)
@@ -242,15 +242,9 @@ def test_saves_inputs_only(path):
     """Autograd keeps the inputs, never Z or any (N, K) tensor."""
     dims, n = (6, 5, 4), 32
     k = math.prod(d + 1 for d in dims)
-    saved: list[tuple[int, ...]] = []
-
-    def pack(t):
-        saved.append(tuple(t.shape))
-        return t
-
     xs = make_xs((n,), dims, torch.float32)
     w, b = make_weight(dims, 3, torch.float32)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_shapes() as saved:
         y = _eager(xs, w, b)
     y.sum().backward()
     assert sorted(saved) == sorted([(n, d) for d in dims] + [tuple(w.shape)]), saved
