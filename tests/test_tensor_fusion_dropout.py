@@ -533,3 +533,16 @@ def test_layer_arguments():
 
 def test_tolerances_are_from_the_dtype():
     assert TOL[torch.bfloat16] == 4 * torch.finfo(torch.bfloat16).eps
+
+
+def test_drawn_seed_under_fake_tensors():
+    """A call whose seed is left to draw traces on fake tensors (FakeTensorMode: shape
+    propagation, fake CUDA tensors): the seed is drawn for real, from the CPU generator."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dims = (3, 4)
+    with FakeTensorMode():
+        xs = [torch.randn(5, d) for d in dims]
+        w, b = torch.randn(2, math.prod(d + 1 for d in dims)), torch.randn(2)
+        y = fusionops.tensor_fusion(xs, w, b, dropout=0.3)
+    assert y.shape == (5, 2)

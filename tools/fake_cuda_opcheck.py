@@ -1,10 +1,12 @@
 """Checks of the CUDA build that need no GPU (issue 17, item 4), run by ``.ci/cuda_torch_build``
 against a CUDA build of torch (it also runs with ``--device cpu`` on a CPU torch, as a self-test).
 
-1. **registration**: ``fusionops._C`` imports, was built with CUDA, and every compiled kernel of
-   an op with CUDA C++ kernels has a CUDA implementation in the dispatcher.
+1. **registration**: ``fusionops._C`` imports, was built with CUDA, every compiled kernel of
+   an op with CUDA C++ kernels has a CUDA implementation in the dispatcher, and the C++ eager
+   ops (``EAGER_OPS``) have their CPU, CUDA and Autograd ones.
 2. **fake kernels vs. a real run**: every registered op (forward and backward custom ops, every
-   backend that serves the device) is run under ``FakeTensorMode`` on fake tensors of
+   backend that serves the device and the call; the ops of ``DEVICE_OPS``, which take no
+   backend, on the device's kernel) is run under ``FakeTensorMode`` on fake tensors of
    ``--device`` and its output metadata (shape, dtype, strides, device) is compared with a real
    CPU run of the same op (what opcheck's ``test_faketensor`` compares, except that the real
    run is on CPU: a real CUDA run needs a GPU). Note: ``torch.library.opcheck`` itself skips its
@@ -44,6 +46,13 @@ from fusionops.registry import OPS  # noqa: E402
 # through the custom ops, fusionops/ops/_eager.traced).
 KNOWN_TRACE_FAILURES: dict[str, str] = {}
 
+# The ops of fusionops._C that eager calls take, and the op they serve: no backend argument,
+# the dispatcher picks the device's kernel. The C++ eager op of tensor fusion's projection and
+# the backward kernel that its C++ autograd calls (csrc/cpu/eager_autograd.cpp).
+DEVICE_OPS = {"_tf_projected_eager": "tensor_fusion", "_tf_projected_bwd": "tensor_fusion"}
+# The C++ eager ops: CPU, CUDA and Autograd kernels, in every build.
+EAGER_OPS = ("_tf_projected_eager",)
+
 OPS_NS = torch.ops.fusionops
 RESULTS: list[tuple[str, str, str]] = []  # (check, status, detail)
 
@@ -62,9 +71,11 @@ GEN = torch.Generator().manual_seed(0)
 
 
 # --- the cases: (op overload packet, args builder taking the backend) ---------------------------
+# A builder returns None for a backend that cannot serve the call (the CUDA C++ kernels have no
+# dropout on Z: tensor fusion sends such calls to triton).
 
 
-def _cases(dtype: torch.dtype) -> list[tuple[str, Callable[[str], tuple]]]:
+def _cases(dtype: torch.dtype) -> list[tuple[str, Callable[[str], tuple | None]]]:
     dims, n = (2, 3, 4), 5
     xs = [_randn(n, d, dtype=dtype) for d in dims]
     k = math.prod(d + 1 for d in dims)
@@ -85,6 +96,31 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, Callable[[str], tuple]]]:
     )
     beta, params = _randn(2, dtype=dtype).abs(), torch.tensor([0.5, 1.5])  # params: float32 always
     gk = _randn(5, 4, dtype=dtype)
+    # MFB: d_x = 3, d_t = 4, k = 2, o = 3, O = 4; BLOCK: m = 6 in C = 2 chunks of s = 3, R = 2
+    # (and MUTAN: one chunk of 6, R = 2).
+    bx, bt = _randn(n, 3, dtype=dtype), _randn(n, 4, dtype=dtype)
+    uw, ub, vw, vb = (
+        _randn(6, 3, dtype=dtype),
+        _randn(6, dtype=dtype),
+        _randn(6, 4, dtype=dtype),
+        _randn(6, dtype=dtype),
+    )
+    ow3 = _randn(4, 3, dtype=dtype)
+    mx, mt = same[0], same[1]
+    mw0, mb0, mw1, mb1 = (
+        _randn(2, 6, 3, dtype=dtype),
+        _randn(2, 6, dtype=dtype),
+        _randn(2, 6, 3, dtype=dtype),
+        _randn(2, 6, dtype=dtype),
+    )
+    mutan0, mutan1 = _randn(1, 12, 6, dtype=dtype), _randn(1, 12, 6, dtype=dtype)
+    ow6 = _randn(4, 6, dtype=dtype)
+    needs_some = [True, False, True, True, False, True, True, False]
+    drop = (0.3, 1)  # dropout on Z, seed
+
+    def no_cuda(args: tuple) -> Callable[[str], tuple | None]:
+        return lambda be: None if be == "cuda" else (*args[:-1], be, *args[-1])
+
     return [
         ("tensor_fusion_features", lambda be: (xs, mask, be)),
         ("tensor_fusion_features_backward", lambda be: (gz, xs, mask, be)),
@@ -101,10 +137,39 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, Callable[[str], tuple]]]:
         ("skew_pair_attention_backward", lambda be: (gs, ha, hb, pairs, *ws, *bs[:3], 2, 1, [True] * 10, be)),
         ("multiple_kernel", lambda be: (xa, xb, beta, [1, 2], params, [0, 2], be)),
         ("multiple_kernel_backward", lambda be: (gk, xa, xb, beta, [1, 2], params, [0, 2], [True] * 4, be)),
+        ("tensor_fusion_projected", no_cuda((xs, w, b, mask, drop))),
+        ("tensor_fusion_projected", no_cuda((xs, w, None, None, drop))),
+        ("tensor_fusion_projected_backward", no_cuda((gy, xs, w, mask, True, True, True, drop))),
+        ("tensor_fusion_projected_backward", no_cuda((gy, xs, w, None, True, False, True, drop))),
+        ("_tf_projected_eager", lambda be: (xs, w, b, mask)),
+        ("_tf_projected_eager", lambda be: (xs, w, None, None)),
+        ("_tf_projected_eager", lambda be: None if be == "cuda" else (xs, w, b, mask, *drop)),
+        ("_tf_projected_bwd", lambda be: (gy, xs, w, mask, True, True, True)),
+        ("_tf_projected_bwd", lambda be: (gy, xs, w, None, False, True, False)),
+        (
+            "_tf_projected_bwd",
+            lambda be: None if be == "cuda" else (gy, xs, w, mask, True, True, True, *drop),
+        ),
+        ("mfb", lambda be: (bx, bt, uw, ub, vw, vb, ow3, b, 2, "relu", False, be)),
+        ("mfb", lambda be: (bx, bt, uw, None, vw, None, ow6, None, 1, "tanh", True, be)),
+        ("mfb_backward", lambda be: (gy, bx, bt, uw, ub, vw, vb, ow3, 2, "relu", True, [True] * 8, be)),
+        ("mfb_backward", lambda be: (gy, bx, bt, uw, None, vw, vb, ow3, 2, "none", False, needs_some, be)),
+        ("block_fusion", lambda be: (mx, mt, mw0, mb0, mw1, mb1, ow6, b, 2, "before_cat", be)),
+        ("block_fusion", lambda be: (mx, mt, mutan0, None, mutan1, None, ow6, None, 2, "after_cat", be)),
+        (
+            "block_fusion_backward",
+            lambda be: (gy, mx, mt, mw0, mb0, mw1, mb1, ow6, 2, "none", [True] * 8, be),
+        ),
+        (
+            "block_fusion_backward",
+            lambda be: (gy, mx, mt, mutan0, None, mutan1, None, ow6, 2, "before_cat", needs_some, be),
+        ),
     ]
 
 
 def _op_def(name: str):
+    if name in DEVICE_OPS:
+        return OPS[DEVICE_OPS[name]]
     return OPS[name.removesuffix("_backward").replace("_features", "").replace("_projected", "")]
 
 
@@ -126,6 +191,10 @@ def check_registration(device: str) -> None:
         for kernel in op.kernels:
             has = torch._C._dispatch_has_kernel_for_dispatch_key(f"fusionops::{kernel}", "CUDA")
             record(f"CUDA kernel registered: fusionops::{kernel}", has)
+    for name in EAGER_OPS:
+        for key in ("CPU", "CUDA", "Autograd"):
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"fusionops::{name}", key)
+            record(f"{key} kernel registered: fusionops::{name}", has)
 
 
 def check_fake_kernels(device: str) -> None:
@@ -133,14 +202,16 @@ def check_fake_kernels(device: str) -> None:
         for name, make in _cases(dtype):
             op = getattr(OPS_NS, name)
             backends = ["triton"] + (["cuda"] if _op_def(name).cuda_kernels else [])
-            if device == "cpu":
-                backends = ["cpu"]
+            if device == "cpu" or name in DEVICE_OPS:  # no backend argument: the device's kernel
+                backends = [device]
             try:
                 real = op(*make("cpu"))
             except Exception as exc:  # noqa: BLE001
                 record(f"real {name} [cpu, {dtype}]", False, f"{type(exc).__name__}: {str(exc)[:300]}")
                 continue
             for backend in backends:
+                if make(backend) is None:  # the backend cannot serve this call
+                    continue
                 label = f"fake {name} [{backend}, {str(dtype).removeprefix('torch.')}, {device}]"
                 try:
                     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
@@ -168,6 +239,25 @@ def _public_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], list[torch
     def tf():
         xs, w, b = [leaf(5, d) for d in (2, 3, 4)], leaf(4, 60), leaf(4)
         return fusionops.tensor_fusion(xs, w, b), [*xs, w, b]
+
+    def tf_dropout(seed: int | None, projected: bool = True):
+        def run():
+            xs, w, b = [leaf(5, d) for d in (2, 3, 4)], leaf(4, 60), leaf(4)
+            if not projected:
+                return fusionops.tensor_fusion(xs, dropout=0.3, seed=seed), xs
+            return fusionops.tensor_fusion(xs, w, b, dropout=0.3, seed=seed), [*xs, w, b]
+
+        return run
+
+    def mfb():
+        shapes = [(5, 3), (5, 4), (6, 3), (6,), (6, 4), (6,), (4, 3), (4,)]  # k = 2, o = 3, O = 4
+        x, t, uw, ub, vw, vb, ow, ob = (leaf(*s) for s in shapes)
+        return fusionops.mfb(x, t, uw, ub, vw, vb, ow, ob, factor=2), [x, t, uw, ub, vw, vb, ow, ob]
+
+    def block():
+        x, t, ow, ob = leaf(2, 5, 6), leaf(2, 5, 6), leaf(4, 6), leaf(4)
+        w0, b0, w1, b1 = leaf(2, 6, 3), leaf(2, 6), leaf(2, 6, 3), leaf(2, 6)
+        return fusionops.block_fusion(x, t, w0, b0, w1, b1, ow, ob, rank=2), [x, t, w0, b0, w1, b1, ow, ob]
 
     def lmf():
         xs, fs, rw = [leaf(5, d) for d in (2, 3, 4)], [leaf(3, d + 1, 4) for d in (2, 3, 4)], leaf(3)
@@ -201,6 +291,11 @@ def _public_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], list[torch
             skew(lambda: torch.tensor([[2, 0], [0, 3], [1, 1]], device=DEVICE)),
         ),
         ("multiple_kernel", mkl),
+        ("tensor_fusion (dropout 0.3, seed 1)", tf_dropout(1)),
+        ("tensor_fusion (dropout 0.3, seed drawn)", tf_dropout(None)),
+        ("tensor_fusion features (dropout 0.3, seed 1)", tf_dropout(1, projected=False)),
+        ("mfb", mfb),
+        ("block_fusion (leading shape (2, 5))", block),
     ]
 
 

@@ -26,9 +26,11 @@ OP = "mfb"
 # Automatic choice on CPU, on N·k·o: the fused kernels everywhere, for their memory (2.7-8x less
 # extra peak than the reference at the headline sizes, benchmarks/results/{mfb,block_fusion}_cpu_
 # 2026-12-04_headline*.csv); their speed there is 0.6-1.3x the reference's (the backward
-# recomputes the projections). Two crossover sweeps here (python -m benchmarks.crossover, 2026-12-04, a
-# machine loaded by other jobs) were noise-dominated (neighbouring sizes 0.1x to 300x):
-# no threshold was set from them; small sizes may be faster on the reference.
+# recomputes the projections).
+# Two crossover sweeps on a quiet machine (benchmarks/results/crossover_mfb_cpu_2026-12-04_run{1,2}.csv)
+# found no size from which the fused kernels never lose: fwd+bwd 0.51-1.14x (the backward
+# recomputes the projections), forward 0.86-2.1x. They stay the automatic choice on CPU for
+# their memory; the reference is as fast or faster (fusionops.backend('reference')).
 CPU_FUSED_MIN_ELEMENTS = 0
 CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 
@@ -43,8 +45,8 @@ OPDEF = register(
         cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
         cpu_min_size_forward=CPU_FUSED_MIN_ELEMENTS_FORWARD,
         autocast="lower",
-        rule_basis="fused for its memory; not faster than the reference at every size: "
-        "benchmarks/results/{mfb,block_fusion}_cpu_2026-12-04_*.csv",
+        rule_basis="fused for its memory, not faster than the reference: "
+        "crossover_mfb_cpu_2026-12-04_run{1,2}.csv",
     )
 )
 

@@ -30,6 +30,7 @@ from typing import cast
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fusionops import _backend, _extension, reference
 from fusionops._backend import BackendUnavailableError, entry_kernels
@@ -93,15 +94,17 @@ class _CompiledKernels:
 
 
 # Automatic choice on CPU, on N * K (elements of Z). With gradients the fused path was never
-# lost at any measured size (N*K from 2000; 1.0-3.2x). Inference (forward only): with two or
-# three modalities of width 16-64 the reference's one GEMM on a materialised Z beat the fused
-# forward up to N*K = 1183744 (0.8-0.99x), so smaller inference calls go to the reference.
+# lost at any measured size (N*K from 2000; 0.86-3.5x, no size below 1x in both runs).
+# Inference (forward only): with two or three modalities of width 16-64 the reference's one
+# GEMM on a materialised Z beat the fused forward up to N*K = 1257728 (0.54-0.97x), so
+# smaller inference calls go to the reference.
 # The rule: a size is "lost" when fused[cpu] was slower than the reference there in both of two
 # runs of `python -m benchmarks.crossover` (a single reading is within this machine's run-to-run
 # noise of about 10%); each threshold is the smallest measured size from which nothing is lost.
-# CSVs: benchmarks/results/crossover_<op>_cpu_2026-12-04_run{1,2}.csv.
+# Re-measured after the small-problem kernel path and the C++ autograd (issue 15), on a quiet
+# machine: benchmarks/results/crossover_tensor_fusion_cpu_2026-12-04_run{3,4}.csv.
 CPU_FUSED_MIN_ELEMENTS = 0
-CPU_FUSED_MIN_ELEMENTS_FORWARD = 1257728
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 1679616
 
 OPDEF = register(
     OpDef(
@@ -477,8 +480,10 @@ def draw_seed() -> int:
     """A dropout seed in [0, 2**31) from torch's default CPU generator, whatever the device of
     the call (no host-device sync on CUDA). Run eagerly even inside torch.compile, so that a
     compiled model draws the same seeds as the eager one after the same torch.manual_seed
-    (traced, randint would come from the compiler's own random stream)."""
-    return int(torch.randint(SEED_LIMIT, (), dtype=torch.int64).item())
+    (traced, randint would come from the compiler's own random stream). Under FakeTensorMode
+    (shape propagation) it draws a real one too: a fake tensor has no value to read."""
+    with unset_fake_temporarily():
+        return int(torch.randint(SEED_LIMIT, (), dtype=torch.int64).item())
 
 
 def _no_cuda_dropout(backend: str, dropout: float) -> str | None:
