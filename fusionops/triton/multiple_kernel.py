@@ -353,15 +353,20 @@ def _pack(xs: list[Tensor], widths: tuple[int, ...], rows: int, acc: torch.dtype
 # k, S, E); 16-bit dots take tensor cores (wgmma on sm_90), ieee float32 and float64 ones FMA
 # units (float64: mma). Chosen from offline sm_90 builds (Triton 3.9, not timed): each compiles
 # to at most 250 registers a thread with no spills (fwd 16-bit 128 x 128 spilled, 4-warp
-# float32 backward too).
+# float32 backward too). Re-checked on Triton 3.6 (the GPU image's) and 3.9: the 16-bit backward
+# at 64 x 128 spilled on 3.6 (11 STL at 255 registers), so it takes 64 x 64; and left alone
+# ptxas held the 8-warp float32 forward at 128 registers and spilled on 3.9 (5 STL), so the
+# forward gets a cap of 255 (_MAXNREG; one block of 8 warps per SM, as before). The backward
+# keeps ptxas's own choice: with the cap, 3.6's float32 backward spilled one register.
 _CONFIGS = {
     ("fwd", "half"): (128, 64, 32, 8),
     ("fwd", "fp32"): (64, 64, 16, 8),
     ("fwd", "fp64"): (64, 64, 16, 8),
-    ("bwd", "half"): (64, 128, 32, 8),
+    ("bwd", "half"): (64, 64, 32, 8),
     ("bwd", "fp32"): (64, 64, 16, 8),
     ("bwd", "fp64"): (64, 64, 16, 8),
 }
+_MAXNREG = 255  # the interpreter ignores it
 
 
 def _config(
@@ -458,6 +463,7 @@ def forward(
             BLOCK_N=bn,
             BLOCK_K=bk,
             num_warps=warps,
+            maxnreg=_MAXNREG,
         )
     return out
 
