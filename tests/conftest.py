@@ -69,6 +69,27 @@ def pytest_generate_tests(metafunc) -> None:
         metafunc.parametrize("device", DEVICES, indirect=True)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """``@pytest.mark.interpreter_subset(keep=f)``: on the triton backend (the interpreter, slow),
+    collect only the parametrizations for which ``f(**params)`` is true; the others still run
+    on the cpu backend. Deselected rather than skipped: a skip would read as a case not run."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("interpreter_subset")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (
+            marker is not None
+            and params.get("kernel_backend") == "triton"
+            and not marker.kwargs["keep"](**params)
+        ):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture
 def device(request) -> str:
     return request.param

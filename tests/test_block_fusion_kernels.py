@@ -30,12 +30,11 @@ def run(backend, n, size, dtype=torch.float32, normalize="before_cat", layout="c
     )
 
 
+@pytest.mark.interpreter_subset(keep=lambda size, dtype, **_: size in SIZES[:2] and dtype == torch.float32)
 @pytest.mark.parametrize("normalize", NORMALIZE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("size", SIZES, ids=str)
 def test_matches_reference(kernel_backend, device, size, dtype, normalize):
-    if kernel_backend == "triton" and (size not in SIZES[:2] or dtype != torch.float32):
-        pytest.skip("the interpreter is slow: two sizes, one dtype (the others run on cpu)")
     run(kernel_backend, 7, size, dtype, normalize, device=device)
 
 
@@ -73,14 +72,18 @@ def test_empty_batch(kernel_backend, device, lead):
         assert torch.equal(p.grad, torch.zeros_like(p))
 
 
+def _layouts_not_crossed(grad_layout: str, param_layout: str, **_) -> bool:
+    """The interpreter's share of test_strides: the layouts are crossed on cpu."""
+    return grad_layout != "transposed" or param_layout == "contiguous"
+
+
+@pytest.mark.interpreter_subset(keep=_layouts_not_crossed)
 @pytest.mark.parametrize("grad_layout", ["contiguous", "transposed", "broadcast"])
 @pytest.mark.parametrize("param_layout", PARAM_LAYOUTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_strides(kernel_backend, device, layout, param_layout, grad_layout):
     """Strided, transposed and stride-0 inputs, weights and biases; non-contiguous and stride-0
     upstream gradients."""
-    if kernel_backend == "triton" and grad_layout == "transposed" and param_layout != "contiguous":
-        pytest.skip("the interpreter is slow: the layouts are crossed on cpu")
     run(kernel_backend, 6, SIZES[0], layout=layout, param_layout=param_layout, grad_layout=grad_layout,
         device=device)  # fmt: skip
 
@@ -92,10 +95,9 @@ def test_half_precisions(kernel_backend, device, dtype):
     run(kernel_backend, 11, SIZES[1], dtype, "after_cat", device=device)
 
 
+@pytest.mark.interpreter_subset(keep=lambda bias, **_: bias)
 @pytest.mark.parametrize(("normalize", "bias"), [("before_cat", True), ("after_cat", False)])
 def test_gradcheck(kernel_backend, device, normalize, bias):
-    if kernel_backend == "triton" and not bias:
-        pytest.skip("the interpreter is slow: this case runs on cpu")
     chunks, rank, s, out = 2, 2, 2, 2
     n = 2 if kernel_backend == "triton" else 3
     x, t = (v.detach().requires_grad_(True) for v in make_xs((n,), (chunks * s,) * 2, torch.float64, device))

@@ -28,13 +28,12 @@ def run(backend, n, size, dtype=torch.float32, activation="relu", normalize=Fals
     )
 
 
+@pytest.mark.interpreter_subset(keep=lambda size, dtype, **_: size == SIZES[0] and dtype == torch.float32)
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "tanh", None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("size", SIZES, ids=str)
 def test_matches_reference(kernel_backend, device, size, dtype, activation, normalize):
-    if kernel_backend == "triton" and (size != SIZES[0] or dtype != torch.float32):
-        pytest.skip("the interpreter is slow: one size and dtype (the others run on cpu)")
     run(kernel_backend, 7, size, dtype, activation, normalize, device=device)
 
 
@@ -71,14 +70,18 @@ def test_empty_batch(kernel_backend, device, lead):
         assert torch.equal(p.grad, torch.zeros_like(p))
 
 
+def _layouts_not_crossed(grad_layout: str, param_layout: str, **_) -> bool:
+    """The interpreter's share of test_strides: the layouts are crossed on cpu."""
+    return grad_layout != "transposed" or param_layout == "contiguous"
+
+
+@pytest.mark.interpreter_subset(keep=_layouts_not_crossed)
 @pytest.mark.parametrize("grad_layout", ["contiguous", "transposed", "broadcast"])
 @pytest.mark.parametrize("param_layout", PARAM_LAYOUTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_strides(kernel_backend, device, layout, param_layout, grad_layout):
     """Strided, transposed and stride-0 inputs, weights and biases; non-contiguous and stride-0
     upstream gradients."""
-    if kernel_backend == "triton" and grad_layout == "transposed" and param_layout != "contiguous":
-        pytest.skip("the interpreter is slow: the layouts are crossed on cpu")
     run(kernel_backend, 6, SIZES[0], layout=layout, param_layout=param_layout, grad_layout=grad_layout,
         normalize=True, device=device)  # fmt: skip
 
@@ -90,10 +93,9 @@ def test_half_precisions(kernel_backend, device, dtype):
     run(kernel_backend, 11, SIZES[0], dtype, "tanh", normalize=True, device=device)
 
 
+@pytest.mark.interpreter_subset(keep=lambda bias, **_: bias)
 @pytest.mark.parametrize(("activation", "normalize", "bias"), [("relu", True, True), ("tanh", False, False)])
 def test_gradcheck(kernel_backend, device, activation, normalize, bias):
-    if kernel_backend == "triton" and not bias:
-        pytest.skip("the interpreter is slow: this case runs on cpu")
     dx, dt, k, o, out = 3, 2, 2, 3, 2
     x, t = (v.detach().requires_grad_(True) for v in make_xs((4,), (dx, dt), torch.float64, device))
     params = [
