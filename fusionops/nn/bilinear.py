@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusionops._checks import check_layer_widths
+from fusionops.ops._bilinear import check_pair
 from fusionops.ops.block_fusion import block_fusion
 from fusionops.ops.mfb import mfb
 from fusionops.reference import bilinear as reference
@@ -64,15 +65,7 @@ def _pair(layer: str, input_dims: Sequence[int], x: object) -> tuple[Tensor, Ten
         if not isinstance(v, Tensor) or v.dim() == 0:
             raise TypeError(f"{layer}: x[{i}] must be a tensor of shape (*, d), got {type(v).__name__}")
     check_layer_widths(layer, input_dims, x)
-    if x1.shape[:-1] != x0.shape[:-1]:
-        raise ValueError(
-            f"{layer}: x[1] has leading (batch) shape {tuple(x1.shape[:-1])}, expected "
-            f"{tuple(x0.shape[:-1])} (that of x[0]): both modalities must describe the same rows"
-        )
-    if x1.dtype != x0.dtype:
-        raise TypeError(f"{layer}: x[1] has dtype {x1.dtype}, expected {x0.dtype} (the dtype of x[0])")
-    if x1.device != x0.device:
-        raise ValueError(f"{layer}: x[1] is on {x1.device}, expected {x0.device} (the device of x[0])")
+    check_pair(layer, x0, x1, names=("x[0]", "x[1]"))
     return x0, x1
 
 

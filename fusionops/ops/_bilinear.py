@@ -144,10 +144,12 @@ class BilinearCall(EagerCall):
 # ---- checks ---------------------------------------------------------------------------------
 
 
-def check_pair(op: str, x: object, t: object) -> torch.Size:
+def check_pair(op: str, x: object, t: object, names: tuple[str, str] = ("x", "t")) -> torch.Size:
     """``x (*, d_x)`` and ``t (*, d_t)``: floating tensors of one leading shape, dtype and
-    device; returns the leading shape."""
-    for name, v in (("x", x), ("t", t)):
+    device; returns the leading shape. ``names``: what the messages call them (the layers'
+    ``forward([x0, x1])`` says ``x[0]``, ``x[1]``)."""
+    nx, nt = names
+    for name, v in ((nx, x), (nt, t)):
         if not isinstance(v, Tensor):
             raise TypeError(f"{op}: {name} must be a tensor, got {type(v).__name__}")
         if v.dim() == 0:
@@ -158,13 +160,13 @@ def check_pair(op: str, x: object, t: object) -> torch.Size:
             raise ValueError(f"{op}: {name} has feature width 0; expected d >= 1")
     assert isinstance(x, Tensor) and isinstance(t, Tensor)
     if t.dtype != x.dtype:
-        raise TypeError(f"{op}: t has dtype {t.dtype}, expected {x.dtype} (the dtype of x)")
+        raise TypeError(f"{op}: {nt} has dtype {t.dtype}, expected {x.dtype} (the dtype of {nx})")
     if t.device != x.device:
-        raise ValueError(f"{op}: t is on {t.device}, expected {x.device} (the device of x)")
+        raise ValueError(f"{op}: {nt} is on {t.device}, expected {x.device} (the device of {nx})")
     if t.shape[:-1] != x.shape[:-1]:
         raise ValueError(
-            f"{op}: t has leading (batch) shape {tuple(t.shape[:-1])}, expected {tuple(x.shape[:-1])} "
-            "(the leading shape of x): both modalities must describe the same rows"
+            f"{op}: {nt} has leading (batch) shape {tuple(t.shape[:-1])}, expected {tuple(x.shape[:-1])} "
+            f"(the leading shape of {nx}): both modalities must describe the same rows"
         )
     return x.shape[:-1]
 
