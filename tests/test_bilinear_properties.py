@@ -7,33 +7,24 @@ backend must give the float64 reference's output and gradients, through the ops'
 from __future__ import annotations
 
 import pytest
-import torch
 from bilinear_inputs import PARAM_LAYOUTS, check_against_reference, make_block_params, make_mfb_params
 from conftest import skip_unless_usable
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from inputs import LAYOUTS, make_xs
+from test_properties import dtypes, grad_layouts, property_settings, rows
 
 from fusionops.registry import OPS
 
 BACKENDS = ["cpu", "triton"]
 EXAMPLES = {"cpu": 25, "triton": 5}
-dtypes = st.sampled_from([torch.float32, torch.float64])
-rows = st.sampled_from([0, 1, 2, 3, 7, 16])
 layouts = st.sampled_from(LAYOUTS)
 param_layouts = st.sampled_from(PARAM_LAYOUTS)
-grad_layouts = st.sampled_from(["contiguous", "transposed", "broadcast"])
 small = st.integers(1, 5)
 
 
 def _settings(backend: str):
-    return settings(
-        max_examples=EXAMPLES[backend],
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    )
+    return property_settings(EXAMPLES[backend])
 
 
 def _run(backend, op, x, t, params, kwargs, dtype, grad_layout, bias, conditioned):

@@ -39,14 +39,20 @@ grad_layouts = st.sampled_from(["contiguous", "transposed", "broadcast"])
 seeds = st.integers(0, 2**16)
 
 
-def _settings(backend: str):
+def property_settings(max_examples: int):
+    """hypothesis settings of the property suites: derandomized (every run checks the same
+    examples), no deadline, no example database."""
     return settings(
-        max_examples=EXAMPLES[backend],
+        max_examples=max_examples,
         deadline=None,
         derandomize=True,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
+
+
+def _settings(backend: str):
+    return property_settings(EXAMPLES[backend])
 
 
 def _run(backend: str, op: str, check, data) -> None:
