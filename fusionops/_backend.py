@@ -197,6 +197,7 @@ def _automatic(op: OpDef, device: torch.device, dtype: torch.dtype, many: bool, 
 def refresh() -> None:
     """Forget cached choices and kernel lookups (tests that fake a missing build call this)."""
     _automatic.cache_clear()
+    _cpu_serves.clear()
     forget_compiled_kernels()
 
 
@@ -236,4 +237,37 @@ def choose(
         name = choice(op, device, dtype, modalities > CUDA_MAX_MODALITIES, fused)
     if not torch.compiler.is_compiling():
         COUNTS[(op.name, name)] += 1
+    return name
+
+
+_CPU = torch.device("cpu")
+# Op name -> whether the cpu backend can serve it (a float dtype given): the part of
+# :func:`reasons` that a call cannot change, for :func:`choose_cpu_eager`; :func:`refresh`
+# forgets it.
+_cpu_serves: dict[str, bool] = {}
+
+
+def choose_cpu_eager(op: OpDef, modalities: int, size: int, training: bool) -> str | None:
+    """:func:`choose` for an eager call on CPU tensors of a float dtype, in the common case
+    only: not traced, no autocast, no torch.func transform, no forced backend other than
+    ``cpu`` (which must then be able to serve). ``size``: the op's size metric, an int. Returns ``cpu`` or
+    ``reference``, counted as :func:`choose` counts; None where the common case does not hold
+    (the caller then takes :func:`choose`, which decides and explains). The same decision as
+    :func:`choose` at a fraction of its cost (no reasons are built, no cache is hashed)."""
+    forced = getattr(_local, "forced", None) or _env_forced or None
+    if (forced is not None and forced != "cpu") or _functorch_active():
+        return None
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return None
+    threshold = op.cpu_min_size if training else op.cpu_min_size_forward
+    if forced is None and (size < threshold or modalities < op.cpu_min_modalities):
+        name = "reference"
+    else:
+        serves = _cpu_serves.get(op.name)
+        if serves is None:
+            serves = _cpu_serves[op.name] = not reasons(op, "cpu", _CPU, torch.float32)
+        if not serves:
+            return None
+        name = "cpu"
+    COUNTS[(op.name, name)] += 1
     return name

@@ -9,6 +9,36 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+# Tensor types the one-pass accept of common eager calls serves (plain_cpu_modalities): a
+# Parameter adds no dispatch of its own; other subclasses (fake tensors, tensor subclasses with
+# __torch_function__) take the full checks.
+PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_PLAIN_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+def plain_cpu_modalities(xs: object) -> torch.dtype | None:
+    """The dtype of ``xs`` when it is a non-empty list or tuple of plain CPU tensors of one
+    float dtype, else None. The first step of the ops' one-pass accept of the common eager call
+    (issue 15: the full checks cost more than small kernels); it never raises: whatever it does
+    not accept goes through the full checks, which name what is wrong."""
+    if (type(xs) is not list and type(xs) is not tuple) or not xs:
+        return None
+    first = xs[0]
+    if type(first) not in PLAIN_TENSORS or not first.is_cpu:
+        return None
+    dtype = first.dtype
+    if dtype not in _PLAIN_FLOATS:
+        return None
+    for x in xs[1:]:
+        if type(x) not in PLAIN_TENSORS or x.dtype != dtype or not x.is_cpu:
+            return None
+    return dtype
+
+
+def plain_cpu_like(t: object, dtype: torch.dtype) -> bool:
+    """``t`` is a plain CPU tensor of ``dtype`` (see :func:`plain_cpu_modalities`)."""
+    return type(t) in PLAIN_TENSORS and t.dtype == dtype and t.is_cpu  # type: ignore[union-attr]
+
 
 def check_modalities(op: str, xs: Sequence[Tensor], name: str = "xs") -> tuple[torch.Size, list[int]]:
     """Check the modality list ``xs``; return the shared leading shape and the widths."""

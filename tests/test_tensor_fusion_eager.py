@@ -297,3 +297,106 @@ def test_small_limit_knob():
     assert previous > 0
     assert torch.ops.fusionops._tf_small_work(5) == previous
     assert torch.ops.fusionops._tf_small_work(previous) == 5
+
+
+# --- the one-pass path of the public function (TF._eager_cpu_rows) ---------------------------
+
+
+def _one_pass_case():
+    dims = (3, 4)
+    xs = make_xs((5,), dims, torch.float32)
+    w, b = make_weight(dims, 2, torch.float32)
+    return xs, w, b
+
+
+def test_one_pass_serves_the_common_call_like_the_full_path(monkeypatch):
+    """The common call is served by the one pass (the full path's checks never run), with the
+    same result, gradients and dispatch count as the full path; inference calls below the
+    size rule go to the reference there too."""
+    xs, w, b = _one_pass_case()
+    g = make_grad((5, 2), torch.float32, "cpu")
+    fusionops.reset_dispatch_counts()
+    y_full = fusionops.tensor_fusion(xs, w, b, mask=torch.ones(5, 2, dtype=torch.bool))  # full path
+    grads_full = _grads(y_full, [*xs, w, b], g)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(TF, "_check_args", refuse)
+    y = fusionops.tensor_fusion(xs, w, b)
+    assert "ProjectedEager" in y.grad_fn.name()
+    torch.testing.assert_close(y, y_full, rtol=0, atol=0)
+    for a, e in zip(_grads(y, [*xs, w, b], g), grads_full, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert fusionops.dispatch_counts()["tensor_fusion"] == {"cpu": 2}
+    with torch.no_grad():  # N*K = 100: below the inference rule, the reference serves
+        y0 = fusionops.tensor_fusion(xs, w, b)
+        assert fusionops.dispatch_counts()["tensor_fusion"] == {"cpu": 2, "reference": 1}
+        with fusionops.backend("cpu"):
+            y1 = fusionops.tensor_fusion(tuple(xs), w, None)
+    assert fusionops.dispatch_counts()["tensor_fusion"] == {"cpu": 3, "reference": 1}
+    assert_close_to(y0, y_full.detach(), torch.float32)
+    assert_close_to(y1, reference.tensor_fusion(xs, w, None).detach(), torch.float32)
+
+
+def _others():
+    """Calls the one pass must leave to the full path (it returns None for each)."""
+    xs, w, b = _one_pass_case()
+    x0, x1 = xs
+    return {
+        "3-d rows": ([x0[None], x1[None]], w, b),
+        "1-d modality": ([x0[0], x1[0]], w, b),
+        "zero width": ([x0, x1[:, :0]], w[:, :4], b),
+        "batch mismatch": ([x0, x1[:4]], w, b),
+        "dtype mismatch": ([x0, x1.double()], w, b),
+        "weight dtype": (xs, w.double(), b),
+        "weight width": (xs, w[:, :-1], b),
+        "weight 1-d": (xs, w[0], b),
+        "bias dtype": (xs, w, b.double()),
+        "bias shape": (xs, w, b[:1]),
+        "bias 2-d": (xs, w, b[None]),
+        "integer rows": ([x0.long(), x1.long()], w.long(), b.long()),
+        "no weight": (xs, None, None),
+        "not a list": (x0, w, b),
+        "empty list": ([], w, b),
+        "not a tensor": ([x0, x1.tolist()], w, b),
+        "weight not a tensor": (xs, w.tolist(), b),
+        "meta weight": (xs, w.to("meta"), b),
+        "meta modality": ([x0, x1.to("meta")], w, b),
+    }
+
+
+@pytest.mark.parametrize("case", list(_others()))
+def test_one_pass_leaves_everything_else_to_the_full_path(case):
+    xs, w, b = _others()[case]
+    fusionops.reset_dispatch_counts()
+    assert TF._eager_cpu_rows(xs, w, b) is None
+    assert fusionops.dispatch_counts() == {}
+
+
+def test_one_pass_leaves_autocast_forced_backends_and_transforms_to_the_full_path():
+    xs, w, b = _one_pass_case()
+    assert TF._eager_cpu_rows(xs, w, b) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert TF._eager_cpu_rows(xs, w, b) is None
+    for name in ("reference", "triton", "cuda"):
+        with fusionops.backend(name):
+            assert TF._eager_cpu_rows(xs, w, b) is None
+    seen = []
+    torch.func.vmap(lambda x: seen.append(TF._eager_cpu_rows([x[None], x[None]], w[:, :16], b)) or x)(
+        torch.randn(2, 3)
+    )
+    assert seen == [None]
+    sub = torch.nn.Parameter(w.detach().clone())  # a Parameter is served like a tensor
+    assert TF._eager_cpu_rows(xs, sub, b) is not None
+
+
+def test_one_pass_keeps_the_full_paths_errors():
+    """A malformed call still gets the full path's message (naming the argument)."""
+    xs, w, b = _one_pass_case()
+    with pytest.raises(ValueError, match=r"weight must have shape \(O, K\)"):
+        fusionops.tensor_fusion(xs, w[:, :-1], b)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fusionops.tensor_fusion(xs, w, b[:1])
+    with pytest.raises(TypeError, match=r"xs\[1\] has dtype torch.float64"):
+        fusionops.tensor_fusion([xs[0], xs[1].double()], w, b)

@@ -42,6 +42,8 @@ from fusionops._checks import (
     check_rows,
     check_shape,
     feature_count,
+    plain_cpu_like,
+    plain_cpu_modalities,
 )
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
@@ -536,6 +538,40 @@ def _choose(first: Tensor, m: int, size: int, training: bool, dropout: float) ->
 # --- public function ----------------------------------------------------------------------
 
 
+def _eager_cpu_rows(xs: Sequence[Tensor], weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    """The common eager call, served at a fraction of the full path's cost (issue 15: the
+    Python before the kernel cost more than the kernel at research sizes): the projection of
+    plain CPU tensors, rows (N, d_m >= 1) of one float dtype, weight (O, K) and bias (O,) or
+    None of that dtype, no mask, no dropout, no autocast, not traced. One pass accepts exactly
+    such a call; anything else (every malformed call included: the full path names what is
+    wrong) returns None and takes the full path, which decides the same way."""
+    dtype = plain_cpu_modalities(xs)
+    if dtype is None or not plain_cpu_like(weight, dtype):
+        return None
+    if bias is not None and not plain_cpu_like(bias, dtype):
+        return None
+    n, k = -1, 1
+    for x in xs:
+        s = x.shape
+        if len(s) != 2 or s[1] == 0 or (s[0] != n and n >= 0):
+            return None
+        n, k = s[0], k * (s[1] + 1)
+    ws = weight.shape
+    if len(ws) != 2 or ws[1] != k or (bias is not None and bias.shape != ws[:1]):
+        return None
+    training = torch.is_grad_enabled() and (
+        weight.requires_grad or (bias is not None and bias.requires_grad) or any(x.requires_grad for x in xs)
+    )
+    backend = _backend.choose_cpu_eager(OPDEF, len(xs), n * k, training)
+    if backend is None:
+        return None
+    if backend == "reference":
+        return reference.tensor_fusion(xs, weight, bias)
+    if training:
+        return torch.ops.fusionops._tf_projected_eager.default(xs, weight, bias, None, 0.0, 0)
+    return torch.ops.fusionops._tf_projected_fwd.default(xs, weight, bias, None, 0.0, 0)
+
+
 def tensor_fusion(
     xs: Sequence[Tensor],
     weight: Tensor | None = None,
@@ -570,6 +606,10 @@ def tensor_fusion(
     The backend is chosen by ``fusionops.backend`` / ``FUSIONOPS_BACKEND`` or automatically
     (see ``python -m fusionops.info``).
     """
+    if mask is None and dropout == 0 and seed is None:
+        out = _eager_cpu_rows(xs, weight, bias)
+        if out is not None:
+            return out
     lead, k = _check_args(xs, weight, bias, mask)
     dropout = _check_dropout(dropout, seed)
     if dropout > 0 and seed is None:
