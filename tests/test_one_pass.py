@@ -140,3 +140,75 @@ def test_product_full_path_errors_unchanged():
         fusionops.product_fusion([x, x[:1]])
     with pytest.raises(ValueError, match=r"xs\[1\] has width 2 but xs\[0\] has 3"):
         fusionops.product_fusion([x, x[:, :2]])
+
+
+# --- multiple kernel fusion's one pass -------------------------------------------------------
+
+MK = sys.modules["fusionops.ops.multiple_kernel"]
+
+
+def _mkl_case(n_b=None):
+    xs_a = [x.requires_grad_() for x in make_xs((6,), (3, 5), torch.float32, seed=4)]
+    xs_b = None if n_b is None else make_xs((n_b,), (3, 5), torch.float32, seed=5)
+    beta = torch.tensor([0.3, 0.9]).requires_grad_()
+    return xs_a, xs_b, beta
+
+
+@pytest.mark.parametrize("n_b", [None, 4])
+def test_mkl_one_pass_like_the_full_path(n_b, monkeypatch):
+    skip_unless_usable("cpu", "cpu", op=MK.OPDEF)
+    xs_a, xs_b, beta = _mkl_case(n_b)
+    kinds = ["rbf", "polynomial"]
+    want = reference.multiple_kernel(xs_a, xs_a if xs_b is None else xs_b, beta, kinds)
+    leaves = [*xs_a, beta]
+    g = torch.randn(want.shape)
+    want_grads = torch.autograd.grad(want, leaves, g)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(MK, "_check_sides", refuse)
+    fusionops.reset_dispatch_counts()
+    got = fusionops.multiple_kernel(xs_a, xs_b, beta, kinds)
+    with fusionops.backend("cpu"):
+        got_cpu = fusionops.multiple_kernel(xs_a, xs_b, beta, kinds)
+    assert fusionops.dispatch_counts()["multiple_kernel"] == {"reference": 1, "cpu": 1}
+    for out in (got, got_cpu):
+        assert_close_to(out, want.detach(), torch.float32)
+        for a, e in zip(torch.autograd.grad(out, leaves, g), want_grads, strict=True):
+            assert_close_to(a, e, torch.float32)
+
+
+def _mkl_others():
+    xs_a, xs_b, beta = _mkl_case(4)
+    a0, a1 = xs_a
+    return {
+        "beta 2-d": (xs_a, None, beta[None]),
+        "beta length": (xs_a, None, beta[:1]),
+        "beta dtype": (xs_a, None, beta.double()),
+        "xs_b count": (xs_a, xs_b[:1], beta),
+        "xs_b width": (xs_a, [xs_b[0], xs_b[1][:, :2]], beta),
+        "xs_b dtype": (xs_a, [x.double() for x in xs_b], beta),
+        "xs_a rows": ([a0, a1[:5]], None, beta),
+        "xs_b rows": (xs_a, [xs_b[0], xs_b[1][:3]], beta),
+        "1-d": ([a0[0], a1[0]], None, beta),
+        "zero width": ([a0[:, :0], a1], None, beta),
+        "meta beta": (xs_a, None, beta.to("meta")),
+    }
+
+
+@pytest.mark.parametrize("case", list(_mkl_others()))
+def test_mkl_one_pass_leaves_everything_else_to_the_full_path(case):
+    xs_a, xs_b, beta = _mkl_others()[case]
+    assert MK._one_pass_sides(xs_a, xs_a if xs_b is None else xs_b, beta) is None
+
+
+def test_mkl_one_pass_errors_as_the_full_path():
+    """Values are still checked, in the full path's order (beta before the kernels)."""
+    xs_a, _, beta = _mkl_case()
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        fusionops.multiple_kernel(xs_a, None, torch.tensor([0.5, -1.0]), ["nope", "rbf"])
+    with pytest.raises(ValueError, match="beta must be finite"):
+        fusionops.multiple_kernel(xs_a, None, torch.tensor([0.5, float("nan")]), ["rbf", "rbf"])
+    with pytest.raises((TypeError, ValueError), match="nope"):
+        fusionops.multiple_kernel(xs_a, None, beta, ["nope", "rbf"])

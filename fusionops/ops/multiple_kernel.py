@@ -18,8 +18,16 @@ from torch import Tensor
 
 from fusionops import _backend, reference
 from fusionops._backend import entry_kernels
-from fusionops._checks import check_grad, check_like, check_modalities, check_shape, values_readable
-from fusionops.base_kernels import KIND_CODES, KernelSpec, as_base_kernels, kernel_params
+from fusionops._checks import (
+    check_grad,
+    check_like,
+    check_modalities,
+    check_shape,
+    plain_cpu_like,
+    plain_cpu_modalities,
+    values_readable,
+)
+from fusionops.base_kernels import KIND_CODES, BaseKernel, KernelSpec, as_base_kernels, kernel_params
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import MultipleKernelKernels, empty_grad
@@ -276,6 +284,11 @@ def _check_sides(xs_a: Sequence[Tensor], xs_b: Sequence[Tensor]) -> list[int]:
 def _check_beta(beta: Tensor, modalities: int, like: Tensor) -> None:
     check_like(OP, "beta", beta, like)
     check_shape(OP, "beta", beta, (modalities,), " (one weight per modality)")
+    _check_beta_values(beta)
+
+
+def _check_beta_values(beta: Tensor) -> None:
+    """beta's weights are finite and >= 0 (where its values can be read)."""
     if not values_readable(beta):  # traced, meta or vmapped: no values to check here
         return
     values = beta.detach().tolist()  # M numbers: one transfer, checked on the host
@@ -366,6 +379,14 @@ def multiple_kernel(
     """
     if xs_b is None:
         xs_b = xs_a
+    dims = _one_pass_sides(xs_a, xs_b, beta)
+    if dims is not None:  # the common eager call: the full path's checks and choice, cheaper
+        _check_beta_values(beta)  # the full path's order: beta, then the kernels
+        specs = as_base_kernels(OP, kernels, len(dims))
+        size = xs_a[0].shape[0] * xs_b[0].shape[0]
+        backend = _backend.choose_cpu_eager(OPDEF, len(dims), size, _training(xs_a, xs_b, beta, specs))
+        if backend is not None:
+            return _run(xs_a, xs_b, beta, specs, dims, backend)
     dims = _check_sides(xs_a, xs_b)
     first = xs_a[0]
     _check_beta(beta, len(dims), first)
@@ -375,14 +396,25 @@ def multiple_kernel(
             OPDEF.autocast, first.device, multiple_kernel, xs_a, xs_b, beta, specs
         )
     size = first.shape[0] * xs_b[0].shape[0]
-    backend = _backend.choose(
-        OPDEF,
-        first.device,
-        first.dtype,
-        len(dims),
-        size,
-        needs_grad(xs_a, xs_b, beta, [k.gamma for k in specs], [k.offset for k in specs]),
-    )
+    training = _training(xs_a, xs_b, beta, specs)
+    backend = _backend.choose(OPDEF, first.device, first.dtype, len(dims), size, training)
+    return _run(xs_a, xs_b, beta, specs, dims, backend)
+
+
+def _training(xs_a: Sequence[Tensor], xs_b: Sequence[Tensor], beta: Tensor, specs: list[BaseKernel]) -> bool:
+    return needs_grad(xs_a, xs_b, beta, [k.gamma for k in specs], [k.offset for k in specs])
+
+
+def _run(
+    xs_a: Sequence[Tensor],
+    xs_b: Sequence[Tensor],
+    beta: Tensor,
+    specs: list[BaseKernel],
+    dims: list[int],
+    backend: str,
+) -> Tensor:
+    """A checked call on ``backend``."""
+    first = xs_a[0]
     if backend == "reference":
         return reference.multiple_kernel(xs_a, xs_b, beta, specs)
     kinds = [k.code for k in specs]
@@ -395,3 +427,30 @@ def multiple_kernel(
     symmetric = all(b is a for a, b in zip(xs_a, xs_b, strict=True))
     call = _Call(_kernels(backend), len(dims), kinds, degrees, symmetric)
     return _eager.apply(call, (*xs_a, *xs_b, beta, params))
+
+
+def _one_pass_sides(xs_a: object, xs_b: object, beta: object) -> list[int] | None:
+    """The widths when both sides and beta form the common eager call (issue 15: the full
+    checks cost as much as the reference at research sizes): plain CPU tensors of one float
+    dtype, rows (N_a, d_m) and (N_b, d_m) with d_m >= 1, beta (M,); else None, and the full
+    path decides and names what is wrong. (beta's values are checked by the caller.)"""
+    dtype = plain_cpu_modalities(xs_a)
+    if dtype is None or not plain_cpu_like(beta, dtype):
+        return None
+    same = xs_b is xs_a
+    if not same and (plain_cpu_modalities(xs_b) != dtype or len(xs_b) != len(xs_a)):  # type: ignore[arg-type]
+        return None
+    dims = []
+    n_a = n_b = -1
+    for m, a in enumerate(xs_a):  # type: ignore[arg-type]
+        b = a if same else xs_b[m]  # type: ignore[index]
+        sa, sb = a.shape, b.shape
+        if len(sa) != 2 or len(sb) != 2 or sa[1] == 0 or sb[1] != sa[1]:
+            return None
+        if (n_a >= 0 and sa[0] != n_a) or (n_b >= 0 and sb[0] != n_b):
+            return None
+        n_a, n_b = sa[0], sb[0]
+        dims.append(sa[1])
+    if beta.shape != (len(dims),):  # type: ignore[union-attr]
+        return None
+    return dims
