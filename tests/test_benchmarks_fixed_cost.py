@@ -27,7 +27,10 @@ def test_quick_run_writes_every_way_and_the_goals(tmp_path, capsys):
     fixed_cost.main(["--op", "tensor_fusion", "--op", "product_fusion", "--rounds", "1", "--budget", "0.001",
                      "--out", str(tmp_path)])  # fmt: skip
     out = capsys.readouterr().out
-    assert out.count("PASS") + out.count("FAIL") == 6, out
+    # tensor fusion's 6 targets, then "automatic <= reference" per case and mode
+    n_cases = sum(c.op in ("tensor_fusion", "product_fusion") for c in fixed_cost.cases())
+    assert out.count("PASS") + out.count("FAIL") == 6 + n_cases * len(fixed_cost.MODES), out
+    assert "product_fusion research N=64 d=128 M=2 fwd+bwd, automatic:" in out
     (path,) = tmp_path.glob("fixed_cost_cpu_*.csv")
     rows = list(csv.DictReader(path.open()))
     ways = {(r["op"], r["way"]) for r in rows}
