@@ -28,9 +28,6 @@ WGMMA_TARGETS_MISSED = {
     ("tensor_fusion", "forward", "_projected_fwd_kernel"),
     # dx split, BLOCK_N=16, BLOCK_J=64 for D=129, BLOCK_O=32: 80 registers (3.6: 125)
     ("tensor_fusion", "backward", "_split_grad_kernel"),
-    # BLOCK_N=16, head dim 96 in BLOCK_C=64 blocks: 128 / 136 registers at window 0 (3.9)
-    ("skew_pair_attention", "forward", "_skew_fwd_kernel"),
-    ("skew_pair_attention", "backward", "_skew_bwd_kernel"),
 }
 
 

@@ -9,12 +9,17 @@ which softmax cancels while it is finite; it is read all the same, so that a NaN
 gives the reference's NaN (and its gradient, ``Σ dk``, the reference's).
 
 Head columns are taken in chunks of ``BLOCK_C`` (the head dim padded to a power of two, at
-most 64), so no tile is wider than that whatever dh is. A band's scores live on chip as one
-``(BLOCK_N, BLOCK_W)`` tile, ``BLOCK_W`` the band width ``min(2w + 1, Lb)`` padded to a power
+most 64: dh = 96 is a full chunk and a half-masked one), so no tile is wider than that whatever
+dh is. Every tile is held transposed, columns by rows: a projection is the dot
+``W[cols, :] @ x[rows, :]ᵀ``, (BLOCK_C, BLOCK_N), and the output tile ``Wo[outs, cols] @ ctxᵀ``,
+(BLOCK_O, BLOCK_N), so that a dot's M dimension is 64 columns and its N the BLOCK_N rows (16 at
+the GPU headline, to fill the SMs): Triton takes wgmma (sm_90) only from 64-row M tiles, and
+would fall back to mma.sync with the rows in M. A band's scores live on chip as one
+``(BLOCK_W, BLOCK_N)`` tile, ``BLOCK_W`` the band width ``min(2w + 1, Lb)`` padded to a power
 of two: the score pass walks the head's chunks once (``q`` chunk, then the ``k`` chunk of
-every band layer), accumulating ``q·k`` per band column; the softmax is then explicit over
+every band layer), accumulating ``q·k`` per band position; the softmax is then explicit over
 that tile, and the value pass walks the chunks again (``v`` chunk of every band layer, weighted
-by its column of α). Every projection is a ``tl.dot`` over D in tiles of ``BLOCK_K``, reading
+by its row of α). Every projection is a ``tl.dot`` over D in tiles of ``BLOCK_K``, reading
 ``ha``/``hb``/weights with their strides (any, stride 0 included), so only the layers the
 pairs and their bands touch are read, and no projection is written to memory.
 
@@ -125,34 +130,36 @@ def _proj(
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``x[rows, :D] @ W[cols, :D]ᵀ`` as a (BLOCK_N, BLOCK_C) tile in ACC, ``W[c, k]`` at
-    ``w_ptr + c·stride_wc + k·stride_wk``. Rows and columns outside the masks give 0 (selected:
-    their dots of zeros with a NaN or inf row of x or column of W are not 0)."""
+    """``(x[rows, :D] @ W[cols, :D]ᵀ)ᵀ`` as a (BLOCK_C, BLOCK_N) tile in ACC, ``W[c, k]`` at
+    ``w_ptr + c·stride_wc + k·stride_wk``: transposed, so that the dot's M dimension is the
+    BLOCK_C (64) head columns, not the few rows (Triton takes wgmma only from 64-row tiles).
+    Rows and columns outside the masks give 0 (selected: their dots of zeros with a NaN or inf
+    row of x or column of W are not 0)."""
     ks = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rows64[:, None] * stride_xn
-    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wc
-    acc = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+    x_rows = x_ptr + rows64[None, :] * stride_xn
+    w_cols = w_ptr + cols.to(tl.int64)[:, None] * stride_wc
+    acc = tl.zeros((BLOCK_C, BLOCK_N), ACC)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + ks
         k_ok = kk < D
         kk64 = kk.to(tl.int64)
-        x = tl.load(x_rows + kk64[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + kk64[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    return tl.where(row_ok[:, None] & col_ok[None, :], acc, 0.0)
+        w = tl.load(w_cols + kk64[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_rows + kk64[:, None] * stride_xd, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+        acc = tl.dot(w.to(DOT), x.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+    return tl.where(col_ok[:, None] & row_ok[None, :], acc, 0.0)
 
 
 @triton.jit
 def _bias(acc, b_ptr, stride_b, cols, col_ok, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols * stride_b, mask=col_ok, other=0.0).to(ACC)[None, :]
+        acc += tl.load(b_ptr + cols * stride_b, mask=col_ok, other=0.0).to(ACC)[:, None]
     return acc
 
 
 @triton.jit
-def _column(tile, band_cols, t):
-    """Column ``t`` of a (BLOCK_N, BLOCK_W) tile, as (BLOCK_N,)."""
-    return tl.sum(tl.where(band_cols[None, :] == t, tile, 0.0), axis=1)
+def _column(tile, band, t):
+    """Band position ``t`` of a (BLOCK_W, BLOCK_N) tile, as (BLOCK_N,)."""
+    return tl.sum(tl.where(band[:, None] == t, tile, 0.0), axis=0)
 
 
 @triton.jit
@@ -191,11 +198,11 @@ def _band_alpha(
     BLOCK_K: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    """The score pass: ``α`` (BLOCK_N, BLOCK_W) of the head whose first column is ``head0``,
-    column ``t`` for band layer ``lo + t`` (0 beyond ``hi - lo``). ``a_ptr`` points at layer i.
+    """The score pass: ``α`` (BLOCK_W, BLOCK_N) of the head whose first column is ``head0``,
+    row ``t`` for band layer ``lo + t`` (0 beyond ``hi - lo``). ``a_ptr`` points at layer i.
     Over one key it is 1 where the score is finite and NaN where not, as the reference's softmax."""
-    band_cols = tl.arange(0, BLOCK_W)
-    scores = tl.zeros((BLOCK_N, BLOCK_W), ACC)
+    band = tl.arange(0, BLOCK_W)
+    scores = tl.zeros((BLOCK_W, BLOCK_N), ACC)
     for c0 in range(0, DH, BLOCK_C):
         cl = c0 + tl.arange(0, BLOCK_C)
         c_ok = cl < DH
@@ -211,12 +218,12 @@ def _band_alpha(
                 cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
             )  # fmt: skip
             k = _bias(k, bk_ptr, stride_bk, cols, c_ok, HAS_BK, ACC)  # the shift q·bk: NaN if not finite
-            s = tl.sum(q * k, axis=1)
-            scores += tl.where(band_cols[None, :] == jj - lo, s[:, None], 0.0)
+            s = tl.sum(q * k, axis=0)
+            scores += tl.where(band[:, None] == jj - lo, s[None, :], 0.0)
     scale = 1.0 / tl.sqrt(tl.full((), DH, ACC))
-    scores = tl.where(band_cols[None, :] < hi - lo, scores * scale, float("-inf"))
-    e = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-    return e / tl.sum(e, axis=1)[:, None]
+    scores = tl.where(band[:, None] < hi - lo, scores * scale, float("-inf"))
+    e = tl.exp(scores - tl.max(scores, axis=0)[None, :])
+    return e / tl.sum(e, axis=0)[None, :]
 
 
 @triton.jit
@@ -385,8 +392,8 @@ def _skew_fwd_kernel(
     lo = tl.maximum(j - window, 0)
     hi = tl.minimum(j + window + 1, Lb)
     a_ptr = ha_ptr + i * stride_al
-    band_cols = tl.arange(0, BLOCK_W)
-    out_rows = out_ptr + rows64[:, None] * P * D + p * D
+    band = tl.arange(0, BLOCK_W)
+    out_rows = out_ptr + rows64[None, :] * P * D + p * D
     if not ATTEND:
         proven = _scores_proven(part_ptr, D, DH, G, ACC, HALF_MAX)
     for h in range(H):
@@ -399,7 +406,7 @@ def _skew_fwd_kernel(
                 BLOCK_W,
             )  # fmt: skip
         else:  # one key: α = 1 where its score is finite (proven, or computed), NaN where not
-            alpha = tl.full((BLOCK_N, BLOCK_W), 1.0, ACC)
+            alpha = tl.full((BLOCK_W, BLOCK_N), 1.0, ACC)
             if proven == 0:
                 alpha = _band_alpha(
                     a_ptr, stride_an, stride_ad, hb_ptr, stride_bn, stride_bl, stride_bd, wq_ptr, stride_wq0,
@@ -407,50 +414,51 @@ def _skew_fwd_kernel(
                     rows64, row_ok, head0, lo, hi, D, DH, HAS_BQ, HAS_BK, ACC, DOT, PRECISION, BLOCK_N,
                     BLOCK_C, BLOCK_K, BLOCK_W,
                 )  # fmt: skip
-            alpha_j = _column(alpha, band_cols, 0)
+            alpha_j = _column(alpha, band, 0)
         for c0 in range(0, DH, BLOCK_C):
             cl = c0 + tl.arange(0, BLOCK_C)
             c_ok = cl < DH
             cols = head0 + cl
             if ATTEND:
-                ctx = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+                ctx = tl.zeros((BLOCK_C, BLOCK_N), ACC)
                 for jj in range(lo, hi):
                     v = _proj(
                         hb_ptr + jj * stride_bl, stride_bn, stride_bd, rows64, row_ok, wv_ptr, stride_wv0,
                         stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
                     )  # fmt: skip
-                    ctx += _column(alpha, band_cols, jj - lo)[:, None] * v
+                    ctx += _column(alpha, band, jj - lo)[None, :] * v
                 ctx = _bias(ctx, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)  # Σ α = 1
             else:
                 ctx = _proj(
                     hb_ptr + j * stride_bl, stride_bn, stride_bd, rows64, row_ok, wv_ptr, stride_wv0,
                     stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
                 )  # fmt: skip
-                ctx = alpha_j[:, None] * _bias(ctx, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)
+                ctx = alpha_j[None, :] * _bias(ctx, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)
             ctx_op = ctx.to(DOT)
             first = (h == 0) & (c0 == 0)
-            # out[rows, p, :] += ctx Wo[:, cols]ᵀ, one column tile of the output at a time.
+            # out[rows, p, :] += ctx Wo[:, cols]ᵀ, one column tile of the output at a time, as
+            # (Wo[outs, cols] ctxᵀ)ᵀ: the BLOCK_O (64) output columns are the dot's M dimension.
             for o0 in range(0, D, BLOCK_O):
                 outs = o0 + tl.arange(0, BLOCK_O)
                 o_ok = outs < D
                 outs64 = outs.to(tl.int64)
                 wo = tl.load(
-                    wo_ptr + outs64[None, :] * stride_wo0 + cols.to(tl.int64)[:, None] * stride_wo1,
-                    mask=c_ok[:, None] & o_ok[None, :],
+                    wo_ptr + outs64[:, None] * stride_wo0 + cols.to(tl.int64)[None, :] * stride_wo1,
+                    mask=o_ok[:, None] & c_ok[None, :],
                     other=0.0,
                 )
-                y = tl.dot(ctx_op, wo.to(DOT), input_precision=PRECISION, out_dtype=ACC)
-                ok = row_ok[:, None] & o_ok[None, :]
-                ptrs = out_rows + outs64[None, :]
+                y = tl.dot(wo.to(DOT), ctx_op, input_precision=PRECISION, out_dtype=ACC)
+                ok = o_ok[:, None] & row_ok[None, :]
+                ptrs = out_rows + outs64[:, None]
                 # The first write starts from the residual and bo, later ones from the tile.
                 # Predicated loads, not a branch: Triton 3.6 fails to pipeline this loop
-                # with an scf.if after a wgmma (16-bit, BLOCK_N = 64).
-                res = a_ptr + rows64[:, None] * stride_an + outs64[None, :] * stride_ad
+                # with an scf.if after a wgmma (16-bit).
+                res = a_ptr + rows64[None, :] * stride_an + outs64[:, None] * stride_ad
                 y += tl.load(res, mask=ok & first, other=0.0).to(ACC)
                 y += tl.load(ptrs, mask=ok & (not first), other=0.0).to(ACC)
                 if HAS_BO:
                     bias = tl.load(bo_ptr + outs * stride_bo, mask=o_ok & first, other=0.0)
-                    y += bias.to(ACC)[None, :]
+                    y += bias.to(ACC)[:, None]
                 tl.store(ptrs, y, mask=ok)
 
 
@@ -541,9 +549,9 @@ def _skew_bwd_kernel(
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
     head0 = h * DH
-    band_cols = tl.arange(0, BLOCK_W)
-    a_rows = rows64[:, None] * SA * D
-    b_rows = rows64[:, None] * SB * D
+    band = tl.arange(0, BLOCK_W)
+    a_rows = rows64[None, :] * SA * D
+    b_rows = rows64[None, :] * SB * D
     if not ATTEND:
         proven = _scores_proven(part_ptr, D, DH, G, ACC, HALF_MAX)
     for p in range(P):
@@ -561,9 +569,9 @@ def _skew_bwd_kernel(
                 row_ok, head0, lo, hi, D, DH, HAS_BQ, HAS_BK, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
                 BLOCK_W,
             )  # fmt: skip
-            d_alpha = tl.zeros((BLOCK_N, BLOCK_W), ACC)
+            d_alpha = tl.zeros((BLOCK_W, BLOCK_N), ACC)
         else:  # one key: α = 1 where its score is finite (proven, or computed), NaN where not
-            alpha = tl.full((BLOCK_N, BLOCK_W), 1.0, ACC)
+            alpha = tl.full((BLOCK_W, BLOCK_N), 1.0, ACC)
             if proven == 0:
                 alpha = _band_alpha(
                     a_ptr, stride_an, stride_ad, hb_ptr, stride_bn, stride_bl, stride_bd, wq_ptr, stride_wq0,
@@ -571,7 +579,7 @@ def _skew_bwd_kernel(
                     rows64, row_ok, head0, lo, hi, D, DH, HAS_BQ, HAS_BK, ACC, DOT, PRECISION, BLOCK_N,
                     BLOCK_C, BLOCK_K, BLOCK_W,
                 )  # fmt: skip
-            alpha_j = _column(alpha, band_cols, 0)
+            alpha_j = _column(alpha, band, 0)
             d_alpha_j = tl.zeros((BLOCK_N,), ACC)
         # The value pass: c, dc = G Wo[:, cols], dα and dV.
         for c0 in range(0, DH, BLOCK_C):
@@ -579,45 +587,45 @@ def _skew_bwd_kernel(
             c_ok = cl < DH
             cols = head0 + cl
             cols64 = cols.to(tl.int64)
-            ok = row_ok[:, None] & c_ok[None, :]
+            ok = c_ok[:, None] & row_ok[None, :]
             dc = _proj(
                 gp_ptr, stride_gn, stride_gd, rows64, row_ok, wo_ptr, stride_wo1, stride_wo0, cols, c_ok, D,
                 ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
             )  # fmt: skip
             if ATTEND:
-                ctx = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+                ctx = tl.zeros((BLOCK_C, BLOCK_N), ACC)
                 for jj in range(lo, hi):
                     v = _proj(
                         hb_ptr + jj * stride_bl, stride_bn, stride_bd, rows64, row_ok, wv_ptr, stride_wv0,
                         stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
                     )  # fmt: skip
                     v = _bias(v, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)
-                    a_j = _column(alpha, band_cols, jj - lo)
-                    ctx += a_j[:, None] * v
+                    a_j = _column(alpha, band, jj - lo)
+                    ctx += a_j[None, :] * v
                     if NEED_DQ or NEED_DK:
-                        dv_dot = tl.sum(dc * v, axis=1)
-                        d_alpha += tl.where(band_cols[None, :] == jj - lo, dv_dot[:, None], 0.0)
+                        dv_dot = tl.sum(dc * v, axis=0)
+                        d_alpha += tl.where(band[:, None] == jj - lo, dv_dot[None, :], 0.0)
                     if NEED_DV:
                         b_slot = tl.load(b_slot_ptr + jj).to(tl.int64) * D
-                        _add_to(dv_ptr + b_rows + b_slot + cols64[None, :], a_j[:, None] * dc, ok)
+                        _add_to(dv_ptr + b_rows + b_slot + cols64[:, None], a_j[None, :] * dc, ok)
             else:
                 v = _proj(
                     hb_ptr + j * stride_bl, stride_bn, stride_bd, rows64, row_ok, wv_ptr, stride_wv0,
                     stride_wv1, cols, c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
                 )  # fmt: skip
                 v = _bias(v, bv_ptr, stride_bv, cols, c_ok, HAS_BV, ACC)
-                ctx = alpha_j[:, None] * v
+                ctx = alpha_j[None, :] * v
                 if NEED_PA or NEED_PB or NEED_PH:
-                    d_alpha_j += tl.sum(dc * v, axis=1)
+                    d_alpha_j += tl.sum(dc * v, axis=0)
                 if NEED_DV:
                     b_slot = tl.load(b_slot_ptr + j).to(tl.int64) * D
-                    _add_to(dv_ptr + b_rows + b_slot + cols64[None, :], alpha_j[:, None] * dc, ok)
+                    _add_to(dv_ptr + b_rows + b_slot + cols64[:, None], alpha_j[None, :] * dc, ok)
             if NEED_C:
-                tl.store(c_ptr + rows64[:, None] * P * D + p * D + cols64[None, :], ctx, mask=ok)
+                tl.store(c_ptr + rows64[None, :] * P * D + p * D + cols64[:, None], ctx, mask=ok)
             if NEED_R:
-                g_ptrs = gp_ptr + rows64[:, None] * stride_gn + cols64[None, :] * stride_gd
+                g_ptrs = gp_ptr + rows64[None, :] * stride_gn + cols64[:, None] * stride_gd
                 g = tl.load(g_ptrs, mask=ok, other=0.0)
-                _add_to(r_ptr + a_rows + a_slot + cols64[None, :], g.to(ACC), ok)
+                _add_to(r_ptr + a_rows + a_slot + cols64[:, None], g.to(ACC), ok)
         if not ATTEND and (NEED_PA or NEED_PB or NEED_PH):
             d_score = alpha_j * (d_alpha_j - alpha_j * d_alpha_j)  # the reference's ds, up to the scale
             bad = row_ok & (d_score != 0.0)  # NaN: its dq and dk are NaN
@@ -632,22 +640,22 @@ def _skew_bwd_kernel(
         if ATTEND and (NEED_DQ or NEED_DK):
             # ds = α (dα - Σ α dα) / sqrt(dh); the third pass: dQ += Σ ds k, dK += ds q.
             scale = 1.0 / tl.sqrt(tl.full((), DH, ACC))
-            d_score = alpha * (d_alpha - tl.sum(alpha * d_alpha, axis=1)[:, None]) * scale
+            d_score = alpha * (d_alpha - tl.sum(alpha * d_alpha, axis=0)[None, :]) * scale
             for c0 in range(0, DH, BLOCK_C):
                 cl = c0 + tl.arange(0, BLOCK_C)
                 c_ok = cl < DH
                 cols = head0 + cl
                 cols64 = cols.to(tl.int64)
-                ok = row_ok[:, None] & c_ok[None, :]
+                ok = c_ok[:, None] & row_ok[None, :]
                 if NEED_DK:
                     q = _proj(
                         a_ptr, stride_an, stride_ad, rows64, row_ok, wq_ptr, stride_wq0, stride_wq1, cols,
                         c_ok, D, ACC, DOT, PRECISION, BLOCK_N, BLOCK_C, BLOCK_K,
                     )  # fmt: skip
                     q = _bias(q, bq_ptr, stride_bq, cols, c_ok, HAS_BQ, ACC)
-                dq = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+                dq = tl.zeros((BLOCK_C, BLOCK_N), ACC)
                 for jj in range(lo, hi):
-                    ds_j = _column(d_score, band_cols, jj - lo)[:, None]
+                    ds_j = _column(d_score, band, jj - lo)[None, :]
                     if NEED_DQ:
                         k = _proj(
                             hb_ptr + jj * stride_bl, stride_bn, stride_bd, rows64, row_ok, wk_ptr, stride_wk0,
@@ -656,9 +664,9 @@ def _skew_bwd_kernel(
                         dq += ds_j * _bias(k, bk_ptr, stride_bk, cols, c_ok, HAS_BK, ACC)
                     if NEED_DK:
                         b_slot = tl.load(b_slot_ptr + jj).to(tl.int64) * D
-                        _add_to(dk_ptr + b_rows + b_slot + cols64[None, :], ds_j * q, ok)
+                        _add_to(dk_ptr + b_rows + b_slot + cols64[:, None], ds_j * q, ok)
                 if NEED_DQ:
-                    _add_to(dq_ptr + a_rows + a_slot + cols64[None, :], dq, ok)
+                    _add_to(dq_ptr + a_rows + a_slot + cols64[:, None], dq, ok)
 
 
 # --- host side -------------------------------------------------------------------------------
@@ -674,19 +682,22 @@ def _head_block(dh: int) -> int:
     return _block(dh, 16, 64)
 
 
-# (BLOCK_N cap, BLOCK_K cap, num_warps) per kernel and dtype class. Chosen from sm_90 builds
-# (Triton 3.6, D a multiple of 16, dh = 64, band of 3): every one compiles to at most 246
-# registers a thread without spills; 16-bit dots take tensor cores (wgmma at BLOCK_N = 64),
-# ieee float32 and float64 ones FMA units, so smaller tiles there. The 16-bit forward's
-# BLOCK_K is 32: with 64, Triton 3.9 spilled at the GPU headline with window 2 (BLOCK_N = 16,
-# BLOCK_W = 8: 128 registers, 3 STL on sm_90; 126 registers and none with 32), and the float32
+# (BLOCK_N cap, BLOCK_K cap, num_warps) per kernel and dtype class, from sm_90 and sm_80 builds
+# of the GPU headline (tools/triton_static.py, triton 3.9 and 3.6: D = 768, dh = 96, BLOCK_N = 16,
+# windows 0 and 2): no spills anywhere; 16-bit dots on wgmma (HGMMA, no HMMA left) on sm_90,
+# mma.sync on sm_80, whatever BLOCK_N is (the tiles are transposed, module docstring); ieee
+# float32 and float64 ones on FMA units, so smaller tiles there. bf16 on sm_90: forward 117 / 118
+# registers (3.6: 120 / 123) at window 0 / 2, 2 blocks per SM; backward 126 / 148 (3.6: 139 /
+# 151), 1 or 2 blocks per SM. The 16-bit forward's BLOCK_K is 32: with 64, Triton 3.9 spilled at
+# window 2 (before the tiles were transposed: 128 registers, 3 STL on sm_90), and the float32
 # backward's is 16: with 32, Triton 3.6 spilled at window 2 on sm_90 even with 255 registers
-# (3 STL; 193 registers and none with 16). See tools/triton_static.py.
+# (3 STL; 193 registers and none with 16).
 # The register cap handed to ptxas. Left to itself, ptxas kept these 8-warp kernels at 128
 # registers (two blocks of 256 threads per SM) and spilled (triton 3.6, sm_90, the GPU headline:
 # fp32 backward 6 STL at window 0; sm_80: bf16 and fp32 both ways); with the cap at 255 they use
-# up to 230 registers without spilling, one block per SM, which costs nothing here: the headline
-# launches 80 (forward) and 128 (backward) programs for 132 SMs. The interpreter ignores it.
+# up to 244 registers (fp32 forward, sm_80) without spilling, one block per SM, which costs
+# nothing here: the headline launches 80 (forward) and 128 (backward) programs for 132 SMs.
+# The interpreter ignores it.
 _MAXNREG = 255
 
 _CONFIGS = {
@@ -707,6 +718,34 @@ def _config(
     cls = "half" if dtype in _HALF else "fp64" if dtype == torch.float64 else "fp32"
     bn_hi, bk_hi, warps = _CONFIGS[kind, cls]
     return _row_block(n, other_blocks, bn_hi, _target_programs(device)), _block(d, 16, bk_hi), warps
+
+
+def _tiles(
+    kind: str,
+    n: int,
+    d: int,
+    heads: int,
+    p: int,
+    lb: int,
+    window: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, int]:
+    """The block sizes and num_warps of a forward (``kind="fwd"``) or backward launch (what
+    tools/triton_static.py compiles; tests/test_triton_skew_tiles.py runs them under the
+    interpreter). Every dot is ``(M, K) @ (K, BLOCK_N)`` with M = BLOCK_C head columns or
+    BLOCK_O output columns: 64 at D >= 64 (wgmma's 64-row tile) whatever BLOCK_N is."""
+    bn, block_k, warps = _config(kind, n, d, p if kind == "fwd" else heads, dtype, device)
+    tiles = {
+        "BLOCK_N": bn,
+        "BLOCK_C": _head_block(d // heads),
+        "BLOCK_K": block_k,
+        "BLOCK_W": _band(window, lb)[1],
+        "num_warps": warps,
+    }
+    if kind == "fwd":
+        tiles["BLOCK_O"] = _block(d, 16, 64)
+    return tiles
 
 
 def _weight_args(*ws: Tensor) -> list:
@@ -780,17 +819,17 @@ def forward(
     lb, p = hb.shape[1], pairs.shape[0]
     dtype, device = ha.dtype, ha.device
     dh = d // heads
-    w, bw = _band(window, lb)
+    w = _band(window, lb)[0]
     bc = _head_block(dh)
     # 16-bit outputs written more than once are summed in a float32 tile buffer.
     staged = dtype in _HALF and heads * triton.cdiv(dh, bc) > 1
     out = torch.empty(n, p, d, dtype=_acc(dtype) if staged else dtype, device=device)
     if n == 0:
         return out.to(dtype)
-    bn, block_k, warps = _config("fwd", n, d, p, dtype, device)
+    tiles = _tiles("fwd", n, d, heads, p, lb, window, dtype, device)
     part, g = (wq, 1) if w > 0 else _guard(ha, hb, wq, wk, bq, bk)
     with _on(device):
-        _skew_fwd_kernel[(triton.cdiv(n, bn), p)](
+        _skew_fwd_kernel[(triton.cdiv(n, tiles["BLOCK_N"]), p)](
             ha,
             *ha.stride(),
             hb,
@@ -818,14 +857,9 @@ def forward(
             ACC=_TL[_acc(dtype)],
             DOT=_dot_dtype(dtype, device),
             PRECISION=_input_precision(dtype, device),
-            BLOCK_N=bn,
-            BLOCK_C=bc,
-            BLOCK_K=block_k,
-            BLOCK_O=_block(d, 16, 64),
-            BLOCK_W=bw,
             G=g,
             HALF_MAX=_half_max(dtype),
-            num_warps=warps,
+            **tiles,
             maxnreg=_MAXNREG,
         )
     return out.to(dtype) if staged else out
@@ -854,7 +888,7 @@ def backward(
     lb, p = hb.shape[1], pairs.shape[0]
     dtype, device = ha.dtype, ha.device
     acc = _acc(dtype)
-    w, bw = _band(window, lb)
+    w = _band(window, lb)[0]
     attend = w > 0
     need = dict(zip(_GRADS, needs, strict=True))
     shapes = dict(zip(_GRADS, (ha.shape, hb.shape, *[(d, d)] * 4, *[(d,)] * 4), strict=True))
@@ -890,7 +924,8 @@ def backward(
     used_b = (torch.arange(sb, device=device) < touched_b.sum())[None, :, None]
 
     # Row chunks, each a multiple of BLOCK_N, so that the buffers stay under the cap.
-    bn, block_k, warps = _config("bwd", n, d, heads, dtype, device)
+    tiles = _tiles("bwd", n, d, heads, p, lb, window, dtype, device)
+    bn = tiles["BLOCK_N"]
     per_row = d * (sa * (need_dq + need_r) + sb * (need_dk + need_dv) + p * need_c)
     chunk_rows = min(max(bn, _SCRATCH_ELEMENTS // per_row // bn * bn), triton.cdiv(n, bn) * bn)
 
@@ -972,13 +1007,9 @@ def backward(
                 ACC=_TL[acc],
                 DOT=_dot_dtype(dtype, device),
                 PRECISION=_input_precision(dtype, device),
-                BLOCK_N=bn,
-                BLOCK_C=_head_block(d // heads),
-                BLOCK_K=block_k,
-                BLOCK_W=bw,
                 G=g_programs,
                 HALF_MAX=_half_max(dtype),
-                num_warps=warps,
+                **tiles,
                 maxnreg=_MAXNREG,
             )
         dq, dk, dv = (t[:rows].view(-1, d) for t in (dq_s, dk_s, dv_s))
