@@ -2,10 +2,8 @@
 ``tools/triton_static.py`` compiles the 16-bit headline launches of every op for sm_90 at the
 block sizes the launchers choose, and fails on a compile error, a spill, shared memory over the
 limit or a 16-bit dot without tensor-core instructions. The full run (sm_90 and sm_80, fp32
-twins) is the script itself; its CSV is in benchmarks/results/.
-
-Issue 17's targets that do not hold yet are listed in WGMMA_TARGETS_MISSED and checked as a
-strict xfail: when a kernel gets wgmma the test fails until it is taken off the list."""
+twins) is the script itself; its CSV is in benchmarks/results/. Issue 17's wgmma target (every
+16-bit headline dot on wgmma at sm_90) is checked here too."""
 
 from __future__ import annotations
 
@@ -19,16 +17,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Kernels whose 16-bit dot compiles to mma.sync (HMMA), not wgmma (HGMMA), on sm_90 at the
-# headline (tools/triton_static.py, triton 3.9 and 3.6 alike): issue 17's target is wgmma for
-# the headline tiles of TFN, LMF and skew-pair. Triton takes wgmma from 64-row tiles; these
-# launchers shrink the row block to 16 to fill the SMs (fusionops.triton._common._row_block).
-WGMMA_TARGETS_MISSED = {
-    # BLOCK_N=16 x BLOCK_O=128 x BLOCK_K=32, 4 warps: 167 registers (3.6: 165), 3 blocks/SM
-    ("tensor_fusion", "forward", "_projected_fwd_kernel"),
-    # dx split, BLOCK_N=16, BLOCK_J=64 for D=129, BLOCK_O=32: 80 registers (3.6: 125)
-    ("tensor_fusion", "backward", "_split_grad_kernel"),
-}
+# Issue 17's wgmma targets (the headline tiles of TFN, LMF and skew-pair use wgmma on sm_90)
+# hold for every 16-bit dot of the CI subset: TFN's forward and dx take 128/64-row tiles with
+# split-K (fusionops.triton.tensor_fusion), skew-pair's tiles are transposed so that M is 64
+# head/output columns (fusionops.triton.skew_pair). A kernel that loses wgmma fails below.
 
 
 def _tooling() -> str | None:
@@ -77,16 +69,8 @@ def test_every_ci_kernel_compiles_without_spills_or_smem_overflow(ci_rows):
         assert r["triton"] and r["date"] and r["commit"] is not None
 
 
-def test_wgmma_where_it_is_already_reached(ci_rows):
-    """Every 16-bit dot not on the missed list uses wgmma on sm_90 (a regression gate)."""
-    _, rows = ci_rows
-    for r in rows:
-        if "bf16" in r["dot_inputs"] and (r["op"], r["mode"], r["kernel"]) not in WGMMA_TARGETS_MISSED:
-            assert r["tensor_core"] == "HGMMA", r
-
-
-@pytest.mark.xfail(strict=True, reason="issue 17 target: wgmma for TFN fwd/dx and skew-pair headline tiles")
 def test_headline_tiles_use_wgmma(ci_rows):
+    """Every 16-bit dot of the CI subset uses wgmma (HGMMA) on sm_90, not mma.sync."""
     _, rows = ci_rows
     missed = [
         (r["op"], r["mode"], r["kernel"], r["blocks"], r["tensor_core"])

@@ -5,7 +5,8 @@ the row-wise concatenation of the ``z_m = [1, x_m]`` (masked rows already ``[1, 
 the projected op is an implicit GEMM that never writes ``Z``:
 
 * ``features_forward``: ``Z`` tile by tile.
-* ``projected_forward``: ``y = Z Wᵀ + b``, one ``tl.dot`` per K tile.
+* ``projected_forward``: ``y = Z Wᵀ + b``, one ``tl.dot`` per K tile (on GPUs, 16-bit row
+  tiles of 64-128 rows for wgmma, K split across programs when rows are few).
 * ``projected_backward``: ``dW = Gᵀ Z`` (row blocks split across programs when few tiles),
   ``db = Σ_n G``, and ``dx`` by the split below.
 * ``features_backward``: ``dx`` by the same split, reading ``dZ`` from memory.
@@ -18,7 +19,8 @@ In the projected op the first level computes ``dZ`` tiles as ``G W[:, cols]`` on
 the largest buffer is ``dP`` of ``(N, K / D_M)`` in float32: a factor ``D_M`` below ``Z``.
 
 Memory beyond inputs and outputs: ``zcat``; for dW with few (O, K) tiles, float32 partials
-of ``(splits, O, K)``; per split level, float32 ``dz`` partials ``(chunks, N, D_s)`` and
+of ``(splits, O, K)``; for a forward with K split, float32 partials of ``(splits, N, O)``; per
+split level, float32 ``dz`` partials ``(chunks, N, D_s)`` and
 ``dP`` of ``(N, H)`` (times ``ceil(D_s / 64)`` when ``D_s > 64``). Never ``(N, K)``.
 
 Dropout on Z (``dropout`` > 0 in the projected functions): every Z tile (forward, dW) and every
@@ -182,6 +184,7 @@ def _projected_fwd_kernel(
     N,
     O,
     K,
+    KBLOCKS_PER_SPLIT,
     seed,
     threshold,
     scale_ptr,
@@ -195,17 +198,25 @@ def _projected_fwd_kernel(
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Output blocks fastest: programs running together share a row block of zcat (in L1/L2)
-    # and stream W, which is read once per row block.
+    """``out[split] = Z[rows, ks] W[outs, ks]ᵀ (+ b in split 0)`` over the K blocks of one
+    split (split-K: a reduction over K split across programs when (N, O) has too few tiles
+    for row tiles big enough for wgmma; one split stores y itself)."""
+    # Output blocks fastest, splits slowest: programs running together share a row block of
+    # zcat (in L1/L2) and the same K range of W (in L2), so W is read about once per split.
     pid = tl.program_id(0)
     n_ob = tl.cdiv(O, BLOCK_O)
-    rows = (pid // n_ob) * BLOCK_N + tl.arange(0, BLOCK_N)
-    outs = (pid % n_ob) * BLOCK_O + tl.arange(0, BLOCK_O)
+    tiles = tl.cdiv(N, BLOCK_N) * n_ob
+    split = pid // tiles
+    tile = pid % tiles
+    rows = (tile // n_ob) * BLOCK_N + tl.arange(0, BLOCK_N)
+    outs = (tile % n_ob) * BLOCK_O + tl.arange(0, BLOCK_O)
     row_ok = rows < N
     out_ok = outs < O
     w_rows = w_ptr + outs.to(tl.int64)[None, :] * stride_wo
     acc = tl.zeros((BLOCK_N, BLOCK_O), ACC)
-    for k0 in range(0, K, BLOCK_K):
+    k_first = split * KBLOCKS_PER_SPLIT * BLOCK_K
+    k_last = tl.minimum(k_first + KBLOCKS_PER_SPLIT * BLOCK_K, K)
+    for k0 in range(k_first, k_last, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w = tl.load(
@@ -218,8 +229,9 @@ def _projected_fwd_kernel(
             z = _dropped(z, seed, threshold, scale_ptr, rows, ks)
         acc = tl.dot(_rounded(z, zcat_ptr, DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + outs * stride_b, mask=out_ok, other=0.0).to(ACC)[None, :]
-    ptrs = out_ptr + rows.to(tl.int64)[:, None] * O + outs[None, :]
+        if split == 0:
+            acc += tl.load(b_ptr + outs * stride_b, mask=out_ok, other=0.0).to(ACC)[None, :]
+    ptrs = out_ptr + split.to(tl.int64) * N * O + rows.to(tl.int64)[:, None] * O + outs[None, :]
     tl.store(ptrs, acc, mask=row_ok[:, None] & out_ok[None, :])
 
 
@@ -299,6 +311,9 @@ def _split_grad_kernel(
     O,
     H,
     D,
+    J0,
+    JN,
+    JB0,
     TILES_PER_CHUNK,
     seed,
     threshold,
@@ -320,19 +335,22 @@ def _split_grad_kernel(
     formed tile by tile (and masked under DROPOUT: the gradient of Z's dropped features is 0,
     of its kept ones scaled). A program owns a row block, a chunk of h tiles and a block of j:
     ``dz[chunk, rows, js] = Σ_h dZ[rows, h, js] P[rows, h]`` (held in registers over the
-    chunk) and ``dp[jblock, rows, h] = Σ_j dZ[rows, h, j] z_s[rows, j]`` (written per h tile).
+    chunk) and ``dp[JB0 + jblock, rows, h] = Σ_j dZ[rows, h, j] z_s[rows, j]`` (written per h
+    tile). A launch covers the j range ``[J0, J0 + JN)`` (dz's columns ``j - J0``), so that a
+    width like 129 runs as 128 in blocks of 64 plus 1 in blocks of 1, not as 3 blocks of 64.
     A tile's columns are (h, j) pairs with j padded to BLOCK_J so that it reshapes to 3-D.
     """
     pid = tl.program_id(0)
-    n_jb = tl.cdiv(D, BLOCK_J)
+    n_jb = tl.cdiv(JN, BLOCK_J)
     n_chunks = tl.cdiv(tl.cdiv(H, BLOCK_H), TILES_PER_CHUNK)
     jb = pid % n_jb
     chunk = (pid // n_jb) % n_chunks
     rows = (pid // (n_jb * n_chunks)) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    js = jb * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_ok = js < D
+    j_end = J0 + JN
+    js = J0 + jb * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = js < j_end
     z_s = tl.load(
         zcat_ptr + rows64[:, None] * stride_zn + tl.load(offsets_ptr + SPLIT) + js[None, :],
         mask=row_ok[:, None] & j_ok[None, :],
@@ -346,8 +364,8 @@ def _split_grad_kernel(
         hs = t * BLOCK_H + tl.arange(0, BLOCK_H)
         h_ok = hs < H
         c_h = t * BLOCK_H + c // BLOCK_J
-        c_j = jb * BLOCK_J + c % BLOCK_J
-        c_ok = (c_h < H) & (c_j < D)
+        c_j = J0 + jb * BLOCK_J + c % BLOCK_J
+        c_ok = (c_h < H) & (c_j < j_end)
         ks = c_h * D + c_j
         if FROM_MEMORY:
             dz = tl.load(
@@ -381,12 +399,12 @@ def _split_grad_kernel(
         if SPLIT > 0:
             dp = tl.sum(dz3 * z_s[:, None, :], axis=2)
             tl.store(
-                dp_ptr + jb.to(tl.int64) * N * H + rows64[:, None] * H + hs[None, :],
+                dp_ptr + (JB0 + jb).to(tl.int64) * N * H + rows64[:, None] * H + hs[None, :],
                 dp,
                 mask=row_ok[:, None] & h_ok[None, :],
             )
     tl.store(
-        dz_ptr + chunk.to(tl.int64) * N * D + rows64[:, None] * D + js[None, :],
+        dz_ptr + chunk.to(tl.int64) * N * JN + rows64[:, None] * JN + (js - J0)[None, :],
         dz_acc,
         mask=row_ok[:, None] & j_ok[None, :],
     )
@@ -395,13 +413,48 @@ def _split_grad_kernel(
 # --- host side -------------------------------------------------------------------------------
 
 
-def _projected_blocks(n: int, o: int, k: int, dtype: torch.dtype, programs: int) -> tuple[int, int, int, int]:
-    """BLOCK_N, BLOCK_O, BLOCK_K and num_warps of the projected forward (16-bit: up to
-    128 x 128 tiles, as in a tensor-core GEMM)."""
+# Rows of a 16-bit dot tile on GPUs: Hopper's wgmma takes tiles of 64 rows and up per warp
+# group (Triton falls back to mma.sync below), so rows are not shrunk below this to fill the
+# SMs; the reduction is split across programs instead.
+_WGMMA_ROWS = 64
+
+
+def _tensor_core_tiles(device: torch.device) -> bool:
+    """Whether launches take the GPU's tile shapes (16-bit row tiles of _WGMMA_ROWS, split
+    reductions to fill the SMs): everywhere but the interpreter (CPU tensors), whose small
+    tiles keep the tests fast. The tests set it to True to run the GPU's shapes there."""
+    return device.type != "cpu"
+
+
+def _splits(blocks: int, tiles: int, programs: int, at_most: bool = False) -> tuple[int, int]:
+    """``(blocks per split, splits)`` of a reduction over ``blocks`` blocks done by ``tiles``
+    programs each, split so that at least ``programs`` programs run, or with ``at_most`` no
+    more (whole waves on a GPU: a few programs over would run as a near-empty wave). Every
+    split is non-empty."""
+    want = max(1, programs // tiles) if at_most else triton.cdiv(programs, tiles)
+    per = triton.cdiv(blocks, min(blocks, want))
+    return per, triton.cdiv(blocks, per)
+
+
+def _projected_blocks(
+    n: int, o: int, k: int, dtype: torch.dtype, programs: int, tensor_cores: bool
+) -> tuple[int, int, int, int, int]:
+    """BLOCK_N, BLOCK_O, BLOCK_K, num_warps and K blocks per split of the projected forward
+    (16-bit: up to 128 x 128 tiles, as in a tensor-core GEMM). On GPUs a 16-bit tile keeps
+    at least _WGMMA_ROWS rows and K is split when that leaves fewer than ``programs`` tiles;
+    elsewhere rows shrink to fill the programs and K is not split."""
     hi = 128 if dtype in _HALF else 64
-    bo = _block(o, 16, hi)
+    bo, bk = _block(o, 16, hi), _block(k, 16, _reduce_hi(dtype))
+    if tensor_cores and dtype in _HALF:
+        # 128 rows: each W tile feeds 128 FLOP per byte (64 rows: 64, below what L2 can feed
+        # the tensor cores); K tiles of 16 keep a 128 x 128 tile in about 180 registers (32
+        # take all 255); 8 warps (with 4, 64 x 128 spills on sm_80).
+        bn, bk = (2 * _WGMMA_ROWS if n > _WGMMA_ROWS else _WGMMA_ROWS), 16
+        tiles = triton.cdiv(n, bn) * triton.cdiv(o, bo)
+        per_split, _ = _splits(triton.cdiv(k, bk), tiles, programs, at_most=True)
+        return bn, bo, bk, 8, per_split
     bn = _row_block(n, triton.cdiv(o, bo), hi, programs)
-    return bn, bo, _block(k, 16, _reduce_hi(dtype)), 8 if bn * bo >= 64 * 128 else 4
+    return bn, bo, bk, 8 if bn * bo >= 64 * 128 else 4, triton.cdiv(k, bk)
 
 
 def _weight_grad_blocks(n: int, o: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -411,15 +464,34 @@ def _weight_grad_blocks(n: int, o: int, k: int, dtype: torch.dtype) -> tuple[int
     return bo, _block(n, 16, _reduce_hi(dtype)), bk, 8 if bo * bk >= 64 * 64 else 4
 
 
+def _j_pieces(d: int, exact: bool) -> list[tuple[int, int]]:
+    """The j ranges ``(J0, JN)`` the launches of a split level cover: all of ``d`` in one
+    (each j block padded to a power of two), or, when ``exact``, the widest part that blocks
+    of one power of two (up to 64) tile exactly, then the rest in blocks of its own: a
+    ``d = 2^k + 1`` (``z = [1, x]`` of a power-of-two ``x``) then pads nothing, where one
+    launch would pad 129 to 3 blocks of 64 (a third more dot work than needed)."""
+    if not exact:
+        return [(0, d)]
+    bj = min(64, 1 << (d.bit_length() - 1))
+    main = d - d % bj
+    return [(0, main)] + ([(main, d - main)] if main < d else [])
+
+
 def _split_blocks(
-    n: int, o: int, h: int, d: int, dtype: torch.dtype, programs: int
+    n: int, o: int, h: int, d: int, dtype: torch.dtype, programs: int, tensor_cores: bool
 ) -> tuple[int, int, int, int, int]:
     """BLOCK_N, BLOCK_H, BLOCK_J, BLOCK_O and num_warps of one split level: (h, j) tiles of
     16 to 64 columns (16: tl.dot's minimum), j padded to a power of two; 8 warps for full
-    tiles, whose 3-D epilogue spills registers with 4."""
+    tiles, whose 3-D epilogue spills registers with 4. On GPUs 16-bit row tiles keep
+    at least _WGMMA_ROWS rows (the h reduction is split across programs to fill the GPU)."""
     bj = _block(d, 1, 64)
     bh = max(min(64 // bj, _block(h, 1, 64)), triton.cdiv(16, bj))
-    bn = _row_block(n, 1, 64 if dtype in _HALF else 32, programs)
+    if tensor_cores and dtype in _HALF:
+        # 128 rows where P is one column (d >= 64): half the W traffic per FLOP of 64 rows;
+        # wider P tiles (h, j) with 128 rows spill.
+        bn = 2 * _WGMMA_ROWS if bh == 1 else _WGMMA_ROWS
+    else:
+        bn = _row_block(n, 1, 64 if dtype in _HALF else 32, programs)
     return bn, bh, bj, _block(o, 16, _reduce_hi(dtype)), 8 if bn * bh * bj >= 2048 else 4
 
 
@@ -493,52 +565,65 @@ def _split_grads(
     """
     zcat, dims = packed.zcat, packed.dims
     n, device = zcat.shape[0], zcat.device
-    acc, programs = _acc(zcat.dtype), _target_programs(device)
+    acc, programs, tensor_cores = _acc(zcat.dtype), _target_programs(device), _tensor_core_tiles(device)
     dzs: list[Tensor] = []
     for s in reversed(range(len(dims))):
         d, h = dims[s], math.prod(dims[:s])
         o = 0 if weight is None else weight.shape[0]
-        bn, bh, bj, bo, warps = _split_blocks(n, o, h, d, zcat.dtype, programs)
-        n_jb, n_ht, row_blocks = triton.cdiv(d, bj), triton.cdiv(h, bh), triton.cdiv(n, bn)
-        per_chunk = triton.cdiv(n_ht, min(n_ht, triton.cdiv(programs, row_blocks * n_jb)))
-        chunks = triton.cdiv(n_ht, per_chunk)
-        dz = torch.empty(chunks, n, d, dtype=acc, device=device)
-        dp = torch.empty(n_jb, n, h, dtype=acc, device=device) if s > 0 else dz
+        # GPU tile shapes only where there is a dot (dZ = G W formed on chip).
+        gpu_dot = tensor_cores and weight is not None
+        plans = []
+        for j0, jn in _j_pieces(d, gpu_dot):
+            bn, bh, bj, bo, warps = _split_blocks(n, o, h, jn, zcat.dtype, programs, gpu_dot)
+            n_jb, n_ht, row_blocks = triton.cdiv(jn, bj), triton.cdiv(h, bh), triton.cdiv(n, bn)
+            per_chunk, chunks = _splits(n_ht, row_blocks * n_jb, programs, at_most=gpu_dot)
+            plans.append((j0, jn, bn, bh, bj, bo, warps, n_jb, row_blocks, per_chunk, chunks))
+        jbs = sum(plan[7] for plan in plans)
+        dp = torch.empty(jbs, n, h, dtype=acc, device=device) if s > 0 else None
         w = src if weight is None else weight
-        with _on(device):
-            _split_grad_kernel[(row_blocks * chunks * n_jb,)](
-                src,
-                src.stride(0),
-                src.stride(1),
-                w,
-                w.stride(0),
-                w.stride(1),
-                zcat,
-                zcat.stride(0),
-                packed.widths,
-                packed.offsets,
-                dz,
-                dp,
-                n,
-                o,
-                h,
-                d,
-                per_chunk,
-                *(drop.args() if drop is not None else (0, 0, zcat)),
-                SPLIT=s,
-                FROM_MEMORY=weight is None,
-                DROPOUT=drop is not None and drop.on and weight is not None,
-                ACC=_TL[acc],
-                DOT=_dot_dtype(zcat.dtype, device),
-                PRECISION=_input_precision(zcat.dtype, device),
-                BLOCK_N=bn,
-                BLOCK_H=bh,
-                BLOCK_J=bj,
-                BLOCK_O=bo,
-                num_warps=warps,
-            )
-        dzs.append(dz[0] if chunks == 1 else dz.sum(0))
-        src, weight = (dp[0] if n_jb == 1 else dp.sum(0)), None
+        parts, jb0 = [], 0
+        for j0, jn, bn, bh, bj, bo, warps, n_jb, row_blocks, per_chunk, chunks in plans:
+            dz = torch.empty(chunks, n, jn, dtype=acc, device=device)
+            with _on(device):
+                _split_grad_kernel[(row_blocks * chunks * n_jb,)](
+                    src,
+                    src.stride(0),
+                    src.stride(1),
+                    w,
+                    w.stride(0),
+                    w.stride(1),
+                    zcat,
+                    zcat.stride(0),
+                    packed.widths,
+                    packed.offsets,
+                    dz,
+                    dz if dp is None else dp,
+                    n,
+                    o,
+                    h,
+                    d,
+                    j0,
+                    jn,
+                    jb0,
+                    per_chunk,
+                    *(drop.args() if drop is not None else (0, 0, zcat)),
+                    SPLIT=s,
+                    FROM_MEMORY=weight is None,
+                    DROPOUT=drop is not None and drop.on and weight is not None,
+                    ACC=_TL[acc],
+                    DOT=_dot_dtype(zcat.dtype, device),
+                    PRECISION=_input_precision(zcat.dtype, device),
+                    BLOCK_N=bn,
+                    BLOCK_H=bh,
+                    BLOCK_J=bj,
+                    BLOCK_O=bo,
+                    num_warps=warps,
+                )
+            parts.append(dz[0] if chunks == 1 else dz.sum(0))
+            jb0 += n_jb
+        dzs.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
+        if dp is not None:
+            src, weight = (dp[0] if jbs == 1 else dp.sum(0)), None
     return dzs[::-1]
 
 
@@ -605,9 +690,16 @@ def projected_forward(
     packed = _pack(xs, mask)
     zcat = packed.zcat
     drop = _Drop(dropout, seed, zcat)
-    bn, bo, bk, warps = _projected_blocks(n, o, k, zcat.dtype, _target_programs(zcat.device))
-    with _on(zcat.device):
-        _projected_fwd_kernel[(triton.cdiv(n, bn) * triton.cdiv(o, bo),)](
+    device = zcat.device
+    bn, bo, bk, warps, per_split = _projected_blocks(
+        n, o, k, zcat.dtype, _target_programs(device), _tensor_core_tiles(device)
+    )
+    splits = triton.cdiv(triton.cdiv(k, bk), per_split)
+    # One split stores y directly; several store float32 partials summed below (no atomics:
+    # the sum's order is fixed, so results are reproducible).
+    part = out if splits == 1 else torch.empty(splits, n, o, dtype=_acc(zcat.dtype), device=device)
+    with _on(device):
+        _projected_fwd_kernel[(splits * triton.cdiv(n, bn) * triton.cdiv(o, bo),)](
             zcat,
             zcat.stride(0),
             packed.widths,
@@ -617,10 +709,11 @@ def projected_forward(
             weight.stride(1),
             weight if bias is None else bias,
             0 if bias is None else bias.stride(0),
-            out,
+            part,
             n,
             o,
             k,
+            per_split,
             *drop.args(),
             NMOD=len(packed.dims),
             HAS_BIAS=bias is not None,
@@ -633,6 +726,8 @@ def projected_forward(
             BLOCK_K=bk,
             num_warps=warps,
         )
+    if splits > 1:
+        out.copy_(part.sum(0))
     return out
 
 
