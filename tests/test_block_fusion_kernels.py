@@ -44,8 +44,53 @@ def test_many_tiles_without_bias(kernel_backend, device, monkeypatch):
         monkeypatch.setattr("fusionops.triton.bilinear._TILE_BYTES", 1)  # tiles of 16 rows
         n, size = 97, (3, 2, 4, 5)
     else:
-        n, size = 1025, (4, 16, 16, 5)  # 256 KB / (4 · 256 · 4 B): tiles of <= 64 rows
+        n, size = 1025, (4, 16, 16, 5)  # 1 MB / (256 · 4 B) = 1024, at most 256 rows a tile: five
     run(kernel_backend, n, size, bias=False, device=device)
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for a test (the cpu kernels choose their tiles and their
+    backward's split from it) and restores it after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# (C, R, s, normalize): the cpu backward goes by chunks when C >= threads and the chunks are
+# normalised apart (or not at all), by rows otherwise (after_cat; fewer chunks than threads).
+# R·s = 512 in float64: 256 rows a tile (1 MB / (512 · 8 B)), so 1100 rows are five, several per
+# thread at 1 to 3 threads.
+CPU_SPLITS = [(4, 16, 32, "before_cat"), (4, 16, 32, "none"), (4, 16, 32, "after_cat"), (2, 32, 16, "none")]
+
+
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+@pytest.mark.parametrize("split", CPU_SPLITS, ids=str)
+def test_cpu_thread_counts(threads, nthreads, split):
+    """Both cpu backward paths (by chunks, by rows in rounds) at 1 to 3 threads, several tiles."""
+    skip_unless_usable("cpu", "cpu")
+    chunks, rank, s, normalize = split
+    threads(nthreads)
+    run("cpu", 1100, (chunks, rank, s, 3), torch.float64, normalize, bias=nthreads != 2)
+
+
+def test_cpu_by_chunk_same_bits_at_any_thread_count(threads):
+    """By chunks, each chunk's weight gradients are summed by one thread over tiles that do not
+    depend on the thread count: the same bits at 1, 2 and 3 threads (forward too)."""
+    skip_unless_usable("cpu", "cpu")
+    chunks, rank, s, out = 4, 16, 32, 3
+    results = []
+    for nthreads in (1, 2, 3):
+        threads(nthreads)
+        x, t = make_xs((1100,), (chunks * s,) * 2, torch.float32, "cpu")
+        params = make_block_params(chunks, rank, s, out, torch.float32, "cpu")
+        with fusionops.backend("cpu"):
+            y = fusionops.block_fusion(x, t, *params, rank=rank)
+        y.backward(make_grad(tuple(y.shape), torch.float32, "cpu"))
+        results.append([y.detach(), x.grad, t.grad, *(p.grad for p in params)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("lead", [(2, 3), (), (1,)], ids=str)

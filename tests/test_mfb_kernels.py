@@ -43,8 +43,24 @@ def test_many_tiles_without_bias(kernel_backend, device, monkeypatch):
         monkeypatch.setattr("fusionops.triton.bilinear._TILE_BYTES", 1)  # tiles of 16 rows
         n, size = 97, (6, 5, 3, 4, 5)
     else:
-        n, size = 1025, (6, 5, 4, 256, 5)  # 256 KB / (1024 · 4 B): tiles of <= 64 rows, several rounds
-    run(kernel_backend, n, size, normalize=True, bias=False, device=device)
+        n, size = 1025, (6, 5, 4, 256, 5)  # 1 MB / (1024 · 8 B): tiles of <= 128 rows, several rounds
+    # float64: in float32 the normalised call's allowance (the signed square root's conditioning
+    # near a pooled 0, summed over 1025 rows) let a weight gradient of one round alone pass.
+    run(kernel_backend, n, size, torch.float64, normalize=True, bias=False, device=device)
+
+
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_cpu_thread_counts(nthreads, activation):
+    """The cpu backward's rounds of one tile per thread at 1 to 3 threads, over several rounds
+    (k·o = 1024 in float64: at most 128 rows a tile), normalised."""
+    skip_unless_usable("cpu", "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(nthreads)
+    try:
+        run("cpu", 1100, (6, 5, 4, 256, 5), torch.float64, activation, normalize=True)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("lead", [(2, 3), (), (1,)], ids=str)

@@ -346,6 +346,58 @@ def multiple_kernel_case(draw) -> Case:
     return Case("multiple_kernel", leaves, call, {"inputs": ["xs_a", "xs_b"]})
 
 
+BILINEAR_WEIGHTS = ["w0", "b0", "w1", "b1", "wo", "bo"]
+
+
+def _bilinear_leaves(draw, n: int, dx: int, dt: int, p: int, s: int, chunks: int | None) -> Leaves:
+    """x (n, dx), t (n, dt) and the six parameters (MFB's 2-d; chunked, BLOCK's 3-d), each bias
+    present or not: w0 (p, dx), w1 (p, dt), wo (O, s), scaled like nn.Linear."""
+    lead = () if chunks is None else (chunks,)
+    w_in = dx if chunks is None else dx // chunks
+    w_t = dt if chunks is None else dt // chunks
+    o = draw(st.integers(1, 3), "O")
+    leaves: Leaves = {"x": _randn(draw, n, dx), "t": _randn(draw, n, dt)}
+    leaves["w0"] = _randn(draw, *lead, p, w_in, scale=1 / math.sqrt(w_in))
+    leaves["b0"] = _randn(draw, *lead, p) if draw(st.booleans(), "b0 given") else None
+    leaves["w1"] = _randn(draw, *lead, p, w_t, scale=1 / math.sqrt(w_t))
+    leaves["b1"] = _randn(draw, *lead, p) if draw(st.booleans(), "b1 given") else None
+    leaves["wo"] = _randn(draw, o, s, scale=1 / math.sqrt(s))
+    leaves["bo"] = _randn(draw, o) if draw(st.booleans(), "bo given") else None
+    return leaves
+
+
+def mfb_case(draw, variant: str) -> Case:
+    """``variant``: "mfb" (k from 1 to 3) or "mlb" (k = 1); every activation, normalised or not."""
+    n, dx, dt = draw(st.integers(1, 4), "rows"), draw(st.integers(1, 4), "dx"), draw(st.integers(1, 4), "dt")
+    k = 1 if variant == "mlb" else draw(st.integers(1, 3), "factor")
+    o = draw(st.integers(1, 3), "o")
+    activation = draw(st.sampled_from([None, "relu", "tanh"]), "activation")
+    normalize = draw(st.booleans(), "normalize")
+    leaves = _bilinear_leaves(draw, n, dx, dt, k * o, o, None)
+
+    def call(v: Leaves) -> Tensor:
+        params = [v[k_] for k_ in BILINEAR_WEIGHTS]
+        return fusionops.mfb(v["x"], v["t"], *params, factor=k, activation=activation, normalize=normalize)
+
+    return Case("mfb", leaves, call, {"inputs": ["x", "t"], "weights": BILINEAR_WEIGHTS})
+
+
+def block_fusion_case(draw, variant: str) -> Case:
+    """``variant``: "block" (1 to 3 chunks) or "mutan" (one chunk); every normalisation."""
+    n, s = draw(st.integers(1, 4), "rows"), draw(st.integers(1, 3), "s")
+    chunks = 1 if variant == "mutan" else draw(st.integers(1, 3), "chunks")
+    rank = draw(st.integers(1, 3), "rank")
+    normalize = draw(st.sampled_from(["none", "before_cat", "after_cat"]), "normalize")
+    m = chunks * s
+    leaves = _bilinear_leaves(draw, n, m, m, rank * s, m, chunks)
+
+    def call(v: Leaves) -> Tensor:
+        params = [v[k] for k in BILINEAR_WEIGHTS]
+        return fusionops.block_fusion(v["x"], v["t"], *params, rank=rank, normalize=normalize)
+
+    return Case("block_fusion", leaves, call, {"inputs": ["x", "t"], "weights": BILINEAR_WEIGHTS})
+
+
 def _usable(where: tuple[str, str], dtype: torch.dtype, op: str) -> tuple[str, str]:
     device, backend = where
     skip_unless_usable(backend, device, dtype, op=OPS[op])
@@ -425,6 +477,36 @@ def test_skew_pair_attention(where, dtype, values, target):
 @params_values
 def test_multiple_kernel(where, dtype, values):
     check_drawn(multiple_kernel_case, "inputs", values, where, dtype, "multiple_kernel")
+
+
+def _bilinear_params(variants: list[str]) -> list:
+    """(where, dtype, values, target, variant): every combination on the compiled backends; on
+    the Triton interpreter (slow) the mixed values only, each variant once per dtype and target."""
+    out = []
+    for where, wid in zip(WHERE, WHERE_IDS, strict=True):
+        for dtype in DTYPES:
+            for values in VALUE_SETS:
+                for target in ("inputs", "weights"):
+                    for variant in variants:
+                        if where[1] == "triton" and values != "mixed":
+                            continue
+                        ids = f"{wid}-{dtype}-{values}-{target}-{variant}"
+                        out.append(pytest.param(where, dtype, values, target, variant, id=ids))
+    return out
+
+
+@pytest.mark.parametrize(("where", "dtype", "values", "target", "variant"), _bilinear_params(["mfb", "mlb"]))
+def test_mfb(where, dtype, values, target, variant):
+    """MFB (k from 1 to 3) and MLB (k = 1), every activation, normalised or not."""
+    check_drawn(lambda draw: mfb_case(draw, variant), target, values, where, dtype, "mfb")
+
+
+@pytest.mark.parametrize(
+    ("where", "dtype", "values", "target", "variant"), _bilinear_params(["block", "mutan"])
+)
+def test_block_fusion(where, dtype, values, target, variant):
+    """BLOCK (1 to 3 chunks) and MUTAN (one chunk), every normalisation."""
+    check_drawn(lambda draw: block_fusion_case(draw, variant), target, values, where, dtype, "block_fusion")
 
 
 # --- fixed problems ------------------------------------------------------------------------------
@@ -545,6 +627,23 @@ def test_tensor_fusion_cpu_head_tail_split(modality, value):
     case = tensor_fusion_case(fixed(O=3, masked=False), "projected", [20, 20, 20], 2)
     for m, pos in ((0, 3), (1, 25)) if modality is None else ((modality, 7),):
         case.put("xs", m, pos, value)
+    check(case, backend, torch.float64, device)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("variant", ["mfb", "mlb"])
+def test_mfb_relu_clipped_nonfinite(backend, variant):
+    """relu's backward selects (threshold_backward): 0 where the pre-activation is <= 0, even
+    where the other factor is inf, so d act is inf there. The kernels once multiplied by relu'
+    instead (0 · inf = NaN in dL/dA, then in the rows of dL/dU it reaches)."""
+    device, _ = _usable(("cpu", backend), torch.float64, "mfb")
+    draw = fixed(rows=3, dx=3, dt=2, factor=2, o=2, activation="relu", normalize=False, O=2)
+    case = mfb_case(draw, variant)
+    case.put("t", None, 0, INF)  # t[0, 0]: row 0 of B = t Vᵀ + b_v is ±inf
+    v = case.leaves
+    a = v["x"][0] @ v["w0"].T + v["b0"]
+    b = v["t"][0] @ v["w1"].T + v["b1"]
+    assert ((a <= 0) & (b == INF)).any(), "no clipped element meets an inf: the case tests nothing"
     check(case, backend, torch.float64, device)
 
 

@@ -8,12 +8,20 @@
 // n(·) (signed square root, then L2 over each chunk or over the row) is optional; y = z Woᵀ + bo.
 // MFB is C = 1, R = k, S = o; MUTAN is C = 1; BLOCK is C chunks.
 //
-// Rows go in tiles, each thread taking whole tiles: per tile the projections are GEMMs (BLAS,
-// single-threaded inside the parallel region), the middle part (activation, product, pool,
-// normalisation) is one pass over the tile's rows, and the tile's part of y is one more GEMM.
-// Neither the (N, C·P) projections nor their product exist for all rows: each thread holds one
-// tile's; the backward recomputes them and overwrites them with their gradients, and the weight
-// gradients are summed over tiles by GEMMs over rounds of tiles (the same bits on every run).
+// Rows go in tiles, each thread taking whole tiles: per tile and chunk the projections are GEMMs
+// (BLAS, single-threaded inside the parallel region) and the activation ATen's in-place kernel,
+// the middle part (product, pool, normalisation) is one pass over the tile's rows, and the
+// tile's part of y is one more GEMM. Neither the (N, C·P) projections nor their product exist for
+// all rows: each thread holds one tile's; the backward recomputes them and overwrites them with
+// their gradients. Its weight gradients are summed over tiles either by one thread per chunk
+// (backward_by_chunk: BLOCK's independent chunks) or by GEMMs over rounds of tiles
+// (backward_by_rows); the same bits on every run either way.
+//
+// Cost (issue 20): the recomputation is the one thing the fused backward does beyond the
+// reference's, one more forward's worth of projection GEMMs. At MFB's headline (N = 512,
+// 512-d, k·o = 1280, O = 256) that is 5.57 GFLOP for fwd+bwd against the reference's 4.23: were
+// both all GEMMs at one rate, the fused kernels would run at 0.76x the reference's speed there
+// (the reference's elementwise passes over its (N, k·o) tensors leave them a little more).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +30,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -31,12 +41,16 @@
 namespace fusionops::cpu {
 namespace {
 
-// Bytes of one tile's projection buffer A (or B): 256 KB keeps a tile's A and B in a core's L2
-// (2 MB here) and the buffers of all threads small beside the weights' gradients; a tile has at
-// least kMinTileRows rows. Measured with one thread, (rows, 512) x (512, 1280) GEMMs run at
-// 71-76 GFLOP/s from 32 to 171 rows (60-67 at 256-512 rows), so thin tiles cost no speed.
-constexpr int64_t kTileBytes = int64_t{1} << 18;
+// Bytes of one chunk's projection buffer A (or B) of a tile, and the rows of a tile: at least
+// kMinTileRows, at most kMaxTileRows. Measured at the headlines with one thread (fwd+bwd, CPU
+// time), 128 KB / 256 KB / 512 KB / 1 MB: MFB 88 / 73 / 68 / 65 ms, BLOCK 36.6 / 35.5 / 34.7 /
+// 34.1 ms: the GEMMs of thin tiles (47 rows at 256 KB) each re-read the weights and their
+// gradients for few rows. Past 256 rows a (rows, 512) x (512, 1280) GEMM gains nothing (91-96
+// GFLOP/s from 64 to 256 rows, one thread) and BLOCK's fwd+bwd neither, while its scratch grew
+// (2 MB at 2 threads from 273 to 512 rows): MFB's tiles get 204 rows, BLOCK's 256.
+constexpr int64_t kTileBytes = int64_t{1} << 20;
 constexpr int64_t kMinTileRows = 16;
+constexpr int64_t kMaxTileRows = 256;
 // F.normalize's eps: z / max(‖z‖, eps).
 constexpr double kNormEps = 1e-12;
 
@@ -44,8 +58,10 @@ enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2 };
 enum Normalize : int64_t { kNoNorm = 0, kPerChunk = 1, kWholeRow = 2 };
 
 struct Problem {
-  int64_t N = 0, C = 0, dx = 0, dt = 0, P = 0, R = 0, S = 0, O = 0, tile = 1;
-  RowBlocks blocks;  // the tiles: as many for every thread, at most `tile` rows each
+  int64_t N = 0, C = 0, dx = 0, dt = 0, P = 0, R = 0, S = 0, O = 0;
+  RowBlocks fwd_blocks;  // the forward's tiles (one chunk's projections at a time)
+  RowBlocks bwd_blocks;  // the backward's (by_rows: every chunk's projections of a tile at once)
+  bool by_chunk = false;  // backward by chunks (backward_by_chunk) or by rows (backward_by_rows)
   bool rank_major = false;
   int64_t act = kNone, norm = kNoNorm;
   at::ScalarType dtype = at::kFloat, acc = at::kFloat;
@@ -110,8 +126,20 @@ Problem make_problem(const char* op, const at::Tensor& x, const at::Tensor& t, c
   p.bt = to_acc(bt, p.acc);
   p.bo = to_acc(bo, p.acc);
   const int64_t elem = static_cast<int64_t>(c10::elementSize(p.acc));
-  p.blocks = row_blocks(p.N, std::max(kMinTileRows, kTileBytes / (elem * p.C * p.P)));
-  p.tile = p.blocks.rows;
+  // One chunk's A (rows, P) and the tile's pooled values (rows, C·S) within the budget.
+  const auto rows_within = [&](int64_t bytes_per_row) {
+    return std::clamp(kTileBytes / bytes_per_row, kMinTileRows, kMaxTileRows);
+  };
+  const int64_t chunk_rows = rows_within(elem * std::max(p.P, p.C * p.S));
+  p.fwd_blocks = row_blocks(p.N, chunk_rows);
+  p.by_chunk = p.C > 1 && p.norm != kWholeRow && p.C >= at::get_num_threads();
+  if (p.by_chunk) {  // every thread goes over all rows: tiles independent of the thread count
+    p.bwd_blocks.N = p.N;
+    p.bwd_blocks.rows = std::max<int64_t>(1, std::min(p.N, chunk_rows));
+    p.bwd_blocks.blocks = ceil_div(p.N, p.bwd_blocks.rows);
+  } else {
+    p.bwd_blocks = row_blocks(p.N, rows_within(elem * p.C * p.P));
+  }
   return p;
 }
 
@@ -121,8 +149,20 @@ at::Tensor chunks_of(const at::Tensor& x, int64_t r0, int64_t rows, int64_t C, a
   return x.narrow(0, r0, rows).to(acc).reshape({rows, C, -1}).transpose(0, 1);
 }
 
-// out (C, rows, P) = X Wᵀ + b per chunk.
-void project(const at::Tensor& X, const at::Tensor& W, const at::Tensor& b, at::Tensor& out) {
+// The activation, in place, by ATen's own vectorized kernels (those of the reference's F.relu
+// and F.tanh, NaN handling included): a scalar std::tanh per element cost 7.4 ms a 171-row tile
+// of the MFB headline, about 3x the tile's two projection GEMMs. The middle then reads the
+// activated values only (relu's and tanh's backward need no more).
+void activate_(const Problem& p, const at::Tensor& A) {
+  if (p.act == kRelu) {
+    A.relu_();
+  } else if (p.act == kTanh) {
+    A.tanh_();
+  }
+}
+
+// out (C, rows, P) = act(X Wᵀ + b) per chunk.
+void project(const Problem& p, const at::Tensor& X, const at::Tensor& W, const at::Tensor& b, at::Tensor& out) {
   if (W.size(0) == 1) {  // one GEMM, without bmm's batch bookkeeping
     at::Tensor o = out.select(0, 0);
     if (b.defined()) {
@@ -130,27 +170,34 @@ void project(const at::Tensor& X, const at::Tensor& W, const at::Tensor& b, at::
     } else {
       at::mm_out(o, X[0], W[0].t());
     }
-    return;
+  } else {
+    at::bmm_out(out, X, W.transpose(1, 2));
+    if (b.defined()) out.add_(b.unsqueeze(1));
   }
-  at::bmm_out(out, X, W.transpose(1, 2));
-  if (b.defined()) out.add_(b.unsqueeze(1));
+  activate_(p, out);
 }
 
-// The activation is a template argument: the loops over a row then vectorize, with no branch
-// per element.
-template <int64_t ACT, typename T>
-inline T activate(T v) {
-  if constexpr (ACT == kRelu) return v < T(0) ? T(0) : v;  // NaN stays NaN, as F.relu
-  if constexpr (ACT == kTanh) return std::tanh(v);
-  return v;
+// g where keep, +0 elsewhere, without a branch (on random signs relu's branch cost 2.4 ms a
+// 171-row tile of the MFB headline, 20x the same loop without activation) and without
+// multiplying by 0 (which turns an inf or NaN g into NaN where the reference has 0).
+template <typename T>
+inline T keep_if(bool keep, T g) {
+  using I = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  I bits;
+  std::memcpy(&bits, &g, sizeof(T));
+  bits &= I(0) - I(keep);
+  std::memcpy(&g, &bits, sizeof(T));
+  return g;
 }
 
-// d act / d pre-activation, from the pre-activation v and the activated a.
+// dL/d pre-activation from g = dL/d act and the activated a: relu's backward (threshold_backward)
+// is 0 where a <= 0 (that is, the pre-activation v <= 0) and g elsewhere, NaN included;
+// tanh_backward's g (1 - a²), in that grouping.
 template <int64_t ACT, typename T>
-inline T activate_grad(T v, T a) {
-  if constexpr (ACT == kRelu) return v <= T(0) ? T(0) : T(1);  // as relu's backward: NaN passes
-  if constexpr (ACT == kTanh) return T(1) - a * a;
-  return T(1);
+inline T activate_backward(T g, T a) {
+  if constexpr (ACT == kRelu) return keep_if(!(a <= T(0)), g);
+  if constexpr (ACT == kTanh) return g * (T(1) - a * a);
+  return g;
 }
 
 // f<ACT>() for the activation code act.
@@ -170,139 +217,167 @@ std::pair<int64_t, int64_t> norm_groups(const Problem& p) {
   return p.norm == kPerChunk ? std::make_pair(p.C, p.S) : std::make_pair(int64_t{1}, p.C * p.S);
 }
 
-// Middle, forward, on one tile: pooled[n, c·S + j] = Σ_r act(A)[c, n, at(r, j)] act(B)[...],
-// z = n(pooled) (or pooled itself).
-template <typename T, int64_t ACT>
-void middle_forward_act(const Problem& p, const at::Tensor& A, const at::Tensor& B, const at::Tensor& pooled,
-                    const at::Tensor& z) {
-  // A, B: (C, rows, P) with rows of stride P and chunks of any stride (a slice of a round).
-  const int64_t rows = A.size(1), P = p.P, S = p.S, R = p.R, CS = p.C * p.S, cs = A.stride(0);
-  const T* a = A.const_data_ptr<T>();
-  const T* b = B.const_data_ptr<T>();
-  T* pl = pooled.mutable_data_ptr<T>();
-  T* zz = z.mutable_data_ptr<T>();
-  const auto [groups, width] = norm_groups(p);
-  std::vector<T> e(P);  // one chunk's product e of one row
-  {
-    for (int64_t n = 0; n < rows; ++n) {
-      T* prow = pl + n * CS;
-      for (int64_t c = 0; c < p.C; ++c) {
-        const T* ar = a + c * cs + n * P;
-        const T* br = b + c * cs + n * P;
-        T* out = prow + c * S;
-        for (int64_t i = 0; i < P; ++i) e[i] = activate<ACT>(ar[i]) * activate<ACT>(br[i]);
-        if (p.rank_major) {  // i = r·S + j: rows of S
-          std::copy(e.data(), e.data() + S, out);
-          for (int64_t r = 1; r < R; ++r) {
-            const T* er = e.data() + r * S;
-            for (int64_t j = 0; j < S; ++j) out[j] += er[j];
-          }
-        } else {  // i = j·R + r: runs of R
-          for (int64_t j = 0; j < S; ++j) {
-            const T* ej = e.data() + j * R;
-            T s = 0;
-            for (int64_t r = 0; r < R; ++r) s += ej[r];
-            out[j] = s;
-          }
-        }
-      }
-      T* zrow = zz + n * CS;
-      if (p.norm == kNoNorm) {
-        std::copy(prow, prow + CS, zrow);
-        continue;
-      }
-      for (int64_t g = 0; g < groups; ++g) {
-        const T* pg = prow + g * width;
-        T* zg = zrow + g * width;
-        T sq = 0;
-        for (int64_t j = 0; j < width; ++j) {
-          const T q = std::sqrt(std::abs(pg[j]));
-          zg[j] = pg[j] < T(0) ? -q : q;
-          sq += q * q;
-        }
-        const T den = std::max(std::sqrt(sq), static_cast<T>(kNormEps));
-        for (int64_t j = 0; j < width; ++j) zg[j] /= den;
-      }
-    }
-  }
-}
+// Rows of the pooled or normalised values of a tile: `rows` rows of stride `ld`, starting at the
+// tile's first column (of the chunks it holds).
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t ld;
+  T* row(int64_t n) const { return data + n * ld; }
+};
 
-// Middle, backward, on one tile: from gz = dL/dz (rows, C·S), overwrite A and B with dL/dA and
-// dL/dB (pre-activation). pooled and z are middle_forward's.
-template <typename T, int64_t ACT>
-void middle_backward_act(const Problem& p, const at::Tensor& A, const at::Tensor& B, const at::Tensor& pooled,
-                     const at::Tensor& z, const at::Tensor& gz) {
-  // A, B: (C, rows, P) with rows of stride P and chunks of any stride (a slice of a round).
-  const int64_t rows = A.size(1), P = p.P, S = p.S, R = p.R, CS = p.C * p.S, cs = A.stride(0);
-  T* a = A.mutable_data_ptr<T>();
-  T* b = B.mutable_data_ptr<T>();
-  const T* pl = pooled.const_data_ptr<T>();
-  const T* zz = z.const_data_ptr<T>();
-  T* gg = gz.mutable_data_ptr<T>();  // overwritten with dL/dpooled
-  const auto [groups, width] = norm_groups(p);
-  std::vector<T> dpx(P);  // dL/dpooled spread over the P products it sums
-  {
-    for (int64_t n = 0; n < rows; ++n) {
-      T* grow = gg + n * CS;
-      if (p.norm != kNoNorm) {
-        const T* prow = pl + n * CS;
-        const T* zrow = zz + n * CS;
-        for (int64_t g = 0; g < groups; ++g) {
-          const T* pg = prow + g * width;
-          const T* zg = zrow + g * width;
-          T* dg = grow + g * width;
-          T sq = 0, dot = 0;
-          for (int64_t j = 0; j < width; ++j) {
-            sq += std::abs(pg[j]);  // Σ q² = Σ |p|
-            dot += dg[j] * zg[j];
-          }
-          const T norm = std::sqrt(sq);
-          const bool clamped = norm < static_cast<T>(kNormEps);  // z = q / eps: no gradient through the norm
-          const T den = clamped ? static_cast<T>(kNormEps) : norm;
-          for (int64_t j = 0; j < width; ++j) {
-            const T dq = (clamped ? dg[j] : dg[j] - zg[j] * dot) / den;
-            // d sign(p)√|p| / dp = 1 / (2√|p|); 0 at p = 0, as sqrt(relu(·)) differentiates there.
-            dg[j] = pg[j] != T(0) ? dq / (T(2) * std::sqrt(std::abs(pg[j]))) : T(0);
-          }
+// The activated projections of G chunks of a tile: chunk g's rows at a + g·cs, rows of stride P.
+template <typename T>
+struct Chunks {
+  T* a;
+  T* b;
+  int64_t G, cs, rows;
+};
+
+// Middle, forward, pooling: pooled[n, g·S + j] = Σ_r A[g, n, i] B[g, n, i] for the G chunks of
+// `ab` (activated; i = r·S + j, or j·R + r).
+template <typename T>
+void pool(const Problem& p, const Chunks<T>& ab, Rows<T> pooled) {
+  const int64_t P = p.P, S = p.S, R = p.R;
+  std::vector<T> e(p.rank_major ? 0 : P);  // one chunk's product of one row, for runs of R
+  for (int64_t n = 0; n < ab.rows; ++n) {
+    for (int64_t g = 0; g < ab.G; ++g) {
+      const T* __restrict__ ar = ab.a + g * ab.cs + n * P;
+      const T* __restrict__ br = ab.b + g * ab.cs + n * P;
+      T* __restrict__ out = pooled.row(n) + g * S;
+      if (p.rank_major) {  // i = r·S + j: rows of S, summed in r order
+        for (int64_t j = 0; j < S; ++j) out[j] = ar[j] * br[j];
+        for (int64_t r = 1; r < R; ++r) {
+          const int64_t o = r * S;
+          for (int64_t j = 0; j < S; ++j) out[j] += ar[o + j] * br[o + j];
         }
-      }
-      for (int64_t c = 0; c < p.C; ++c) {
-        T* ar = a + c * cs + n * P;
-        T* br = b + c * cs + n * P;
-        const T* dp = grow + c * S;
-        if (p.rank_major) {
-          for (int64_t r = 0; r < R; ++r) std::copy(dp, dp + S, dpx.data() + r * S);
-        } else {
-          for (int64_t j = 0; j < S; ++j) std::fill(dpx.data() + j * R, dpx.data() + (j + 1) * R, dp[j]);
-        }
-        for (int64_t i = 0; i < P; ++i) {
-          const T va = ar[i], vb = br[i];
-          const T fa = activate<ACT>(va), fb = activate<ACT>(vb);
-          ar[i] = dpx[i] * fb * activate_grad<ACT>(va, fa);
-          br[i] = dpx[i] * fa * activate_grad<ACT>(vb, fb);
+      } else {  // i = j·R + r: runs of R
+        for (int64_t i = 0; i < P; ++i) e[i] = ar[i] * br[i];
+        for (int64_t j = 0; j < S; ++j) {
+          const T* ej = e.data() + j * R;
+          T sum = 0;
+          for (int64_t r = 0; r < R; ++r) sum += ej[r];
+          out[j] = sum;
         }
       }
     }
   }
 }
 
+// z = n(pooled) over `groups` groups of `width` columns per row (signed square root, then
+// / max(‖q‖, eps) as F.normalize).
 template <typename T>
-void middle_forward(const Problem& p, const at::Tensor& A, const at::Tensor& B, const at::Tensor& pooled,
+void normalize_rows(int64_t rows, int64_t groups, int64_t width, Rows<const T> pooled, Rows<T> z) {
+  for (int64_t n = 0; n < rows; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const T* pg = pooled.row(n) + g * width;
+      T* zg = z.row(n) + g * width;
+      T sq = 0;
+      for (int64_t j = 0; j < width; ++j) {
+        const T q = std::sqrt(std::abs(pg[j]));
+        zg[j] = pg[j] < T(0) ? -q : q;
+        sq += q * q;
+      }
+      const T den = std::max(std::sqrt(sq), static_cast<T>(kNormEps));
+      for (int64_t j = 0; j < width; ++j) zg[j] /= den;
+    }
+  }
+}
+
+// dL/dpooled from dL/dz (overwritten in place), given pooled and z = n(pooled).
+template <typename T>
+void normalize_backward(int64_t rows, int64_t groups, int64_t width, Rows<const T> pooled, Rows<const T> z,
+                        Rows<T> gz) {
+  for (int64_t n = 0; n < rows; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const T* pg = pooled.row(n) + g * width;
+      const T* zg = z.row(n) + g * width;
+      T* dg = gz.row(n) + g * width;
+      T sq = 0, dot = 0;
+      for (int64_t j = 0; j < width; ++j) {
+        sq += std::abs(pg[j]);  // Σ q² = Σ |p|
+        dot += dg[j] * zg[j];
+      }
+      const T norm = std::sqrt(sq);
+      const bool clamped = norm < static_cast<T>(kNormEps);  // z = q / eps: no gradient through the norm
+      const T den = clamped ? static_cast<T>(kNormEps) : norm;
+      for (int64_t j = 0; j < width; ++j) {
+        const T dq = (clamped ? dg[j] : dg[j] - zg[j] * dot) / den;
+        // d sign(p)√|p| / dp = 1 / (2√|p|); 0 at p = 0, as sqrt(relu(·)) differentiates there.
+        dg[j] = pg[j] != T(0) ? dq / (T(2) * std::sqrt(std::abs(pg[j]))) : T(0);
+      }
+    }
+  }
+}
+
+// Middle, backward, unpooling: overwrite the G chunks of `ab` (activated) with dL/dA and dL/dB
+// (pre-activation) from dpooled = dL/dpooled.
+template <typename T, int64_t ACT>
+void unpool_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
+  const int64_t P = p.P, S = p.S, R = p.R;
+  std::vector<T> dpx(P);  // dL/dpooled spread over the P products it sums: one flat loop below
+  for (int64_t n = 0; n < ab.rows; ++n) {
+    for (int64_t g = 0; g < ab.G; ++g) {
+      T* __restrict__ ar = ab.a + g * ab.cs + n * P;
+      T* __restrict__ br = ab.b + g * ab.cs + n * P;
+      const T* dp = dpooled.row(n) + g * S;
+      if (p.rank_major) {
+        for (int64_t r = 0; r < R; ++r) std::copy(dp, dp + S, dpx.data() + r * S);
+      } else {
+        for (int64_t j = 0; j < S; ++j) std::fill(dpx.data() + j * R, dpx.data() + (j + 1) * R, dp[j]);
+      }
+      const T* __restrict__ d = dpx.data();
+      for (int64_t i = 0; i < P; ++i) {
+        const T fa = ar[i], fb = br[i];
+        // (dp · other) first: mul's backward, then the activation's, as autograd groups them.
+        ar[i] = activate_backward<ACT>(d[i] * fb, fa);
+        br[i] = activate_backward<ACT>(d[i] * fa, fb);
+      }
+    }
+  }
+}
+
+template <typename T>
+void unpool(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
+  with_activation(p.act, [&](auto act) { unpool_act<T, decltype(act)::value>(p, ab, dpooled); });
+}
+
+// The projections A, B (G, rows, P) as Chunks.
+template <typename T>
+Chunks<T> chunks_view(const at::Tensor& A, const at::Tensor& B) {
+  return {A.mutable_data_ptr<T>(), B.mutable_data_ptr<T>(), A.size(0), A.stride(0), A.size(1)};
+}
+
+template <typename T>
+Rows<T> rows_view(const at::Tensor& t) {
+  return {t.mutable_data_ptr<T>(), t.stride(0)};
+}
+
+template <typename T>
+Rows<const T> crows_view(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0)};
+}
+
+// z = n(pooled) for a tile's rows, over `groups` groups of `width` columns; nothing when not
+// normalised (z is then pooled itself).
+template <typename T>
+void normalize_tile(const Problem& p, int64_t groups, int64_t width, const at::Tensor& pooled,
                     const at::Tensor& z) {
-  with_activation(p.act, [&](auto act) { middle_forward_act<T, decltype(act)::value>(p, A, B, pooled, z); });
+  if (p.norm != kNoNorm) normalize_rows<T>(pooled.size(0), groups, width, crows_view<T>(pooled), rows_view<T>(z));
 }
 
-template <typename T>
-void middle_backward(const Problem& p, const at::Tensor& A, const at::Tensor& B, const at::Tensor& pooled,
-                     const at::Tensor& z, const at::Tensor& gz) {
-  with_activation(p.act,
-                  [&](auto act) { middle_backward_act<T, decltype(act)::value>(p, A, B, pooled, z, gz); });
-}
-
-// dW (C, P, d) += dAᵀ X per chunk.
-void add_weight_grad(at::Tensor& dW, const at::Tensor& dA, const at::Tensor& X) {
+// dL/dW (C, P, d) += dAᵀ X per chunk; `first`: dL/dW = dAᵀ X (dW holds no sum yet: it is left
+// unfilled, and the first GEMM writes it without reading it).
+void add_weight_grad(at::Tensor dW, const at::Tensor& dA, const at::Tensor& X, bool first) {
   if (dW.size(0) == 1) {
-    dW.select(0, 0).addmm_(dA[0].t(), X[0]);
+    at::Tensor w = dW.select(0, 0);
+    if (first) {
+      at::mm_out(w, dA[0].t(), X[0]);
+    } else {
+      w.addmm_(dA[0].t(), X[0]);
+    }
+  } else if (first) {
+    at::bmm_out(dW, dA.transpose(1, 2), X);
   } else {
     dW.baddbmm_(dA.transpose(1, 2), X);
   }
@@ -317,42 +392,48 @@ void input_grad(at::Tensor dx, const at::Tensor& dA, const at::Tensor& W) {
   }
 }
 
-// One thread's buffers for a tile of up to p.tile rows.
-struct TileBuffers {
-  at::Tensor A, B, pooled, z;
-  explicit TileBuffers(const Problem& p)
-      : A(at::empty({p.C, p.tile, p.P}, p.opts())),
-        B(at::empty({p.C, p.tile, p.P}, p.opts())),
-        pooled(at::empty({p.tile, p.C * p.S}, p.opts())),
-        z(at::empty({p.tile, p.C * p.S}, p.opts())) {}
-};
+// out (rows, P) = act(X_c W[c]ᵀ + b[c]), one chunk.
+void project_chunk(const Problem& p, const at::Tensor& X, const at::Tensor& W, const at::Tensor& b, int64_t c,
+                   at::Tensor& out) {
+  if (b.defined()) {
+    at::addmm_out(out, b[c], X, W[c].t());
+  } else {
+    at::mm_out(out, X, W[c].t());
+  }
+  activate_(p, out);
+}
 
-// The projections of rows [r0, r0 + rows) into the buffers; returns (A, B) of that many rows.
-std::pair<at::Tensor, at::Tensor> project_tile(const Problem& p, const at::Tensor& X, const at::Tensor& Tt,
-                                               TileBuffers& buf, int64_t rows) {
-  // Contiguous (C, rows, P) at the start of the buffers: the middle loops index them so.
-  at::Tensor A = buf.A.view(-1).narrow(0, 0, p.C * rows * p.P).view({p.C, rows, p.P});
-  at::Tensor B = buf.B.view(-1).narrow(0, 0, p.C * rows * p.P).view({p.C, rows, p.P});
-  project(X, p.wx, p.bx, A);
-  project(Tt, p.wt, p.bt, B);
-  return {A, B};
+// Columns [c·d, (c + 1)·d) of rows [r0, r0 + rows) of a (N, C·d) input, in the compute dtype.
+at::Tensor chunk_of(const at::Tensor& x, int64_t r0, int64_t rows, int64_t c, int64_t d, at::ScalarType acc) {
+  return x.narrow(0, r0, rows).narrow(1, c * d, d).to(acc);
 }
 
 // Each thread takes whole tiles and runs their GEMMs itself (ATen's BLAS runs single-threaded
 // inside a parallel region): one parallel region per call, not one barrier per GEMM, which on
-// cores shared with other processes cost up to a scheduler slice each (see the report).
+// cores shared with other processes cost up to a scheduler slice each (see the report). A tile
+// goes chunk by chunk: one chunk's (rows, P) projections at a time, pooled into the tile's
+// (rows, C·S) before the normalisation (which may span the chunks) and the output GEMM.
 template <typename T>
 void forward_tiles(const Problem& p, const at::Tensor& x, const at::Tensor& t, const at::Tensor& y) {
   const at::Tensor wo_t = p.wo.t();
-  at::parallel_for(0, p.blocks.blocks, 1, [&](int64_t b0, int64_t b1) {
+  const auto [groups, width] = norm_groups(p);
+  const RowBlocks& tiles = p.fwd_blocks;
+  at::parallel_for(0, tiles.blocks, 1, [&](int64_t b0, int64_t b1) {
     const BelowAutograd below;
-    TileBuffers buf(p);
+    at::Tensor A = at::empty({tiles.rows, p.P}, p.opts()), B = at::empty({tiles.rows, p.P}, p.opts());
+    at::Tensor pooled = at::empty({tiles.rows, p.C * p.S}, p.opts());
+    at::Tensor z = p.norm == kNoNorm ? pooled : at::empty({tiles.rows, p.C * p.S}, p.opts());
     for (int64_t bi = b0; bi < b1; ++bi) {
-      const int64_t r0 = p.blocks.first(bi), rows = p.blocks.count(bi);
-      auto [A, B] = project_tile(p, chunks_of(x, r0, rows, p.C, p.acc), chunks_of(t, r0, rows, p.C, p.acc), buf,
-                                 rows);
-      at::Tensor pl = buf.pooled.narrow(0, 0, rows), zt = buf.z.narrow(0, 0, rows);
-      middle_forward<T>(p, A, B, pl, zt);
+      const int64_t r0 = tiles.first(bi), rows = tiles.count(bi);
+      at::Tensor a = A.narrow(0, 0, rows), b = B.narrow(0, 0, rows);
+      at::Tensor pl = pooled.narrow(0, 0, rows), zt = z.narrow(0, 0, rows);
+      for (int64_t c = 0; c < p.C; ++c) {
+        project_chunk(p, chunk_of(x, r0, rows, c, p.dx, p.acc), p.wx, p.bx, c, a);
+        project_chunk(p, chunk_of(t, r0, rows, c, p.dt, p.acc), p.wt, p.bt, c, b);
+        pool<T>(p, chunks_view<T>(a.unsqueeze(0), b.unsqueeze(0)),
+                {pl.mutable_data_ptr<T>() + c * p.S, pl.stride(0)});
+      }
+      normalize_tile<T>(p, groups, width, pl, zt);
       at::Tensor yt = y.narrow(0, r0, rows);
       if (p.bo.defined()) {
         at::addmm_out(yt, p.bo, zt, wo_t);
@@ -384,41 +465,101 @@ struct Grads {
   at::Tensor dx, dt, dwx, dbx, dwt, dbt, dwo;
 };
 
-// The backward goes in rounds of one tile per thread. In a round each thread recomputes its
-// tile's projections and turns them into dL/dA, dL/dB (and its rows of dx, dt) in the round's
-// shared buffers; after the round, the weight gradients take the whole round in one GEMM each
-// (BLAS on every thread). Per-thread copies of the weight gradients, summed at the end, would
-// cost (threads - 1) times the weights' size in memory.
+// Backward by chunks (BLOCK with C >= threads, normalised per chunk or not at all: its chunks are
+// independent): each thread takes whole chunks and goes over every tile of rows for them, so it
+// owns those chunks' weight gradients (no sums across threads, and the same bits for any thread
+// count). Per tile and chunk: the (rows, P) projections are recomputed, turned into dL/dA, dL/dB
+// in place, and go straight into the GEMMs of the input and weight gradients.
 template <typename T>
-void backward_tiles(const Problem& p, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
-                    Grads& g) {
-  const int64_t threads = at::get_num_threads(), CS = p.C * p.S;
-  const int64_t round_rows = std::min(p.N, threads * p.tile);
+void backward_by_chunk(const Problem& p, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
+                       Grads& g) {
+  const RowBlocks& tiles = p.bwd_blocks;
+  const int64_t S = p.S;
+  at::parallel_for(0, p.C, 1, [&](int64_t c0, int64_t c1) {
+    const BelowAutograd below;
+    at::Tensor A = at::empty({tiles.rows, p.P}, p.opts()), B = at::empty({tiles.rows, p.P}, p.opts());
+    at::Tensor pooled = at::empty({tiles.rows, S}, p.opts()), gz = at::empty({tiles.rows, S}, p.opts());
+    at::Tensor z = p.norm == kNoNorm ? pooled : at::empty({tiles.rows, S}, p.opts());
+    for (int64_t c = c0; c < c1; ++c) {
+      const at::Tensor wo_c = p.wo.narrow(1, c * S, S);
+      for (int64_t bi = 0; bi < tiles.blocks; ++bi) {
+        const int64_t r0 = tiles.first(bi), rows = tiles.count(bi);
+        at::Tensor a = A.narrow(0, 0, rows), b = B.narrow(0, 0, rows);
+        at::Tensor pl = pooled.narrow(0, 0, rows), zt = z.narrow(0, 0, rows), gzt = gz.narrow(0, 0, rows);
+        const at::Tensor X = chunk_of(x, r0, rows, c, p.dx, p.acc), Tt = chunk_of(t, r0, rows, c, p.dt, p.acc);
+        project_chunk(p, X, p.wx, p.bx, c, a);  // recomputed: the forward kept nothing
+        project_chunk(p, Tt, p.wt, p.bt, c, b);
+        const Chunks<T> ab = chunks_view<T>(a.unsqueeze(0), b.unsqueeze(0));
+        pool<T>(p, ab, rows_view<T>(pl));
+        normalize_tile<T>(p, 1, S, pl, zt);
+        const at::Tensor G = grad.narrow(0, r0, rows).to(p.acc);
+        at::mm_out(gzt, G, wo_c);
+        if (g.dwo.defined()) g.dwo.narrow(1, c * S, S).addmm_(G.t(), zt);
+        if (p.norm != kNoNorm) {
+          normalize_backward<T>(rows, 1, S, crows_view<T>(pl), crows_view<T>(zt), rows_view<T>(gzt));
+        }
+        unpool<T>(p, ab, crows_view<T>(gzt));  // a, b now hold dL/dA, dL/dB
+        if (g.dx.defined()) {
+          at::Tensor dx = g.dx.narrow(0, r0, rows).narrow(1, c * p.dx, p.dx);
+          at::mm_out(dx, a, p.wx[c]);
+        }
+        if (g.dt.defined()) {
+          at::Tensor dt = g.dt.narrow(0, r0, rows).narrow(1, c * p.dt, p.dt);
+          at::mm_out(dt, b, p.wt[c]);
+        }
+        if (g.dwx.defined()) add_weight_grad(g.dwx.narrow(0, c, 1), a.unsqueeze(0), X.unsqueeze(0), bi == 0);
+        if (g.dbx.defined()) g.dbx[c].add_(a.sum(0));
+        if (g.dwt.defined()) add_weight_grad(g.dwt.narrow(0, c, 1), b.unsqueeze(0), Tt.unsqueeze(0), bi == 0);
+        if (g.dbt.defined()) g.dbt[c].add_(b.sum(0));
+      }
+    }
+  });
+}
+
+// Backward by rows (MFB, MUTAN: one chunk; BLOCK normalised over the whole row, or with fewer
+// chunks than threads), in rounds of one tile per thread. In a round each thread recomputes its
+// tile's projections (every chunk: the normalisation may span them) and turns them into dL/dA,
+// dL/dB (and its rows of dx, dt) in the round's shared buffers; after the round, the weight
+// gradients take the whole round in one GEMM each (BLAS on every thread). Per-thread copies of
+// the weight gradients, summed at the end, would cost (threads - 1) times the weights' size in
+// memory.
+template <typename T>
+void backward_by_rows(const Problem& p, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
+                      Grads& g) {
+  const int64_t threads = at::get_num_threads(), CS = p.C * p.S, tile = p.bwd_blocks.rows;
+  const auto [groups, width] = norm_groups(p);
+  const int64_t round_rows = std::min(p.N, threads * tile);
   at::Tensor dA = at::empty({p.C, round_rows, p.P}, p.opts()), dB = at::empty({p.C, round_rows, p.P}, p.opts());
   at::Tensor Z = at::empty({round_rows, CS}, p.opts());
   for (int64_t q0 = 0; q0 < p.N; q0 += round_rows) {
     const int64_t nq = std::min(round_rows, p.N - q0);
-    const int64_t tiles = ceil_div(nq, p.tile);
-    at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, ceil_div(nq, tile), 1, [&](int64_t b0, int64_t b1) {
       const BelowAutograd below;
-      at::Tensor pooled = at::empty({p.tile, CS}, p.opts()), gz = at::empty({p.tile, CS}, p.opts());
+      at::Tensor gz = at::empty({tile, CS}, p.opts());
+      at::Tensor pooled = p.norm == kNoNorm ? at::Tensor() : at::empty({tile, CS}, p.opts());
       for (int64_t bi = b0; bi < b1; ++bi) {
-        const int64_t off = bi * p.tile, rows = std::min(p.tile, nq - off), r0 = q0 + off;
+        const int64_t off = bi * tile, rows = std::min(tile, nq - off), r0 = q0 + off;
         at::Tensor A = dA.narrow(1, off, rows), B = dB.narrow(1, off, rows);
-        project(chunks_of(x, r0, rows, p.C, p.acc), p.wx, p.bx, A);  // recomputed: the forward kept nothing
-        project(chunks_of(t, r0, rows, p.C, p.acc), p.wt, p.bt, B);
-        at::Tensor pl = pooled.narrow(0, 0, rows), zt = Z.narrow(0, off, rows), gzt = gz.narrow(0, 0, rows);
-        middle_forward<T>(p, A, B, pl, zt);
+        project(p, chunks_of(x, r0, rows, p.C, p.acc), p.wx, p.bx, A);  // recomputed: the forward kept nothing
+        project(p, chunks_of(t, r0, rows, p.C, p.acc), p.wt, p.bt, B);
+        at::Tensor zt = Z.narrow(0, off, rows), gzt = gz.narrow(0, 0, rows);
+        at::Tensor pl = p.norm == kNoNorm ? zt : pooled.narrow(0, 0, rows);
+        const Chunks<T> ab = chunks_view<T>(A, B);
+        pool<T>(p, ab, rows_view<T>(pl));
+        normalize_tile<T>(p, groups, width, pl, zt);
         at::mm_out(gzt, grad.narrow(0, r0, rows).to(p.acc), p.wo);
-        middle_backward<T>(p, A, B, pl, zt, gzt);  // A, B now hold dL/dA, dL/dB
+        if (p.norm != kNoNorm) {
+          normalize_backward<T>(rows, groups, width, crows_view<T>(pl), crows_view<T>(zt), rows_view<T>(gzt));
+        }
+        unpool<T>(p, ab, crows_view<T>(gzt));  // A, B now hold dL/dA, dL/dB
         if (g.dx.defined()) input_grad(g.dx.narrow(0, r0, rows), A, p.wx);
         if (g.dt.defined()) input_grad(g.dt.narrow(0, r0, rows), B, p.wt);
       }
     });
     const at::Tensor A = dA.narrow(1, 0, nq), B = dB.narrow(1, 0, nq);
-    if (g.dwx.defined()) add_weight_grad(g.dwx, A, chunks_of(x, q0, nq, p.C, p.acc));
+    if (g.dwx.defined()) add_weight_grad(g.dwx, A, chunks_of(x, q0, nq, p.C, p.acc), q0 == 0);
     if (g.dbx.defined()) g.dbx.add_(A.sum(1));
-    if (g.dwt.defined()) add_weight_grad(g.dwt, B, chunks_of(t, q0, nq, p.C, p.acc));
+    if (g.dwt.defined()) add_weight_grad(g.dwt, B, chunks_of(t, q0, nq, p.C, p.acc), q0 == 0);
     if (g.dbt.defined()) g.dbt.add_(B.sum(1));
     if (g.dwo.defined()) g.dwo.addmm_(grad.narrow(0, q0, nq).to(p.acc).t(), Z.narrow(0, 0, nq));
   }
@@ -440,13 +581,21 @@ std::vector<at::Tensor> bilinear_bwd(const at::Tensor& grad, const at::Tensor& x
   Grads g;
   if (needs[0]) g.dx = at::empty({p.N, p.C * p.dx}, o);
   if (needs[1]) g.dt = at::empty({p.N, p.C * p.dt}, o);
-  if (needs[2]) g.dwx = at::zeros({p.C, p.P, p.dx}, o);
+  // dwx, dwt: written by their first GEMM when there are rows (add_weight_grad's `first`).
+  const auto weight_grad = [&](at::IntArrayRef shape) { return p.N > 0 ? at::empty(shape, o) : at::zeros(shape, o); };
+  if (needs[2]) g.dwx = weight_grad({p.C, p.P, p.dx});
   if (needs[3] && bx) g.dbx = at::zeros({p.C, p.P}, o);
-  if (needs[4]) g.dwt = at::zeros({p.C, p.P, p.dt}, o);
+  if (needs[4]) g.dwt = weight_grad({p.C, p.P, p.dt});
   if (needs[5] && bt) g.dbt = at::zeros({p.C, p.P}, o);
   if (needs[6]) g.dwo = at::zeros({p.O, p.C * p.S}, o);
   if (p.N > 0) {
-    AT_DISPATCH_FLOATING_TYPES(p.acc, "_bilinear_bwd", [&] { backward_tiles<scalar_t>(p, grad, x, t, g); });
+    AT_DISPATCH_FLOATING_TYPES(p.acc, "_bilinear_bwd", [&] {
+      if (p.by_chunk) {
+        backward_by_chunk<scalar_t>(p, grad, x, t, g);
+      } else {
+        backward_by_rows<scalar_t>(p, grad, x, t, g);
+      }
+    });
   }
   const auto out = [&](const at::Tensor& d) { return d.defined() ? d.to(p.dtype) : at::empty({0}, x.options()); };
   at::Tensor dbo = needs[7] ? grad.to(p.acc).sum(0).to(p.dtype) : at::empty({0}, x.options());

@@ -31,6 +31,11 @@ OP = "mfb"
 # found no size from which the fused kernels never lose: fwd+bwd 0.51-1.14x (the backward
 # recomputes the projections), forward 0.86-2.1x. They stay the automatic choice on CPU for
 # their memory; the reference is as fast or faster (fusionops.backend('reference')).
+# The recomputation bounds it (issue 20): fused fwd+bwd does 4/3 of the reference's GEMM FLOPs
+# (5.57 against 4.23 GFLOP at the headline), 0.76x the reference's speed were both all GEMMs at
+# one rate; the reference's elementwise passes over its (N, k·o) tensors leave a little more:
+# 0.79-0.85x at d = 512 with one thread after issue 20's kernel changes (CPU time, interleaved;
+# not yet in the CSVs above).
 CPU_FUSED_MIN_ELEMENTS = 0
 CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 

@@ -36,15 +36,15 @@ def _act(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(v, a, ACT: tl.constexpr):
-    """d act / d v from the pre-activation v and the activated a."""
+def _act_backward(g, v, a, ACT: tl.constexpr):
+    """dL/dv from g = dL/d act, the pre-activation v and the activated a. relu selects (as its
+    backward: 0 where v <= 0, g elsewhere, NaN included) rather than multiplying by 0 or 1, so
+    an inf or NaN g at a clipped element gives 0 as in the reference."""
     if ACT == 1:
-        d = tl.where(v <= 0, 0.0, 1.0)  # as relu's backward: NaN passes
+        g = tl.where(v <= 0, 0.0, g)
     elif ACT == 2:
-        d = 1.0 - a * a
-    else:
-        d = tl.full(v.shape, 1.0, v.dtype)
-    return d
+        g = g * (1.0 - a * a)  # tanh_backward's grouping
+    return g
 
 
 @triton.jit
@@ -95,8 +95,9 @@ def _pool_bwd_kernel(
         vb = tl.load(b_ptr + base + i, mask=ok, other=0.0)
         fa = _act(va, ACT)
         fb = _act(vb, ACT)
-        tl.store(a_ptr + base + i, dp * fb * _act_grad(va, fa, ACT), mask=ok)
-        tl.store(b_ptr + base + i, dp * fa * _act_grad(vb, fb, ACT), mask=ok)
+        # (dp · other) first: mul's backward, then the activation's, as autograd groups them.
+        tl.store(a_ptr + base + i, _act_backward(dp * fb, va, fa, ACT), mask=ok)
+        tl.store(b_ptr + base + i, _act_backward(dp * fa, vb, fb, ACT), mask=ok)
 
 
 def _tile_rows(n: int, c: int, p: int, acc: torch.dtype) -> int:
