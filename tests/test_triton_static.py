@@ -60,7 +60,14 @@ def test_every_ci_kernel_compiles_without_spills_or_smem_overflow(ci_rows):
     failed = [r for r in rows if r["status"] == "FAIL"]
     assert not failed, failed
     ops = {r["op"] for r in rows}
-    assert ops >= {"tensor_fusion", "low_rank_fusion", "product_fusion", "skew_pair_attention"}, ops
+    assert ops >= {
+        "tensor_fusion",
+        "low_rank_fusion",
+        "product_fusion",
+        "skew_pair_attention",
+        "mfb",
+        "block_fusion",
+    }, ops
     for r in rows:
         assert r["spill_stores"] == "0" and r["spill_loads"] == "0", r
         assert int(r["blocks_per_sm"]) >= 1, r

@@ -53,6 +53,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fusionops.triton import bilinear as t_bil  # noqa: E402
 from fusionops.triton import low_rank_fusion as t_lmf  # noqa: E402
 from fusionops.triton import multiple_kernel as t_mkl  # noqa: E402
 from fusionops.triton import product_fusion as t_prod  # noqa: E402
@@ -144,7 +145,7 @@ def compiling_for(arch: int, recorder: Recorder) -> Iterator[None]:
             m._target_programs = f
         t_mkl._config = saved[1]
         # Each kernel caches its target per device: forget it before another arch.
-        for mod in (t_tf, t_lmf, t_skew, t_prod, t_mkl):
+        for mod in (t_tf, t_lmf, t_skew, t_prod, t_mkl, t_bil):
             for obj in vars(mod).values():
                 if isinstance(obj, JITFunction):
                     obj.device_caches.clear()
@@ -159,6 +160,7 @@ def _t(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _cases() -> list[tuple[str, str, str, Callable[[], object]]]:
     """(op, case, dtype, call) for every headline case and its fp32 twin, forward + backward."""
+    from benchmarks.ops import bilinear as b_bil
     from benchmarks.ops import low_rank_fusion as b_lmf
     from benchmarks.ops import multiple_kernel as b_mkl
     from benchmarks.ops import product_fusion as b_prod
@@ -294,6 +296,55 @@ def _cases() -> list[tuple[str, str, str, Callable[[], object]]]:
             ("multiple_kernel", c.name, c.dtype, "forward", m_fwd),
             ("multiple_kernel", c.name, c.dtype, "backward", m_bwd),
         ]
+
+    out += _bilinear_cases(b_bil, twins)
+    return out
+
+
+def _bilinear_cases(b_bil, twins) -> list[tuple[str, str, str, str, Callable[[], object]]]:
+    """MFB and BLOCK through ``fusionops.triton.bilinear`` with the benchmark's arguments (MFB:
+    relu, normalised over the row, pooled index j·k + i; BLOCK: no activation, rank-major,
+    normalised per chunk). Its launchers make no device-dependent choice (the row tile is a
+    byte budget, the blocks follow the widths), so nothing is patched for them."""
+    from fusionops.ops import _bilinear
+
+    out = []
+    relu = _bilinear.ACTIVATION_CODES["relu"]
+    none = _bilinear.ACTIVATION_CODES[None]
+    # (op, case, x width, t width, chunks C, rank R, pooled width S per chunk, rank_major, act, norm)
+    shapes = [
+        ("mfb", c, c.dx, c.dt, 1, c.k, c.o, False, relu, _bilinear.NORM_WHOLE_ROW)
+        for c in b_bil.MFB_HEADLINE["cuda"]
+    ] + [
+        ("block_fusion", c, c.m, c.m, c.chunks, c.rank, c.m // c.chunks, True, none, _bilinear.NORM_PER_CHUNK)
+        for c in b_bil.BLOCK_HEADLINE["cuda"]
+    ]
+    for op, c0, dx, dt_, nc, rank, s, major, act, norm in shapes:
+        for c, dt in twins([c0]):
+            dtype = DTYPES[dt]
+
+            def b_args(c=c, dtype=dtype, dx=dx, dt_=dt_, nc=nc, rank=rank, s=s):
+                p = rank * s
+                return (
+                    _t(c.n, dx, dtype=dtype),
+                    _t(c.n, dt_, dtype=dtype),
+                    _t(nc, p, dx // nc, dtype=dtype),
+                    _t(nc, p, dtype=dtype),
+                    _t(nc, p, dt_ // nc, dtype=dtype),
+                    _t(nc, p, dtype=dtype),
+                    _t(c.out, nc * s, dtype=dtype),
+                    _t(c.out, dtype=dtype),
+                )
+
+            def b_fwd(a=b_args, rank=rank, major=major, act=act, norm=norm):
+                return t_bil.forward(*a(), rank, major, act, norm)
+
+            def b_bwd(c=c, dtype=dtype, a=b_args, rank=rank, major=major, act=act, norm=norm):
+                x, t, wx, bx, wt, bt, wo, _ = a()
+                grad = _t(c.n, c.out, dtype=dtype)
+                return t_bil.backward(grad, x, t, wx, bx, wt, bt, wo, rank, major, act, norm, [True] * 8)
+
+            out += [(op, c.name, dt, "forward", b_fwd), (op, c.name, dt, "backward", b_bwd)]
     return out
 
 
