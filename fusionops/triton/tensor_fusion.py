@@ -7,7 +7,9 @@ the projected op is an implicit GEMM that never writes ``Z``:
 * ``features_forward``: ``Z`` tile by tile.
 * ``projected_forward``: ``y = Z Wᵀ + b``, one ``tl.dot`` per K tile (on GPUs, 16-bit row
   tiles of 64-128 rows for wgmma, K split across programs when rows are few).
-* ``projected_backward``: ``dW = Gᵀ Z`` (row blocks split across programs when few tiles),
+* ``projected_backward``: ``dW = Gᵀ Z`` (row blocks split across programs when few tiles;
+  on GPUs, 16-bit: tiles of all O by 256 (sm_90) or 128 columns, each Z tile formed once per
+  row step, from the transposed zcat with one load per element where the last width allows),
   ``db = Σ_n G``, and ``dx`` by the split below.
 * ``features_backward``: ``dx`` by the same split, reading ``dZ`` from memory.
 
@@ -18,10 +20,11 @@ features gradient, over one modality fewer; the recursion ends at modality 1 (``
 In the projected op the first level computes ``dZ`` tiles as ``G W[:, cols]`` on chip, so
 the largest buffer is ``dP`` of ``(N, K / D_M)`` in float32: a factor ``D_M`` below ``Z``.
 
-Memory beyond inputs and outputs: ``zcat``; for dW with few (O, K) tiles, float32 partials
-of ``(splits, O, K)``; for a forward with K split, float32 partials of ``(splits, N, O)``; per
-split level, float32 ``dz`` partials ``(chunks, N, D_s)`` and
-``dP`` of ``(N, H)`` (times ``ceil(D_s / 64)`` when ``D_s > 64``). Never ``(N, K)``.
+Memory beyond inputs and outputs: ``zcat`` (and its transpose for the GPU's one-load dW);
+for dW with few (O, K) tiles, float32 partials of ``(splits, O, K)``; for a forward with K
+split, float32 partials of ``(splits, N, O)``; per split level, float32 ``dz`` partials
+``(chunks, N, D_s)`` and ``dP`` of ``(N, H)`` (times ``ceil(D_s / 64)`` when ``D_s > 64``).
+Never ``(N, K)``.
 
 Dropout on Z (``dropout`` > 0 in the projected functions): every Z tile (forward, dW) and every
 ``dZ = G W`` tile (first split level) is masked where it is formed, by the counter-based mask
@@ -38,6 +41,7 @@ atomics: partial sums go to small buffers summed by torch, so results are bitwis
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -293,6 +297,207 @@ def _weight_grad_kernel(
     tl.store(ptrs, acc, mask=out_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _prefix(block, rows, row_ok, col0, col1, MASK_ROWS: tl.constexpr):
+    """``zcat[rows, col0] · zcat[rows, col1]`` in float32 (``block``: the row block's corner
+    in the transposed zcat, ``colX``: column offsets in it): the feature of one prefix index
+    (up to two prefix modalities) per row; 0 on rows out of range."""
+    if MASK_ROWS:
+        p = tl.load(block + col0 + rows, mask=row_ok, other=0.0).to(tl.float32)
+        return p * tl.load(block + col1 + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return tl.load(block + col0 + rows).to(tl.float32) * tl.load(block + col1 + rows).to(tl.float32)
+
+
+@triton.jit
+def _z_t_tile(
+    zcat_t_ptr,
+    stride_zc,
+    rb,
+    N,
+    z_offs,
+    lanes,
+    slot,
+    a0,
+    a1,
+    b0,
+    b1,
+    c0,
+    c1,
+    ks,
+    seed,
+    threshold,
+    scale_ptr,
+    PREFIXES: tl.constexpr,
+    NMOD: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The Z tile of row block ``rb``, transposed (K columns x BLOCK_N rows), as the dot
+    operand of ``_weight_grad_tc_kernel`` (its arguments, computed once per program there)."""
+    rows = rb * BLOCK_N + lanes
+    row_ok = rows < N
+    block = zcat_t_ptr + rb * BLOCK_N
+    if MASK_ROWS:
+        z_t = tl.load(block + z_offs, mask=row_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        z_t = tl.load(block + z_offs).to(tl.float32)
+    if NMOD > 1:
+        p = _prefix(block, lanes, row_ok, a0 * stride_zc, a1 * stride_zc, MASK_ROWS)[None, :]
+        if PREFIXES >= 2:
+            p_b = _prefix(block, lanes, row_ok, b0 * stride_zc, b1 * stride_zc, MASK_ROWS)
+            p = tl.where(slot == 1, p_b[None, :], p)
+        if PREFIXES >= 3:
+            p_c = _prefix(block, lanes, row_ok, c0 * stride_zc, c1 * stride_zc, MASK_ROWS)
+            p = tl.where(slot == 2, p_c[None, :], p)
+        z_t = p * z_t
+    if DROPOUT:
+        z_t = tl.where(tl.trans(_keep(seed, threshold, rows, ks)), z_t * tl.load(scale_ptr), 0.0)
+    return _rounded(z_t, zcat_t_ptr, DOT)
+
+
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call: no recompilation
+def _weight_grad_tc_kernel(
+    g_ptr,
+    stride_gn,
+    stride_go,
+    zcat_t_ptr,
+    stride_zc,
+    widths_ptr,
+    offsets_ptr,
+    out_ptr,
+    N,
+    O,
+    K,
+    BLOCKS_PER_SPLIT,
+    seed,
+    threshold,
+    scale_ptr,
+    NMOD: tl.constexpr,
+    PREFIXES: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``out[split] = G[rows]ᵀ Z[rows]`` on 16-bit tensor cores (float32 accumulation) for
+    NMOD <= 3 and K tiles that span at most PREFIXES <= 3 prefix indices ``k // W`` (W the
+    last width, the prefix being modalities ``0..NMOD-2``), reading the transposed
+    ``zcat_t (Σ D_m, N)`` (rows contiguous); MASK_ROWS when N is not a multiple of BLOCK_N.
+
+    ``Z[r, k] = P[r, k // W] · z_M[r, k % W]``: per row step, ``P`` at those few prefix indices
+    (vectors over rows) and one load of ``z_M`` per element, the columns' digits computed
+    once per program (``_z_tile``'s per-element gathers and digits cost several times the
+    tile's MMA on a GPU). The tile covers all of O (up to 128), so each Z tile is formed once.
+    Rows contiguous in zcat_t: a thread's elements run along 8 rows, loaded 16 bytes at a
+    time (z_M and the P values alike), stored to shared memory the same way (rows are the
+    dot's reduction). For 16-bit inputs the product is the exact one rounded once to float32,
+    as ``_z_tile`` gives."""
+    # K tiles fastest: programs running together read the same rows of G and zcat (in L2).
+    pid = tl.program_id(0)
+    n_kb = tl.cdiv(K, BLOCK_K)
+    n_ob = tl.cdiv(O, BLOCK_O)
+    split = pid // (n_kb * n_ob)
+    tile = pid % (n_kb * n_ob)
+    outs = (tile // n_kb) * BLOCK_O + tl.arange(0, BLOCK_O)
+    k0 = (tile % n_kb) * BLOCK_K
+    ks = k0 + tl.arange(0, BLOCK_K)
+    out_ok = outs < O
+    # Loop-invariant: each column's prefix slot (k // W - p0), the offsets of its z_M elements
+    # in a row block of zcat_t (k % W stays inside z_M even past K: no column mask), and the
+    # zcat_t columns of the prefix features of each slot (column 0, modality 0's constant 1,
+    # for a missing factor; past the last prefix they stay inside zcat_t and only feed
+    # columns k >= K, never stored). The launcher keeps zcat_t's size below 2^31 (int32).
+    width = tl.load(widths_ptr + (NMOD - 1))
+    p0 = k0 // width
+    slot = (ks // width - p0)[:, None]
+    lanes = tl.arange(0, BLOCK_N)
+    z_offs = ((tl.load(offsets_ptr + (NMOD - 1)) + ks % width) * stride_zc)[:, None] + lanes[None, :]
+    if NMOD == 2:
+        a0, a1, b0, b1, c0, c1 = p0, 0, p0 + 1, 0, p0 + 2, 0
+    if NMOD == 1:
+        a0, a1, b0, b1, c0, c1 = 0, 0, 0, 0, 0, 0
+    if NMOD == 3:  # the prefix index is d0 · w1 + d1
+        w1 = tl.load(widths_ptr + 1)
+        off1 = tl.load(offsets_ptr + 1)
+        a0, a1, b0, b1 = p0 // w1, off1 + p0 % w1, (p0 + 1) // w1, off1 + (p0 + 1) % w1
+        c0, c1 = (p0 + 2) // w1, off1 + (p0 + 2) % w1
+    acc = tl.zeros((BLOCK_O, BLOCK_K), tl.float32)
+    first = split * BLOCKS_PER_SPLIT
+    last = tl.minimum(first + BLOCKS_PER_SPLIT, tl.cdiv(N, BLOCK_N))
+    # Rotated: the next row block's Z tile is formed after this block's dot is issued, so that
+    # part of it overlaps the MMA (triton 3.6 issues about 50 of its ~250 instructions before
+    # waiting for the wgmma, 3.9 about 15); the last step forms a spare tile, never used.
+    z_t = _z_t_tile(
+        zcat_t_ptr,
+        stride_zc,
+        first,
+        N,
+        z_offs,
+        lanes,
+        slot,
+        a0,
+        a1,
+        b0,
+        b1,
+        c0,
+        c1,
+        ks,
+        seed,
+        threshold,
+        scale_ptr,
+        PREFIXES,
+        NMOD,
+        MASK_ROWS,
+        DROPOUT,
+        DOT,
+        BLOCK_N,
+    )
+    for rb in range(first, last):
+        rows = rb * BLOCK_N + lanes
+        g = tl.load(
+            g_ptr + rows.to(tl.int64)[:, None] * stride_gn + outs.to(tl.int64)[None, :] * stride_go,
+            mask=(rows < N)[:, None] & out_ok[None, :],
+            other=0.0,
+        )
+        # dW tile (O x K) = Gᵀ Z: both operands through shared memory, transposed views.
+        acc = tl.dot(tl.trans(g.to(DOT)), tl.trans(z_t), acc, input_precision=PRECISION)
+        z_t = _z_t_tile(
+            zcat_t_ptr,
+            stride_zc,
+            tl.minimum(rb + 1, last - 1),
+            N,
+            z_offs,
+            lanes,
+            slot,
+            a0,
+            a1,
+            b0,
+            b1,
+            c0,
+            c1,
+            ks,
+            seed,
+            threshold,
+            scale_ptr,
+            PREFIXES,
+            NMOD,
+            MASK_ROWS,
+            DROPOUT,
+            DOT,
+            BLOCK_N,
+        )
+    # int32 offsets from the tile's corner (the launcher keeps BLOCK_O · K below 2^31): 64-bit
+    # pointers for all 128 x 256 elements spill registers (triton 3.6).
+    corner = out_ptr + (split.to(tl.int64) * O + (tile // n_kb) * BLOCK_O) * K + k0
+    offs = tl.arange(0, BLOCK_O)[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(corner + offs, acc, mask=out_ok[:, None] & (ks < K)[None, :])
+
+
 @triton.jit(do_not_specialize=["seed"])  # a new seed per call: no recompilation
 def _split_grad_kernel(
     src_ptr,
@@ -457,11 +662,67 @@ def _projected_blocks(
     return bn, bo, bk, 8 if bn * bo >= 64 * 128 else 4, triton.cdiv(k, bk)
 
 
-def _weight_grad_blocks(n: int, o: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """BLOCK_O, BLOCK_N (the reduction), BLOCK_K and num_warps of dW (8 warps for a full
-    64 x 64 tile, whose Z-tile gathers and accumulator spill registers with 4)."""
+# dW's 16-bit tiles on GPUs (BLOCK_K, BLOCK_N) for the one-load Z tile (_weight_grad_tc_kernel),
+# widest first: 256 columns by 16 rows halve the L2 bytes per FLOP of 128 x 32 (G is re-read
+# per K tile). Its 128 x 256 float32 accumulator (128 registers a thread of 8 warps) takes 233
+# registers with wgmma (sm_90, triton 3.9 and 3.6) but 254 with mma.sync (sm_80: no margin
+# left), which keeps 128 x 32 (about 170).
+_DW_TC_TILES = ((256, 16), (128, 32))
+_DW_TC_TILES_MMA = ((128, 32),)
+
+
+def _wgmma(device: torch.device) -> bool:
+    """Whether the device has wgmma (sm_90 and up); True under the interpreter (the tests run
+    the sm_90 plan there) and for meta tensors asks the compile target (tools/triton_static.py)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_capability(device)[0] >= 9
+        if device.type == "meta":
+            return triton.runtime.driver.active.get_current_target().arch >= 90
+    except (RuntimeError, AttributeError, TypeError):  # no GPU driver: the sm_90 plan
+        return True
+    return True
+
+
+class _WeightGradPlan(NamedTuple):
+    one_load: bool  # _weight_grad_tc_kernel (else _weight_grad_kernel)
+    prefixes: int  # prefix indices a K tile may span (one_load only)
+    block_o: int
+    block_n: int  # the reduction (rows)
+    block_k: int
+    num_warps: int
+
+
+def _weight_grad_plan(
+    n: int, o: int, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> _WeightGradPlan:
+    """How dW runs. On GPUs, 16-bit: tiles of all O up to 128 (wgmma's M: 64 per warp group)
+    by 128-256 columns of K, 8 warps, each Z tile formed once per row step for all of them, by
+    the one-load Z tile where it applies (NMOD <= 3, a K tile spanning at most 3 prefix
+    indices: a last width from 64 up; BLOCK_O · K and zcat's size below 2^31: int32 offsets);
+    else digit gathers in 128 x 128 with wgmma and NMOD <= 3 (166-230 registers, triton 3.9
+    and 3.6). Elsewhere (mma.sync's gathers in 128 x 128 spill on triton 3.6; the
+    interpreter; float32/float64) up to 64 x 64 (8 warps for a full tile, whose Z-tile gathers
+    and accumulator spill registers with 4)."""
+    k = math.prod(dims)
+    if _tensor_core_tiles(device) and dtype in _HALF:
+        bo = _block(o, _WGMMA_ROWS, 128)
+        if len(dims) <= 3 and max(bo * k, n * sum(dims)) < 2**31:
+            for bk, bn in _DW_TC_TILES if _wgmma(device) else _DW_TC_TILES_MMA:
+                bk = _block(k, 16, bk)
+                if (prefixes := _prefixes(dims, bk)) <= 3:
+                    return _WeightGradPlan(True, prefixes, bo, bn, bk, 8)
+        if len(dims) <= 3 and _wgmma(device):
+            return _WeightGradPlan(False, 0, bo, 32, _block(k, 16, 128), 8)
     bo, bk = _block(o, 16, 64), _block(k, 16, 64)
-    return bo, _block(n, 16, _reduce_hi(dtype)), bk, 8 if bo * bk >= 64 * 64 else 4
+    return _WeightGradPlan(False, 0, bo, _block(n, 16, _reduce_hi(dtype)), bk, 8 if bo * bk >= 64 * 64 else 4)
+
+
+def _prefixes(dims: tuple[int, ...], block_k: int) -> int:
+    """How many prefix indices ``k // W`` (W = dims[-1]) a K tile of ``block_k`` columns
+    starting at a multiple of ``block_k`` may span (at most all ``K / W`` of them)."""
+    w = dims[-1]
+    return min((w + block_k - 2) // w + 1, math.prod(dims[:-1]))
 
 
 def _j_pieces(d: int, exact: bool) -> list[tuple[int, int]]:
@@ -517,40 +778,32 @@ class _Drop:
 
 def _weight_grad(grad: Tensor, packed: _Packed, o: int, drop: _Drop) -> Tensor:
     """``dW = Gᵀ Z`` (O, K); row blocks are split over programs when (O, K) has few tiles."""
-    zcat, dims = packed.zcat, packed.dims
+    zcat, dims, device = packed.zcat, packed.dims, packed.zcat.device
     n, k, dtype = zcat.shape[0], math.prod(dims), zcat.dtype
-    bo, bn, bk, warps = _weight_grad_blocks(n, o, k, dtype)
-    tiles = triton.cdiv(o, bo) * triton.cdiv(k, bk)
-    row_blocks = triton.cdiv(n, bn)
-    per_split = triton.cdiv(row_blocks, min(row_blocks, triton.cdiv(_target_programs(zcat.device), tiles)))
-    splits = triton.cdiv(row_blocks, per_split)
-    # One split stores dW directly; several store float32 partials summed below.
-    out = torch.empty(splits, o, k, dtype=dtype if splits == 1 else _acc(dtype), device=zcat.device)
-    with _on(zcat.device):
-        _weight_grad_kernel[(splits * tiles,)](
-            grad,
-            grad.stride(0),
-            grad.stride(1),
-            zcat,
-            zcat.stride(0),
-            packed.widths,
-            packed.offsets,
-            out,
-            n,
-            o,
-            k,
-            per_split,
-            *drop.args(),
-            NMOD=len(dims),
-            DROPOUT=drop.on,
-            ACC=_TL[_acc(dtype)],
-            DOT=_dot_dtype(dtype, zcat.device),
-            PRECISION=_input_precision(dtype, zcat.device),
-            BLOCK_O=bo,
-            BLOCK_N=bn,
-            BLOCK_K=bk,
-            num_warps=warps,
-        )
+    plan = _weight_grad_plan(n, o, dims, dtype, device)
+    tiles = triton.cdiv(o, plan.block_o) * triton.cdiv(k, plan.block_k)
+    # On GPUs (16-bit tiles) whole waves only, as the forward: a few programs over would run
+    # alone; at the headline (549 tiles) there is no split at all.
+    at_most = _tensor_core_tiles(device) and dtype in _HALF
+    per_split, splits = _splits(triton.cdiv(n, plan.block_n), tiles, _target_programs(device), at_most)
+    # One split stores dW directly; several store float32 partials summed below in a fixed
+    # order (no atomics: reproducible bits).
+    out = torch.empty(splits, o, k, dtype=dtype if splits == 1 else _acc(dtype), device=device)
+    # The one-load kernel reads zcat transposed (rows contiguous: vector loads along rows).
+    z = zcat.t().contiguous() if plan.one_load else zcat
+    args = (grad, grad.stride(0), grad.stride(1), z, z.stride(0))
+    args += (packed.widths, packed.offsets, out, n, o, k, per_split, *drop.args())
+    blocks = dict(NMOD=len(dims), DROPOUT=drop.on, DOT=_dot_dtype(dtype, device))
+    blocks.update(PRECISION=_input_precision(dtype, device), num_warps=plan.num_warps)
+    blocks.update(BLOCK_O=plan.block_o, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k)
+    with _on(device):
+        if plan.one_load:
+            mask_rows = n % plan.block_n != 0
+            _weight_grad_tc_kernel[(splits * tiles,)](
+                *args, PREFIXES=plan.prefixes, MASK_ROWS=mask_rows, **blocks
+            )
+        else:
+            _weight_grad_kernel[(splits * tiles,)](*args, ACC=_TL[_acc(dtype)], **blocks)
     return out[0] if splits == 1 else out.sum(0).to(dtype)
 
 
