@@ -381,7 +381,9 @@ def multiple_kernel(
         xs_b = xs_a
     dims = _one_pass_sides(xs_a, xs_b, beta)
     if dims is not None:  # the common eager call: the full path's checks and choice, cheaper
-        _check_beta_values(beta)  # the full path's order: beta, then the kernels
+        # beta's values: one host read (a plain CPU tensor: readable); the full check names a bad one
+        if not all(0.0 <= v < math.inf for v in beta.tolist()):  # type: ignore[union-attr]
+            _check_beta_values(beta)
         specs = as_base_kernels(OP, kernels, len(dims))
         size = xs_a[0].shape[0] * xs_b[0].shape[0]
         backend = _backend.choose_cpu_eager(OPDEF, len(dims), size, _training(xs_a, xs_b, beta, specs))
