@@ -304,8 +304,9 @@ def _cases() -> list[tuple[str, str, str, Callable[[], object]]]:
 def _bilinear_cases(b_bil, twins) -> list[tuple[str, str, str, str, Callable[[], object]]]:
     """MFB and BLOCK through ``fusionops.triton.bilinear`` with the benchmark's arguments (MFB:
     relu, normalised over the row, pooled index j·k + i; BLOCK: no activation, rank-major,
-    normalised per chunk). Its launchers make no device-dependent choice (the row tile is a
-    byte budget, the blocks follow the widths), so nothing is patched for them."""
+    normalised per chunk). Its launcher takes meta tensors for an H100 (132 SMs: the GPU row
+    tiles and pooling blocks of ``fusionops.triton.bilinear._gpu_config``), so nothing is
+    patched for it."""
     from fusionops.ops import _bilinear
 
     out = []
