@@ -90,8 +90,12 @@ def tensor_fusion() -> str:
     name = "tensor_fusion_cpu_2026-11-23_full.csv"
     cases = ["tri16-n128", "tri16-n512", "tri16-n2048", "bi64x128-n512", "headline-cpu"]
     header = [
-        "case (N, dims, O)", "Z", "fused forward (speed-up vs materialise+Linear)", "fused fwd+bwd",
-        "fwd+bwd vs materialise+Linear", "fwd+bwd vs `torch.compile` of it",
+        "case (N, dims, O)",
+        "Z",
+        "fused forward (speed-up vs materialise+Linear)",
+        "fused fwd+bwd",
+        "fwd+bwd vs materialise+Linear",
+        "fwd+bwd vs `torch.compile` of it",
         "peak: fused / materialise / compiled",
     ]
     return _table(header, cells, [(name, c, " (issue goal)" if c == "headline-cpu" else "") for c in cases])
@@ -114,7 +118,11 @@ def low_rank_fusion() -> str:
         (full, "lmf32-n4096", ""),
     ]
     header = [
-        "case (N, dims, R, O)", "fused fwd+bwd", "vs MultiBench", "vs reference", "vs `torch.compile`",
+        "case (N, dims, R, O)",
+        "fused fwd+bwd",
+        "vs MultiBench",
+        "vs reference",
+        "vs `torch.compile`",
         "peak: fused / MultiBench / reference / compiled",
     ]
     return _table(header, cells, cases)
@@ -132,10 +140,18 @@ def skew_pair_attention() -> str:
 
     name = "skew_pair_attention_cpu_2026-11-23_full.csv"
     goal = " (issue goal)"
-    cases = [(name, "headline-cpu-w0", goal), (name, "headline-cpu-w2", goal),
-             (name, "bert-w0-n64", ""), (name, "bert-w2-n1024", "")]
+    cases = [
+        (name, "headline-cpu-w0", goal),
+        (name, "headline-cpu-w2", goal),
+        (name, "bert-w0-n64", ""),
+        (name, "bert-w2-n1024", ""),
+    ]
     header = [
-        "case (N, window)", "fused fwd+bwd", "vs reference", "vs `torch.compile`", "vs per-pair MHA",
+        "case (N, window)",
+        "fused fwd+bwd",
+        "vs reference",
+        "vs `torch.compile`",
+        "vs per-pair MHA",
         "peak: fused / reference / compiled / MHA",
     ]
     return _table(header, cells, cases)
@@ -156,10 +172,18 @@ def multiple_kernel() -> str:
 
     name = "multiple_kernel_cpu_2026-11-23_full.csv"
     goal = " (issue goal)"
-    cases = [(name, "headline-cpu-mixed", goal), (name, "headline-cpu-rbf", goal),
-             (name, "mkl-mixed-n2048", ""), (name, "mkl-rbf-n1024", "")]
+    cases = [
+        (name, "headline-cpu-mixed", goal),
+        (name, "headline-cpu-rbf", goal),
+        (name, "mkl-mixed-n2048", ""),
+        (name, "mkl-rbf-n1024", ""),
+    ]
     header = [
-        "case", "fused fwd+bwd", "vs reference", "vs `torch.compile`", "forward vs reference",
+        "case",
+        "fused fwd+bwd",
+        "vs reference",
+        "vs `torch.compile`",
+        "forward vs reference",
         "peak: fused / reference / compiled",
     ]
     return _table(header, cells, cases)
@@ -182,10 +206,12 @@ def _size(n: int) -> str:
     return "2" + str(n.bit_length() - 1).translate(_SUPERSCRIPT) if n & (n - 1) == 0 else str(n)
 
 
-def _rule(threshold: int, min_modalities: int) -> str:
+def _rule(threshold: int, min_modalities: int, narrow: int = 0) -> str:
     if threshold == 0 and min_modalities <= 1:
         return "always fused"
     text = f"fused from {_size(threshold)}" if threshold else "fused"
+    if threshold and narrow:
+        text += f", or at any size when every modality is at most {narrow} wide"
     if min_modalities > 1:
         text += f" with M ≥ {min_modalities} (fewer modalities: always the reference)"
     return text
@@ -205,7 +231,8 @@ def cpu_size_rules() -> str:
     for name, label in OP_LABELS.items():
         op = OPS[name]
         metric = op.size_metric.replace("*", "·")
-        grad, infer = (_rule(t, op.cpu_min_modalities) for t in (op.cpu_min_size, op.cpu_min_size_forward))
+        grad = _rule(op.cpu_min_size, op.cpu_min_modalities, op.cpu_narrow_width)
+        infer = _rule(op.cpu_min_size_forward, op.cpu_min_modalities, op.cpu_narrow_width_forward)
         lines.append(f"| {label} ({metric}) | {grad} | {infer} |")
     return "\n".join(lines) + "\n"
 
@@ -224,6 +251,7 @@ def render(text: str, tables: dict[str, Callable[[], str]] = TABLES) -> str:
     absent = set(tables) - {m.group("name") for m in BLOCK.finditer(text)}
     if absent:
         raise KeyError(f"README has no generated block {sorted(absent)}")
+
     def body(m: re.Match) -> str:  # other tools' blocks are left alone
         name = m.group("name")
         return m.group(1) + tables[name]() + m.group(4) if name in tables else m.group(0)
@@ -241,8 +269,8 @@ def stale(path: Path = README) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.readme_tables",
-        description=__doc__.split("\n")[0]
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.readme_tables", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--check", action="store_true", help="exit 1 if a table differs from the CSVs")
     args = parser.parse_args(argv)

@@ -202,15 +202,25 @@ def refresh() -> None:
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
+# Inside vmap, grad, jacrev…: tensors are wrapped (no storage to read), and the fused kernels have
+# no batching rules.
+functorch_active = _functorch_active
 
 
 def choose(
-    op: OpDef, device: torch.device, dtype: torch.dtype, modalities: int, size: object, training: bool = True
+    op: OpDef,
+    device: torch.device,
+    dtype: torch.dtype,
+    modalities: int,
+    size: object,
+    training: bool = True,
+    widest: object = None,
 ) -> str:
     """The backend serving one call of ``op``: the forced one (or an error listing why it
     cannot serve, and which could), else the automatic choice. ``size`` is the op's size
     metric for its CPU rule (an int, or a SymInt when traced with dynamic shapes); ``training``:
-    the call records a gradient (``registry.needs_grad``)."""
+    the call records a gradient (``registry.needs_grad``); ``widest``: the widest modality, for
+    an op's narrow-width rule (``OpDef.prefers_fused``)."""
     forced = forced_backend()
     if _functorch_active():  # vmap, grad, jacrev…: the kernels have no batching/functorch rules
         if forced not in (None, "reference"):
@@ -232,7 +242,7 @@ def choose(
             )
         name = forced
     else:
-        fused = op.prefers_fused(device, size, modalities, training)
+        fused = op.prefers_fused(device, size, modalities, training, widest)
         choice = _automatic.__wrapped__ if torch.compiler.is_compiling() else _automatic
         name = choice(op, device, dtype, modalities > CUDA_MAX_MODALITIES, fused)
     if not torch.compiler.is_compiling():
@@ -247,7 +257,7 @@ _CPU = torch.device("cpu")
 _cpu_serves: dict[str, bool] = {}
 
 
-def choose_cpu_eager(op: OpDef, modalities: int, size: int, training: bool) -> str | None:
+def choose_cpu_eager(op: OpDef, modalities: int, size: int, training: bool, widest: int = 0) -> str | None:
     """:func:`choose` for an eager call on CPU tensors of a float dtype, in the common case
     only: not traced, no autocast, no torch.func transform, no forced backend other than
     ``cpu`` (which must then be able to serve). ``size``: the op's size metric, an int. Returns ``cpu`` or
@@ -260,6 +270,8 @@ def choose_cpu_eager(op: OpDef, modalities: int, size: int, training: bool) -> s
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return None
     threshold = op.cpu_min_size if training else op.cpu_min_size_forward
+    if widest and widest <= (op.cpu_narrow_width if training else op.cpu_narrow_width_forward):
+        threshold = 0  # narrow modalities: fused at any size
     if forced is None and (size < threshold or modalities < op.cpu_min_modalities):
         name = "reference"
     else:

@@ -42,6 +42,9 @@ class OpDef:
     modalities: measured faster there by ``python -m benchmarks.crossover``. The threshold is
     ``cpu_min_size`` for calls that record a gradient (forward + backward) and
     ``cpu_min_size_forward`` for the others (inference: only the forward kernels compete).
+    ``cpu_narrow_width`` / ``cpu_narrow_width_forward`` (0: none) exempt calls whose modalities
+    are all at most that wide from the threshold: where narrow modalities won at every measured
+    size while wider ones lost below it, so that one size threshold cannot say both.
 
     ``autocast``: under ``torch.autocast`` a ``"lower"`` op runs in the autocast dtype, as
     ``nn.Linear`` does (GEMM-like ops); a ``"keep"`` op runs in its inputs' dtype, as ATen's
@@ -58,6 +61,8 @@ class OpDef:
     cpu_min_size: int = 0
     cpu_min_size_forward: int = 0
     cpu_min_modalities: int = 1
+    cpu_narrow_width: int = 0
+    cpu_narrow_width_forward: int = 0
     cuda_kernels: bool = False
     autocast: Literal["lower", "keep"] = "keep"
     # Why the CPU size rule is what it is, for fusionops.info (an op whose thresholds were not
@@ -75,8 +80,11 @@ class OpDef:
             "fusionops.reference; expected 'cpu', 'cuda' or 'triton')"
         )
 
-    def prefers_fused(self, device: torch.device, size: object, modalities: int, training: bool) -> bool:
-        """The size rule: whether the automatic choice offers the fused kernels this call.
+    def prefers_fused(
+        self, device: torch.device, size: object, modalities: int, training: bool, widest: object = None
+    ) -> bool:
+        """The size rule: whether the automatic choice offers the fused kernels this call
+        (``widest``: the widest modality's width, for the narrow-width rule; None: not used).
 
         A symbolic size (torch.export with a dynamic dim, ``torch.compile(dynamic=True)``)
         takes the fused kernels: comparing it would add a guard that a dynamic dim cannot
@@ -86,17 +94,22 @@ class OpDef:
             return True
         if modalities < self.cpu_min_modalities:
             return False
+        narrow = self.cpu_narrow_width if training else self.cpu_narrow_width_forward
+        if narrow and isinstance(widest, int) and widest <= narrow:
+            return True
         threshold = self.cpu_min_size if training else self.cpu_min_size_forward
         return not isinstance(size, int) or size >= threshold
 
     def size_rule(self) -> str:
         """The CPU size rule in words, for ``fusionops.info``."""
         lines = []
-        for mode, threshold in (
-            ("with gradients", self.cpu_min_size),
-            ("inference", self.cpu_min_size_forward),
+        for mode, threshold, narrow in (
+            ("with gradients", self.cpu_min_size, self.cpu_narrow_width),
+            ("inference", self.cpu_min_size_forward, self.cpu_narrow_width_forward),
         ):
             parts = [f"{self.size_metric} < {threshold}"] if threshold > 0 else []
+            if parts and narrow:
+                parts[0] += f" (unless every modality is at most {narrow} wide)"
             if self.cpu_min_modalities > 1:
                 parts.append(f"fewer than {self.cpu_min_modalities} modalities")
             if parts:

@@ -153,10 +153,11 @@ def test_extension_loads_when_fusionops_is_imported_first():
 def test_automatic_choice_depends_on_size_and_mode():
     """On CPU the size rule is per mode: a small tensor fusion call that records a gradient
     goes to the fused kernels (never lost there), the same call in inference to the reference
-    (its one GEMM wins below the forward threshold), a large inference call to the kernels;
-    forcing a backend bypasses the rule."""
+    (its one GEMM wins below the forward threshold; modalities wider than the narrow-width rule's),
+    a large inference call to the kernels; forcing a backend bypasses the rule."""
     op = OPS["tensor_fusion"]
-    small = [torch.randn(4, 3, requires_grad=True), torch.randn(4, 2)]
+    wide = op.cpu_narrow_width_forward + 1
+    small = [torch.randn(4, wide, requires_grad=True), torch.randn(4, 2)]
     side = int(op.cpu_min_size_forward**0.5) + 1
     big = [torch.randn(1, side - 1), torch.randn(1, side - 1)]
     fusionops.reset_dispatch_counts()

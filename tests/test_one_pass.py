@@ -40,16 +40,35 @@ def _sizes(op):
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_same_decision_as_choose(name, training, forced):
     op = OPS[name]
+    narrow = op.cpu_narrow_width if training else op.cpu_narrow_width_forward
     for modalities in (1, 2, 3, 5):
         for size in _sizes(op):
-            with fusionops.backend(forced):
-                fusionops.reset_dispatch_counts()
-                got = _backend.choose_cpu_eager(op, modalities, size, training)
-                counted = fusionops.dispatch_counts()
-                fusionops.reset_dispatch_counts()
-                want = _backend.choose(op, CPU, torch.float32, modalities, size, training)
-            assert got == want, (name, modalities, size, training, forced)
-            assert counted == fusionops.dispatch_counts()
+            for widest in sorted({1, 8, 300, narrow, narrow + 1} - {0}):
+                with fusionops.backend(forced):
+                    fusionops.reset_dispatch_counts()
+                    got = _backend.choose_cpu_eager(op, modalities, size, training, widest)
+                    counted = fusionops.dispatch_counts()
+                    fusionops.reset_dispatch_counts()
+                    want = _backend.choose(op, CPU, torch.float32, modalities, size, training, widest)
+                assert got == want, (name, modalities, size, training, forced, widest)
+                assert counted == fusionops.dispatch_counts()
+            # without a width (0 / None) the size threshold alone decides
+            assert _backend.choose_cpu_eager(op, modalities, size, training) == _backend.choose(
+                op, CPU, torch.float32, modalities, size, training
+            )
+
+
+def test_narrow_width_rule():
+    """Tensor fusion's inference and multiple kernel fusion's training rules exempt narrow
+    modalities from the size threshold (measured: they won at every crossover size)."""
+    tf, mkl = OPS["tensor_fusion"], OPS["multiple_kernel"]
+    assert _backend.choose(tf, CPU, torch.float32, 2, 100, False, 8) == "cpu"
+    assert _backend.choose(tf, CPU, torch.float32, 2, 100, False, 9) == "reference"
+    assert _backend.choose(tf, CPU, torch.float32, 2, 100, False) == "reference"
+    assert _backend.choose(mkl, CPU, torch.float32, 3, 64, True, 32) == "cpu"
+    assert _backend.choose(mkl, CPU, torch.float32, 3, 64, True, 33) == "reference"
+    assert _backend.choose(mkl, CPU, torch.float32, 3, 64, False, 4) == "reference"  # inference: size only
+    assert "unless every modality is at most 8 wide" in tf.size_rule()
 
 
 def test_none_outside_the_common_case(monkeypatch):
@@ -148,8 +167,8 @@ MK = sys.modules["fusionops.ops.multiple_kernel"]
 
 
 def _mkl_case(n_b=None):
-    xs_a = [x.requires_grad_() for x in make_xs((6,), (3, 5), torch.float32, seed=4)]
-    xs_b = None if n_b is None else make_xs((n_b,), (3, 5), torch.float32, seed=5)
+    xs_a = [x.requires_grad_() for x in make_xs((6,), (3, 40), torch.float32, seed=4)]
+    xs_b = None if n_b is None else make_xs((n_b,), (3, 40), torch.float32, seed=5)
     beta = torch.tensor([0.3, 0.9]).requires_grad_()
     return xs_a, xs_b, beta
 

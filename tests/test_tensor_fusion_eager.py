@@ -311,8 +311,8 @@ def _one_pass_case():
 
 def test_one_pass_serves_the_common_call_like_the_full_path(monkeypatch):
     """The common call is served by the one pass (the full path's checks never run), with the
-    same result, gradients and dispatch count as the full path; inference calls below the
-    size rule go to the reference there too."""
+    same result, gradients and dispatch count as the full path; inference calls follow the
+    size and narrow-width rules there too."""
     xs, w, b = _one_pass_case()
     g = make_grad((5, 2), torch.float32, "cpu")
     fusionops.reset_dispatch_counts()
@@ -329,12 +329,16 @@ def test_one_pass_serves_the_common_call_like_the_full_path(monkeypatch):
     for a, e in zip(_grads(y, [*xs, w, b], g), grads_full, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     assert fusionops.dispatch_counts()["tensor_fusion"] == {"cpu": 2}
-    with torch.no_grad():  # N*K = 100: below the inference rule, the reference serves
+    with torch.no_grad():  # N*K = 100, widths <= 8: the narrow-width inference rule, fused
         y0 = fusionops.tensor_fusion(xs, w, b)
-        assert fusionops.dispatch_counts()["tensor_fusion"] == {"cpu": 2, "reference": 1}
+        assert fusionops.dispatch_counts()["tensor_fusion"] == {"cpu": 3}
+        wide = make_xs((5,), (9, 2), torch.float32)  # one modality 9 wide: the reference serves
+        w9, _ = make_weight((9, 2), 2, torch.float32)
+        fusionops.tensor_fusion(wide, w9, None)
+        assert fusionops.dispatch_counts()["tensor_fusion"] == {"cpu": 3, "reference": 1}
         with fusionops.backend("cpu"):
             y1 = fusionops.tensor_fusion(tuple(xs), w, None)
-    assert fusionops.dispatch_counts()["tensor_fusion"] == {"cpu": 3, "reference": 1}
+    assert fusionops.dispatch_counts()["tensor_fusion"] == {"cpu": 4, "reference": 1}
     assert_close_to(y0, y_full.detach(), torch.float32)
     assert_close_to(y1, reference.tensor_fusion(xs, w, None).detach(), torch.float32)
 

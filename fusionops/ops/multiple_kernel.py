@@ -78,8 +78,11 @@ class _CompiledKernels:
 # runs of `python -m benchmarks.crossover` (a single reading is within this machine's run-to-run
 # noise of about 10%); each threshold is the smallest measured size from which nothing is lost.
 # CSVs: benchmarks/results/crossover_<op>_cpu_2026-12-04_run{1,2}.csv.
+# With gradients, modalities at most 32 wide (16x8x32, mixed and RBF) won at every measured size
+# from 64 output elements in both runs (1.03-2.45x): such calls are fused at any size.
 CPU_FUSED_MIN_ELEMENTS = 1 << 20
 CPU_FUSED_MIN_ELEMENTS_FORWARD = 1 << 14
+CPU_NARROW_WIDTH = 32
 
 OPDEF = register(
     OpDef(
@@ -91,6 +94,7 @@ OPDEF = register(
         size_metric="N_a*N_b",
         cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
         cpu_min_size_forward=CPU_FUSED_MIN_ELEMENTS_FORWARD,
+        cpu_narrow_width=CPU_NARROW_WIDTH,
         autocast="keep",
     )
 )
@@ -380,13 +384,16 @@ def multiple_kernel(
     if xs_b is None:
         xs_b = xs_a
     dims = _one_pass_sides(xs_a, xs_b, beta)
-    if dims is not None:  # the common eager call: the full path's checks and choice, cheaper
+    # the common eager call: the full path's checks and choice, cheaper (not inside a torch.func
+    # transform, whose batched beta has no values to read)
+    if dims is not None and not _backend.functorch_active():
         # beta's values: one host read (a plain CPU tensor: readable); the full check names a bad one
         if not all(0.0 <= v < math.inf for v in beta.tolist()):  # type: ignore[union-attr]
             _check_beta_values(beta)
         specs = as_base_kernels(OP, kernels, len(dims))
         size = xs_a[0].shape[0] * xs_b[0].shape[0]
-        backend = _backend.choose_cpu_eager(OPDEF, len(dims), size, _training(xs_a, xs_b, beta, specs))
+        training = _training(xs_a, xs_b, beta, specs)
+        backend = _backend.choose_cpu_eager(OPDEF, len(dims), size, training, max(dims))
         if backend is not None:
             return _run(xs_a, xs_b, beta, specs, dims, backend)
     dims = _check_sides(xs_a, xs_b)
@@ -399,7 +406,7 @@ def multiple_kernel(
         )
     size = first.shape[0] * xs_b[0].shape[0]
     training = _training(xs_a, xs_b, beta, specs)
-    backend = _backend.choose(OPDEF, first.device, first.dtype, len(dims), size, training)
+    backend = _backend.choose(OPDEF, first.device, first.dtype, len(dims), size, training, max(dims))
     return _run(xs_a, xs_b, beta, specs, dims, backend)
 
 

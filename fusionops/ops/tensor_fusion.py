@@ -105,8 +105,12 @@ class _CompiledKernels:
 # noise of about 10%); each threshold is the smallest measured size from which nothing is lost.
 # Re-measured after the small-problem kernel path and the C++ autograd (issue 15), on a quiet
 # machine: benchmarks/results/crossover_tensor_fusion_cpu_2026-12-04_run{3,4}.csv.
+# Below that, modalities at most 8 wide won at every measured size (4x4x4 and 8x8x8: 1.24-2.56x
+# in both runs; the small-problem kernel path serves them), while wider ones lost (16x16 0.86-1.05x,
+# 16x16x16 0.54-0.65x): inference calls whose modalities are all at most 8 wide are fused.
 CPU_FUSED_MIN_ELEMENTS = 0
 CPU_FUSED_MIN_ELEMENTS_FORWARD = 1679616
+CPU_NARROW_WIDTH_FORWARD = 8
 
 OPDEF = register(
     OpDef(
@@ -118,6 +122,7 @@ OPDEF = register(
         size_metric="N*K",
         cpu_min_size=CPU_FUSED_MIN_ELEMENTS,
         cpu_min_size_forward=CPU_FUSED_MIN_ELEMENTS_FORWARD,
+        cpu_narrow_width_forward=CPU_NARROW_WIDTH_FORWARD,
         cuda_kernels=True,
         autocast="lower",
     )
@@ -519,10 +524,10 @@ def _entry(
     return cast(TensorFusionKernels, kernels)
 
 
-def _choose(first: Tensor, m: int, size: int, training: bool, dropout: float) -> str:
+def _choose(first: Tensor, m: int, size: int, training: bool, dropout: float, widest: int) -> str:
     """The backend of a call (``_backend.choose``), never the cuda one with dropout: forced,
     that is an error with the reason; chosen automatically, triton (else the reference) serves."""
-    backend = _backend.choose(OPDEF, first.device, first.dtype, m, size, training)
+    backend = _backend.choose(OPDEF, first.device, first.dtype, m, size, training, widest)
     why = _no_cuda_dropout(backend, dropout)
     if why is None:
         return backend
@@ -550,19 +555,19 @@ def _eager_cpu_rows(xs: Sequence[Tensor], weight: Tensor | None, bias: Tensor | 
         return None
     if bias is not None and not plain_cpu_like(bias, dtype):
         return None
-    n, k = -1, 1
+    n, k, widest = -1, 1, 0
     for x in xs:
         s = x.shape
         if len(s) != 2 or s[1] == 0 or (s[0] != n and n >= 0):
             return None
-        n, k = s[0], k * (s[1] + 1)
+        n, k, widest = s[0], k * (s[1] + 1), max(widest, s[1])
     ws = weight.shape
     if len(ws) != 2 or ws[1] != k or (bias is not None and bias.shape != ws[:1]):
         return None
     training = torch.is_grad_enabled() and (
         weight.requires_grad or (bias is not None and bias.requires_grad) or any(x.requires_grad for x in xs)
     )
-    backend = _backend.choose_cpu_eager(OPDEF, len(xs), n * k, training)
+    backend = _backend.choose_cpu_eager(OPDEF, len(xs), n * k, training, widest)
     if backend is None:
         return None
     if backend == "reference":
@@ -626,7 +631,8 @@ def tensor_fusion(
 
     n = math.prod(lead)
     training = needs_grad(xs, weight, bias)
-    backend = _choose(first, len(xs), n * k, training, dropout)
+    widest = max(int(x.shape[-1]) for x in xs)
+    backend = _choose(first, len(xs), n * k, training, dropout, widest)
     if backend == "reference":
         return reference.tensor_fusion(xs, weight, bias, mask, dropout, seed)
 
