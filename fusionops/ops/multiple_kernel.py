@@ -384,9 +384,9 @@ def multiple_kernel(
     if xs_b is None:
         xs_b = xs_a
     dims = _one_pass_sides(xs_a, xs_b, beta)
-    # the common eager call: the full path's checks and choice, cheaper (not inside a torch.func
-    # transform, whose batched beta has no values to read)
-    if dims is not None and not _backend.functorch_active():
+    # the common eager call: the full path's checks and choice, cheaper (not while torch.compile
+    # traces, nor inside a torch.func transform: beta has no values to read there)
+    if dims is not None and not (torch.compiler.is_compiling() or _backend.functorch_active()):
         # beta's values: one host read (a plain CPU tensor: readable); the full check names a bad one
         if not all(0.0 <= v < math.inf for v in beta.tolist()):  # type: ignore[union-attr]
             _check_beta_values(beta)
