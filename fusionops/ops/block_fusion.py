@@ -24,15 +24,14 @@ from fusionops.registry import OpDef, needs_grad, register
 
 OP = "block_fusion"
 
-# Automatic choice on CPU, on N·R·m: the fused kernels everywhere, for their memory (2.7-8x less
-# extra peak than the reference at the headline sizes, benchmarks/results/{mfb,block_fusion}_cpu_
-# 2026-12-04_headline*.csv); their speed there is 0.6-1.3x the reference's (the backward
-# recomputes the projections).
+# Automatic choice on CPU, on N·R·m: the fused kernels everywhere (5.6-8.5x less extra peak than
+# the reference at the headline and 1.71x / 1.20x its speed with 2 / 1 threads, benchmarks/results/
+# block_fusion_cpu_2026-12-04_headline*.csv, quiet, after issue 20's kernel changes).
 # Two crossover sweeps on a quiet machine (benchmarks/results/crossover_block_fusion_cpu_2026-12-04_
 # run{1,2}.csv): forward 1.2-9.3x everywhere, fwd+bwd 1.1-6.7x up to N*R*m = 1.8M and 0.83-0.93x at
 # 7.4M (the largest measured), where the fused kernels keep the 6-8x smaller peak: fused everywhere.
 # After issue 20's kernel changes (backward by chunks, larger tiles), one thread, CPU time,
-# interleaved: fwd+bwd 1.13-3.4x on those sizes, 1.13x at 7.4M (not yet in the CSVs above).
+# interleaved: fwd+bwd 1.13-3.4x on those sizes, 1.13x at 7.4M (the crossover CSVs predate it).
 CPU_FUSED_MIN_ELEMENTS = 0
 CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 

@@ -23,10 +23,9 @@ from fusionops.registry import OpDef, needs_grad, register
 
 OP = "mfb"
 
-# Automatic choice on CPU, on N·k·o: the fused kernels everywhere, for their memory (2.7-8x less
-# extra peak than the reference at the headline sizes, benchmarks/results/{mfb,block_fusion}_cpu_
-# 2026-12-04_headline*.csv); their speed there is 0.6-1.3x the reference's (the backward
-# recomputes the projections).
+# Automatic choice on CPU, on N·k·o: the fused kernels everywhere, for their memory (2.1-2.3x less
+# extra peak than the reference at the headline, benchmarks/results/mfb_cpu_2026-12-04_headline*.csv,
+# quiet); their speed there is 0.74-0.83x the reference's (the backward recomputes the projections).
 # Two crossover sweeps on a quiet machine (benchmarks/results/crossover_mfb_cpu_2026-12-04_run{1,2}.csv)
 # found no size from which the fused kernels never lose: fwd+bwd 0.51-1.14x (the backward
 # recomputes the projections), forward 0.86-2.1x. They stay the automatic choice on CPU for
@@ -34,8 +33,8 @@ OP = "mfb"
 # The recomputation bounds it (issue 20): fused fwd+bwd does 4/3 of the reference's GEMM FLOPs
 # (5.57 against 4.23 GFLOP at the headline), 0.76x the reference's speed were both all GEMMs at
 # one rate; the reference's elementwise passes over its (N, k·o) tensors leave a little more:
-# 0.79-0.85x at d = 512 with one thread after issue 20's kernel changes (CPU time, interleaved;
-# not yet in the CSVs above).
+# 0.79-0.85x at d = 512 with one thread after issue 20's kernel changes (CPU time, interleaved);
+# the headline CSVs, re-run quiet after them: 0.83x (2 threads), 0.74x (1 thread).
 CPU_FUSED_MIN_ELEMENTS = 0
 CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 
