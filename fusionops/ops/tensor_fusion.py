@@ -524,7 +524,9 @@ def _entry(
     return cast(TensorFusionKernels, kernels)
 
 
-def _choose(first: Tensor, m: int, size: int, training: bool, dropout: float, widest: int) -> str:
+def _choose(
+    first: Tensor, m: int, size: int, training: bool, dropout: float, widest: int | None = None
+) -> str:
     """The backend of a call (``_backend.choose``), never the cuda one with dropout: forced,
     that is an error with the reason; chosen automatically, triton (else the reference) serves."""
     backend = _backend.choose(OPDEF, first.device, first.dtype, m, size, training, widest)
