@@ -263,16 +263,14 @@ def choose_cpu_eager(op: OpDef, modalities: int, size: int, training: bool, wide
     ``cpu`` (which must then be able to serve). ``size``: the op's size metric, an int. Returns ``cpu`` or
     ``reference``, counted as :func:`choose` counts; None where the common case does not hold
     (the caller then takes :func:`choose`, which decides and explains). The same decision as
-    :func:`choose` at a fraction of its cost (no reasons are built, no cache is hashed)."""
+    :func:`choose` (the same size rule, ``OpDef.prefers_fused``) at a fraction of its cost (no
+    reasons are built, no cache is hashed)."""
     forced = getattr(_local, "forced", None) or _env_forced or None
     if (forced is not None and forced != "cpu") or _functorch_active():
         return None
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return None
-    threshold = op.cpu_min_size if training else op.cpu_min_size_forward
-    if widest and widest <= (op.cpu_narrow_width if training else op.cpu_narrow_width_forward):
-        threshold = 0  # narrow modalities: fused at any size
-    if forced is None and (size < threshold or modalities < op.cpu_min_modalities):
+    if forced is None and not op.prefers_fused(_CPU, size, modalities, training, widest or None):
         name = "reference"
     else:
         serves = _cpu_serves.get(op.name)

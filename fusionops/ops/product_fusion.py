@@ -167,11 +167,7 @@ def _eager_cpu(xs: Sequence[Tensor]) -> Tensor | None:
     backend = _backend.choose_cpu_eager(OPDEF, len(xs), shape.numel(), needs_grad(xs))
     if backend is None:
         return None
-    if backend == "reference":
-        return reference.product_fusion(xs)
-    n, d = shape.numel() // shape[-1], shape[-1]
-    out = _eager.apply(_Call(_kernels(backend)), tuple(x.reshape(n, d) for x in xs))
-    return out.reshape(shape)
+    return _run(xs, backend, shape.numel() // shape[-1])
 
 
 def product_fusion(xs: Sequence[Tensor]) -> Tensor:
@@ -190,9 +186,15 @@ def product_fusion(xs: Sequence[Tensor]) -> Tensor:
         return _autocast.call_without_autocast(OPDEF.autocast, first.device, product_fusion, xs)
     n = math.prod(lead)
     backend = _backend.choose(OPDEF, first.device, first.dtype, len(xs), n * dims[0], needs_grad(xs))
+    return _run(xs, backend, n)
+
+
+def _run(xs: Sequence[Tensor], backend: str, n: int) -> Tensor:
+    """A checked call of ``n`` rows on ``backend``."""
     if backend == "reference":
         return reference.product_fusion(xs)
-    xs2 = [x.reshape(n, dims[0]) for x in xs]
+    first = xs[0]
+    xs2 = [x.reshape(n, first.shape[-1]) for x in xs]
     if _eager.traced(first):  # the custom op: what compiled graphs, exports and fake tensors take
         out = torch.ops.fusionops.product_fusion(xs2, backend)
     else:

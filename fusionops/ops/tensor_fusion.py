@@ -566,17 +566,29 @@ def _eager_cpu_rows(xs: Sequence[Tensor], weight: Tensor | None, bias: Tensor | 
     ws = weight.shape
     if len(ws) != 2 or ws[1] != k or (bias is not None and bias.shape != ws[:1]):
         return None
-    training = torch.is_grad_enabled() and (
-        weight.requires_grad or (bias is not None and bias.requires_grad) or any(x.requires_grad for x in xs)
-    )
+    training = needs_grad(xs, weight, bias)
     backend = _backend.choose_cpu_eager(OPDEF, len(xs), n * k, training, widest)
     if backend is None:
         return None
     if backend == "reference":
         return reference.tensor_fusion(xs, weight, bias)
+    return _compiled_projected(xs, weight, bias, None, 0.0, 0, training)
+
+
+def _compiled_projected(
+    xs: Sequence[Tensor],
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    dropout: float,
+    seed: int,
+    training: bool,
+) -> Tensor:
+    """An eager projection on the cpu or cuda backend (rows): autograd in C++
+    (csrc/cpu/eager_autograd.cpp) when a gradient is recorded, else the forward kernel alone."""
     if training:
-        return torch.ops.fusionops._tf_projected_eager.default(xs, weight, bias, None, 0.0, 0)
-    return torch.ops.fusionops._tf_projected_fwd.default(xs, weight, bias, None, 0.0, 0)
+        return torch.ops.fusionops._tf_projected_eager.default(xs, weight, bias, mask, dropout, seed)
+    return torch.ops.fusionops._tf_projected_fwd.default(xs, weight, bias, mask, dropout, seed)
 
 
 def tensor_fusion(
@@ -656,8 +668,6 @@ def tensor_fusion(
     elif backend == "triton":
         call = _ProjectedCall(_kernels(backend), len(xs), dropout, seed)
         out = _eager.apply(call, (*xs2, weight, bias, mask2))
-    elif training:  # cpu, cuda: autograd in C++ (csrc/cpu/eager_autograd.cpp), same kernels
-        out = torch.ops.fusionops._tf_projected_eager.default(xs2, weight, bias, mask2, dropout, seed)
-    else:
-        out = torch.ops.fusionops._tf_projected_fwd.default(xs2, weight, bias, mask2, dropout, seed)
+    else:  # cpu, cuda
+        out = _compiled_projected(xs2, weight, bias, mask2, dropout, seed, training)
     return out if len(lead) == 1 else out.reshape(*lead, out.shape[-1])
