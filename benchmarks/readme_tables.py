@@ -197,6 +197,7 @@ OP_LABELS = {
     "skew_pair_attention": "skew-pair attention",
     "multiple_kernel": "multiple kernel fusion",
     "mfb": "MFB / MLB bilinear pooling",
+    "mfh": "MFH bilinear pooling",
     "block_fusion": "BLOCK / MUTAN bilinear fusion",
 }
 _SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")

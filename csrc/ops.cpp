@@ -69,12 +69,12 @@ TORCH_LIBRARY(fusionops, m) {
   m.def(
       "_mkl_bwd(Tensor grad, Tensor[] xs_a, Tensor[] xs_b, Tensor beta, int[] kinds, Tensor params, "
       "int[] degrees, bool[] needs) -> (Tensor[], Tensor[], Tensor, Tensor)");
-  // Bilinear pooling family: MFB/MLB, MUTAN, BLOCK (DESIGN.md section 6); contract in
+  // Bilinear pooling family: MFB/MLB, MFH (chain), MUTAN, BLOCK (DESIGN.md section 6); contract in
   // fusionops/ops/_bilinear.py (BilinearKernels).
   m.def(
       "_bilinear_fwd(Tensor x, Tensor t, Tensor wx, Tensor? bx, Tensor wt, Tensor? bt, Tensor wo, Tensor? bo, "
-      "int rank, bool rank_major, int activation, int normalize) -> Tensor");
+      "int rank, bool rank_major, int activation, int normalize, bool chain=False) -> Tensor");
   m.def(
       "_bilinear_bwd(Tensor grad, Tensor x, Tensor t, Tensor wx, Tensor? bx, Tensor wt, Tensor? bt, Tensor wo, "
-      "int rank, bool rank_major, int activation, int normalize, bool[] needs) -> Tensor[]");
+      "int rank, bool rank_major, int activation, int normalize, bool[] needs, bool chain=False) -> Tensor[]");
 }

@@ -1,4 +1,4 @@
-"""Inputs and the reference check shared by the bilinear ops' tests (MFB, BLOCK)."""
+"""Inputs and the reference check shared by the bilinear ops' tests (MFB, MFH, BLOCK)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,22 @@ def make_mfb_params(dx, dt, k, o, out, dtype=torch.float32, device="cpu", layout
         _weight(k * o, dt, dtype, device, layout, gen),
         _bias((k * o,), dtype, device, layout, gen),
         _weight(out, o, dtype, device, layout, gen),
+        _bias((out,), dtype, device, layout, gen),
+    ]
+
+
+def make_mfh_params(
+    dx, dt, k, o, out, blocks, dtype=torch.float32, device="cpu", layout="contiguous", seed=4
+):  # fmt: skip
+    """``[u_weight (p, k·o, d_x), u_bias (p, k·o), v_weight (p, k·o, d_t), v_bias, out_weight
+    (O, p·o), out_bias]`` with ``p = blocks``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        _weight(k * o, dx, dtype, device, layout, gen, (blocks,)),
+        _bias((blocks, k * o), dtype, device, layout, gen),
+        _weight(k * o, dt, dtype, device, layout, gen, (blocks,)),
+        _bias((blocks, k * o), dtype, device, layout, gen),
+        _weight(out, blocks * o, dtype, device, layout, gen),
         _bias((out,), dtype, device, layout, gen),
     ]
 

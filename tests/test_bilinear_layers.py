@@ -82,11 +82,27 @@ def test_mfh_loads_their_state_dict():
     m = fusionops.MFH([DX, DT], OUT, mm_dim=MM, factor=k, normalize=True).double().eval()
     m.load_state_dict(sd)
     xs = _inputs()
+    counts = fusionops.dispatch_counts().get("mfh", {}).get("cpu", 0)
+    y = m(xs)
+    assert fusionops.dispatch_counts()["mfh"]["cpu"] == counts + 1, "the fused op did not serve the call"
     e0 = F.relu(_lin(sd, "linear0_0", xs[0])) * F.relu(_lin(sd, "linear1_0", xs[1]))
     e1 = F.relu(_lin(sd, "linear0_1", xs[0])) * F.relu(_lin(sd, "linear1_1", xs[1])) * e0
     zs = [_ssqrt_l2(e.view(e.shape[0], MM, k).sum(2)) for e in (e0, e1)]
     expected = F.relu(_lin(sd, "linear_out", torch.cat(zs, 1)))
-    assert_close_to(m(xs), expected, torch.float64, "MFH")
+    assert_close_to(y, expected, torch.float64, "MFH")
+
+
+def test_mfh_dropout_runs_the_reference_in_training_only():
+    m = fusionops.MFH([DX, DT], OUT, mm_dim=MM, dropout_input=0.3, dropout_pre_lin=0.2, order=3)
+    xs = [x.float() for x in _inputs()]
+    fusionops.reset_dispatch_counts()
+    m.train()
+    y_train = m(xs)
+    assert "mfh" not in fusionops.dispatch_counts(), "dropout in training must not take the fused op"
+    m.eval()
+    y_eval = m(xs)
+    assert fusionops.dispatch_counts()["mfh"]
+    assert not torch.allclose(y_train, y_eval), "training dropout had no effect"
 
 
 def _theirs_block(sd, xs, chunks, rank, pos_norm, merge):
@@ -325,7 +341,7 @@ def test_block_op_errors(args, kwargs, match):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("layer", ["MFB", "Block"])
+@pytest.mark.parametrize("layer", ["MFB", "MFH", "Block"])
 def test_compile(layer, backend):
     kwargs = {"chunks": 2, "rank": 2} if layer == "Block" else {"normalize": True}
     m = getattr(fusionops, layer)([DX, DT], OUT, mm_dim=MM, **kwargs).eval()
@@ -333,36 +349,39 @@ def test_compile(layer, backend):
     assert_compiled_matches_reference(m, xs, backend)
 
 
-def _op_calls():
-    mfb_params = [
-        torch.randn(6, 2),
-        torch.randn(6),
-        torch.randn(6, 3),
-        torch.randn(6),
-        torch.randn(2, 3),
-        None,
-    ]
-    blk_params = [
-        torch.randn(2, 2, 1),
-        None,
-        torch.randn(2, 2, 1),
-        torch.randn(2, 2),
-        torch.randn(3, 2),
-        None,
-    ]
+def _op_calls(rounded: bool = False):
+    """Each op's fused call and its reference on the same random parameters; ``rounded``: the
+    reference's parameters rounded to bfloat16 and held in float64 (what autocast hands the
+    fused kernels, computed without further rounding)."""
+    gen = torch.Generator().manual_seed(7)  # the same parameters whichever tests ran before
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    mfb_params = [randn(6, 2), randn(6), randn(6, 3), randn(6), randn(2, 3), None]
+    blk_params = [randn(2, 2, 1), None, randn(2, 2, 1), randn(2, 2), randn(3, 2), None]
+    mfh_params = [randn(2, 6, 2), randn(2, 6), randn(2, 6, 3), None, randn(2, 6), None]
+
+    def r(ps):
+        return [p.bfloat16().double() if rounded and p is not None else p for p in ps]
+
     return {
+        "mfh": (
+            lambda a, b: fusionops.mfh(a, b, *mfh_params, factor=2, normalize=True),
+            lambda a, b: fusionops.reference.mfh(a, b, *r(mfh_params), 2, "relu", True),
+        ),
         "mfb": (
             lambda a, b: fusionops.mfb(a, b, *mfb_params, factor=2, normalize=True),
-            lambda a, b: fusionops.reference.mfb(a, b, *mfb_params, 2, "relu", True),
+            lambda a, b: fusionops.reference.mfb(a, b, *r(mfb_params), 2, "relu", True),
         ),
         "block_fusion": (
             lambda a, b: fusionops.block_fusion(a, b[..., :2], *blk_params, rank=2),
-            lambda a, b: fusionops.reference.block_fusion(a, b[..., :2], *blk_params, 2),
+            lambda a, b: fusionops.reference.block_fusion(a, b[..., :2], *r(blk_params), 2),
         ),
     }
 
 
-@pytest.mark.parametrize("op", ["mfb", "block_fusion"])
+@pytest.mark.parametrize("op", ["mfb", "mfh", "block_fusion"])
 def test_vmap_and_meta(op):
     """Inside vmap the reference serves each sample (the kernels have no batching rule); meta
     tensors get the output shape from the fake kernels' twin, the reference."""
@@ -381,9 +400,13 @@ def test_vmap_and_meta(op):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-@pytest.mark.parametrize("op", ["mfb", "block_fusion"])
+@pytest.mark.parametrize("op", ["mfb", "mfh", "block_fusion"])
 def test_autocast_lowers_like_linear(op, backend):
-    """Under autocast the ops run in the autocast dtype on every backend, as nn.Linear does."""
+    """Under autocast the ops run in the autocast dtype on every backend, as nn.Linear does.
+    The reference backend is the reference under autocast itself (each ATen op rounds to
+    bfloat16, so near a pooled 0 the signed square root magnifies its roundings); the fused
+    kernels take the bfloat16-rounded inputs and parameters, compute in float32 and round once:
+    the float64 reference on those rounded values, within bfloat16's tolerance."""
     fused, ref = _op_calls()[op]
     a, b = torch.randn(4, 2), torch.randn(4, 3)
     with fusionops.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -392,4 +415,8 @@ def test_autocast_lowers_like_linear(op, backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = ref(a, b)
     assert expected.dtype == torch.bfloat16
-    assert_close_to(out, ref(a.bfloat16().float(), b.bfloat16().float()).double(), torch.bfloat16, op)
+    if backend == "reference":
+        assert torch.equal(out, expected)
+    else:
+        _, ref64 = _op_calls(rounded=True)[op]
+        assert_close_to(out, ref64(a.bfloat16().double(), b.bfloat16().double()), torch.bfloat16, op)

@@ -24,6 +24,7 @@ def test_every_op_is_registered_once_with_its_reference_and_kernels():
         "skew_pair_attention",
         "multiple_kernel",
         "mfb",
+        "mfh",
         "block_fusion",
     }
     for op in OPS.values():

@@ -7,6 +7,10 @@
 // act(A_c)[i] act(B_c)[i] with i = r·S + j (rank_major: MUTAN, BLOCK) or j·R + r (MFB's j·k + i);
 // n(·) (signed square root, then L2 over each chunk or over the row) is optional; y = z Woᵀ + bo.
 // MFB is C = 1, R = k, S = o; MUTAN is C = 1; BLOCK is C chunks.
+// MFH (Yu et al. 2018) is `chain`: x (N, dx) and t (N, dt) are shared by the C chunks (its p
+// blocks), and the products are chained, e_c = (act(A_c) act(B_c)) e_{c-1} (e_{-1} = 1, the
+// reference's `a * b * skip`), before each is pooled; its backward carries dL/de_c back from
+// chunk c + 1, so a tile's rows take all chunks at once (backward_by_rows).
 //
 // Rows go in tiles, each thread taking whole tiles: per tile and chunk the projections are GEMMs
 // (BLAS, single-threaded inside the parallel region) and the activation ATen's in-place kernel,
@@ -63,6 +67,7 @@ struct Problem {
   RowBlocks bwd_blocks;  // the backward's (by_rows: every chunk's projections of a tile at once)
   bool by_chunk = false;  // backward by chunks (backward_by_chunk) or by rows (backward_by_rows)
   bool rank_major = false;
+  bool chain = false;  // MFH: inputs shared by the chunks, products chained over them
   int64_t act = kNone, norm = kNoNorm;
   at::ScalarType dtype = at::kFloat, acc = at::kFloat;
   // Parameters in the compute dtype, contiguous (one copy per call, the size of the weights).
@@ -86,7 +91,7 @@ Problem make_problem(const char* op, const at::Tensor& x, const at::Tensor& t, c
                      const std::optional<at::Tensor>& bx, const at::Tensor& wt,
                      const std::optional<at::Tensor>& bt, const at::Tensor& wo,
                      const std::optional<at::Tensor>& bo, int64_t rank, bool rank_major, int64_t activation,
-                     int64_t normalize) {
+                     int64_t normalize, bool chain) {
   Problem p;
   p.dtype = x.scalar_type();
   p.acc = at::toOpMathType(p.dtype);
@@ -110,10 +115,12 @@ Problem make_problem(const char* op, const at::Tensor& x, const at::Tensor& t, c
   p.dt = wt.size(2);
   p.O = wo.size(0);
   p.rank_major = rank_major;
+  p.chain = chain;
   p.act = activation;
   p.norm = normalize;
-  check_param(op, "x", x, {p.N, p.C * p.dx}, p.dtype);
-  check_param(op, "t", t, {p.N, p.C * p.dt}, p.dtype);
+  const int64_t in_chunks = chain ? 1 : p.C;  // chain: every chunk reads the whole row
+  check_param(op, "x", x, {p.N, in_chunks * p.dx}, p.dtype);
+  check_param(op, "t", t, {p.N, in_chunks * p.dt}, p.dtype);
   check_param(op, "wt", wt, {p.C, p.P, p.dt}, p.dtype);
   check_param(op, "wo", wo, {p.O, p.C * p.S}, p.dtype);
   if (bx) check_param(op, "bx", *bx, {p.C, p.P}, p.dtype);
@@ -132,7 +139,7 @@ Problem make_problem(const char* op, const at::Tensor& x, const at::Tensor& t, c
   };
   const int64_t chunk_rows = rows_within(elem * std::max(p.P, p.C * p.S));
   p.fwd_blocks = row_blocks(p.N, chunk_rows);
-  p.by_chunk = p.C > 1 && p.norm != kWholeRow && p.C >= at::get_num_threads();
+  p.by_chunk = p.C > 1 && !p.chain && p.norm != kWholeRow && p.C >= at::get_num_threads();
   if (p.by_chunk) {  // every thread goes over all rows: tiles independent of the thread count
     p.bwd_blocks.N = p.N;
     p.bwd_blocks.rows = std::max<int64_t>(1, std::min(p.N, chunk_rows));
@@ -144,9 +151,12 @@ Problem make_problem(const char* op, const at::Tensor& x, const at::Tensor& t, c
 }
 
 // Rows [r0, r0 + rows) of a (N, C·d) input as (C, rows, d) in the compute dtype (a view when
-// the input already has that dtype).
-at::Tensor chunks_of(const at::Tensor& x, int64_t r0, int64_t rows, int64_t C, at::ScalarType acc) {
-  return x.narrow(0, r0, rows).to(acc).reshape({rows, C, -1}).transpose(0, 1);
+// the input already has that dtype); chain: of a (N, d) input, the same rows for every chunk
+// (a stride-0 view).
+at::Tensor chunks_of(const Problem& p, const at::Tensor& x, int64_t r0, int64_t rows) {
+  const at::Tensor r = x.narrow(0, r0, rows).to(p.acc);
+  if (p.chain) return r.unsqueeze(0).expand({p.C, rows, r.size(1)});
+  return r.reshape({rows, p.C, -1}).transpose(0, 1);
 }
 
 // The activation, in place, by ATen's own vectorized kernels (those of the reference's F.relu
@@ -234,6 +244,54 @@ struct Chunks {
   int64_t G, cs, rows;
 };
 
+// The chained product of a tile (MFH): e_{c-1} of each row, (rows, P) of stride P, overwritten
+// with e_c by each chunk that `pool` takes; `first`: the first of those chunks is chunk 0.
+template <typename T>
+struct Chain {
+  T* e = nullptr;
+  bool first = true;
+};
+
+// pooled[j] = Σ_r e[i] of one row's product e (P), i = r·S + j or j·R + r.
+template <typename T>
+inline void pool_row(const Problem& p, const T* __restrict__ e, T* __restrict__ out) {
+  const int64_t S = p.S, R = p.R;
+  if (p.rank_major) {
+    for (int64_t j = 0; j < S; ++j) out[j] = e[j];
+    for (int64_t r = 1; r < R; ++r) {
+      for (int64_t j = 0; j < S; ++j) out[j] += e[r * S + j];
+    }
+  } else {
+    for (int64_t j = 0; j < S; ++j) {
+      const T* ej = e + j * R;
+      T sum = 0;
+      for (int64_t r = 0; r < R; ++r) sum += ej[r];
+      out[j] = sum;
+    }
+  }
+}
+
+// Middle, forward, chained (MFH): e_c = (A_c B_c) e_{c-1} for the G chunks of `ab` in order,
+// each pooled into pooled[n, g·S + ·]; chain.e carries e from chunk to chunk (and from call to
+// call: the forward takes one chunk a call).
+template <typename T>
+void pool_chained(const Problem& p, const Chunks<T>& ab, Rows<T> pooled, const Chain<T>& chain) {
+  const int64_t P = p.P;
+  for (int64_t n = 0; n < ab.rows; ++n) {
+    T* __restrict__ e = chain.e + n * P;
+    for (int64_t g = 0; g < ab.G; ++g) {
+      const T* __restrict__ ar = ab.a + g * ab.cs + n * P;
+      const T* __restrict__ br = ab.b + g * ab.cs + n * P;
+      if (chain.first && g == 0) {
+        for (int64_t i = 0; i < P; ++i) e[i] = ar[i] * br[i];
+      } else {
+        for (int64_t i = 0; i < P; ++i) e[i] = ar[i] * br[i] * e[i];
+      }
+      pool_row<T>(p, e, pooled.row(n) + g * p.S);
+    }
+  }
+}
+
 // Middle, forward, pooling: pooled[n, g·S + j] = Σ_r A[g, n, i] B[g, n, i] for the G chunks of
 // `ab` (activated; i = r·S + j, or j·R + r).
 template <typename T>
@@ -253,12 +311,7 @@ void pool(const Problem& p, const Chunks<T>& ab, Rows<T> pooled) {
         }
       } else {  // i = j·R + r: runs of R
         for (int64_t i = 0; i < P; ++i) e[i] = ar[i] * br[i];
-        for (int64_t j = 0; j < S; ++j) {
-          const T* ej = e.data() + j * R;
-          T sum = 0;
-          for (int64_t r = 0; r < R; ++r) sum += ej[r];
-          out[j] = sum;
-        }
+        pool_row<T>(p, e.data(), out);
       }
     }
   }
@@ -310,22 +363,28 @@ void normalize_backward(int64_t rows, int64_t groups, int64_t width, Rows<const 
   }
 }
 
+// dL/dpooled of chunk g of a row spread over the P products it sums.
+template <typename T>
+inline void spread_row(const Problem& p, const T* dp, T* dpx) {
+  const int64_t S = p.S, R = p.R;
+  if (p.rank_major) {
+    for (int64_t r = 0; r < R; ++r) std::copy(dp, dp + S, dpx + r * S);
+  } else {
+    for (int64_t j = 0; j < S; ++j) std::fill(dpx + j * R, dpx + (j + 1) * R, dp[j]);
+  }
+}
+
 // Middle, backward, unpooling: overwrite the G chunks of `ab` (activated) with dL/dA and dL/dB
 // (pre-activation) from dpooled = dL/dpooled.
 template <typename T, int64_t ACT>
 void unpool_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
-  const int64_t P = p.P, S = p.S, R = p.R;
+  const int64_t P = p.P, S = p.S;
   std::vector<T> dpx(P);  // dL/dpooled spread over the P products it sums: one flat loop below
   for (int64_t n = 0; n < ab.rows; ++n) {
     for (int64_t g = 0; g < ab.G; ++g) {
       T* __restrict__ ar = ab.a + g * ab.cs + n * P;
       T* __restrict__ br = ab.b + g * ab.cs + n * P;
-      const T* dp = dpooled.row(n) + g * S;
-      if (p.rank_major) {
-        for (int64_t r = 0; r < R; ++r) std::copy(dp, dp + S, dpx.data() + r * S);
-      } else {
-        for (int64_t j = 0; j < S; ++j) std::fill(dpx.data() + j * R, dpx.data() + (j + 1) * R, dp[j]);
-      }
+      spread_row<T>(p, dpooled.row(n) + g * S, dpx.data());
       const T* __restrict__ d = dpx.data();
       for (int64_t i = 0; i < P; ++i) {
         const T fa = ar[i], fb = br[i];
@@ -337,9 +396,50 @@ void unpool_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
   }
 }
 
+// Middle, backward, chained (MFH; all C chunks of a tile in `ab`): the row's chain e_0 … e_{C-2}
+// recomputed, then the chunks walked backwards carrying dL/de_c: dL/de_c = spread(dL/dpooled_c)
+// + dL/de_{c+1} (A_{c+1} B_{c+1}); for e_c = (A_c B_c) e_{c-1}, as mul's backward groups it,
+// dL/d(A_c B_c) = dL/de_c e_{c-1} and dL/de_{c-1} = dL/de_c (A_c B_c).
+template <typename T, int64_t ACT>
+void unpool_chained_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
+  const int64_t P = p.P, S = p.S, G = ab.G;
+  std::vector<T> e(std::max<int64_t>(G - 1, 0) * P), carry(P), dpx(P);
+  for (int64_t n = 0; n < ab.rows; ++n) {
+    for (int64_t g = 0; g + 1 < G; ++g) {
+      const T* __restrict__ ar = ab.a + g * ab.cs + n * P;
+      const T* __restrict__ br = ab.b + g * ab.cs + n * P;
+      T* __restrict__ eg = e.data() + g * P;
+      for (int64_t i = 0; i < P; ++i) eg[i] = g == 0 ? ar[i] * br[i] : ar[i] * br[i] * eg[i - P];
+    }
+    for (int64_t g = G - 1; g >= 0; --g) {
+      T* __restrict__ ar = ab.a + g * ab.cs + n * P;
+      T* __restrict__ br = ab.b + g * ab.cs + n * P;
+      spread_row<T>(p, dpooled.row(n) + g * S, dpx.data());
+      const T* __restrict__ prev = g > 0 ? e.data() + (g - 1) * P : nullptr;
+      for (int64_t i = 0; i < P; ++i) {
+        const T fa = ar[i], fb = br[i];
+        const T ge = g == G - 1 ? dpx[i] : dpx[i] + carry[i];
+        T gab = ge;
+        if (prev) {
+          gab = ge * prev[i];
+          carry[i] = ge * (fa * fb);
+        }
+        ar[i] = activate_backward<ACT>(gab * fb, fa);
+        br[i] = activate_backward<ACT>(gab * fa, fb);
+      }
+    }
+  }
+}
+
 template <typename T>
 void unpool(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
-  with_activation(p.act, [&](auto act) { unpool_act<T, decltype(act)::value>(p, ab, dpooled); });
+  with_activation(p.act, [&](auto act) {
+    if (p.chain) {
+      unpool_chained_act<T, decltype(act)::value>(p, ab, dpooled);
+    } else {
+      unpool_act<T, decltype(act)::value>(p, ab, dpooled);
+    }
+  });
 }
 
 // The projections A, B (G, rows, P) as Chunks.
@@ -383,10 +483,12 @@ void add_weight_grad(at::Tensor dW, const at::Tensor& dA, const at::Tensor& X, b
   }
 }
 
-// Rows of dx (rows, C·d) = dA W per chunk.
-void input_grad(at::Tensor dx, const at::Tensor& dA, const at::Tensor& W) {
-  if (W.size(0) == 1) {
+// Rows of dx (rows, C·d) = dA W per chunk; chain: dx (rows, d) = Σ_c dA_c W_c (every chunk read
+// the same x).
+void input_grad(const Problem& p, at::Tensor dx, const at::Tensor& dA, const at::Tensor& W) {
+  if (W.size(0) == 1 || p.chain) {
     at::mm_out(dx, dA[0], W[0]);
+    for (int64_t c = 1; c < W.size(0); ++c) dx.addmm_(dA[c], W[c]);
   } else {
     dx.view({dx.size(0), W.size(0), W.size(2)}).transpose(0, 1).copy_(at::bmm(dA, W));
   }
@@ -403,9 +505,10 @@ void project_chunk(const Problem& p, const at::Tensor& X, const at::Tensor& W, c
   activate_(p, out);
 }
 
-// Columns [c·d, (c + 1)·d) of rows [r0, r0 + rows) of a (N, C·d) input, in the compute dtype.
-at::Tensor chunk_of(const at::Tensor& x, int64_t r0, int64_t rows, int64_t c, int64_t d, at::ScalarType acc) {
-  return x.narrow(0, r0, rows).narrow(1, c * d, d).to(acc);
+// Columns [c·d, (c + 1)·d) of rows [r0, r0 + rows) of a (N, C·d) input, in the compute dtype;
+// chain: the rows of the (N, d) input every chunk reads.
+at::Tensor chunk_of(const Problem& p, const at::Tensor& x, int64_t r0, int64_t rows, int64_t c, int64_t d) {
+  return x.narrow(0, r0, rows).narrow(1, p.chain ? 0 : c * d, d).to(p.acc);
 }
 
 // Each thread takes whole tiles and runs their GEMMs itself (ATen's BLAS runs single-threaded
@@ -423,15 +526,21 @@ void forward_tiles(const Problem& p, const at::Tensor& x, const at::Tensor& t, c
     at::Tensor A = at::empty({tiles.rows, p.P}, p.opts()), B = at::empty({tiles.rows, p.P}, p.opts());
     at::Tensor pooled = at::empty({tiles.rows, p.C * p.S}, p.opts());
     at::Tensor z = p.norm == kNoNorm ? pooled : at::empty({tiles.rows, p.C * p.S}, p.opts());
+    at::Tensor E = p.chain ? at::empty({tiles.rows, p.P}, p.opts()) : at::Tensor();  // e_{c-1}
     for (int64_t bi = b0; bi < b1; ++bi) {
       const int64_t r0 = tiles.first(bi), rows = tiles.count(bi);
       at::Tensor a = A.narrow(0, 0, rows), b = B.narrow(0, 0, rows);
       at::Tensor pl = pooled.narrow(0, 0, rows), zt = z.narrow(0, 0, rows);
       for (int64_t c = 0; c < p.C; ++c) {
-        project_chunk(p, chunk_of(x, r0, rows, c, p.dx, p.acc), p.wx, p.bx, c, a);
-        project_chunk(p, chunk_of(t, r0, rows, c, p.dt, p.acc), p.wt, p.bt, c, b);
-        pool<T>(p, chunks_view<T>(a.unsqueeze(0), b.unsqueeze(0)),
-                {pl.mutable_data_ptr<T>() + c * p.S, pl.stride(0)});
+        project_chunk(p, chunk_of(p, x, r0, rows, c, p.dx), p.wx, p.bx, c, a);
+        project_chunk(p, chunk_of(p, t, r0, rows, c, p.dt), p.wt, p.bt, c, b);
+        const Chunks<T> ab = chunks_view<T>(a.unsqueeze(0), b.unsqueeze(0));
+        const Rows<T> out{pl.mutable_data_ptr<T>() + c * p.S, pl.stride(0)};
+        if (p.chain) {
+          pool_chained<T>(p, ab, out, {E.mutable_data_ptr<T>(), c == 0});
+        } else {
+          pool<T>(p, ab, out);
+        }
       }
       normalize_tile<T>(p, groups, width, pl, zt);
       at::Tensor yt = y.narrow(0, r0, rows);
@@ -448,10 +557,10 @@ at::Tensor bilinear_fwd(const at::Tensor& x, const at::Tensor& t, const at::Tens
                         const std::optional<at::Tensor>& bx, const at::Tensor& wt,
                         const std::optional<at::Tensor>& bt, const at::Tensor& wo,
                         const std::optional<at::Tensor>& bo, int64_t rank, bool rank_major, int64_t activation,
-                        int64_t normalize) {
+                        int64_t normalize, bool chain) {
   BelowAutograd below;
   const Problem p =
-      make_problem("_bilinear_fwd", x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize);
+      make_problem("_bilinear_fwd", x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize, chain);
   at::Tensor y = at::empty({p.N, p.O}, p.opts());
   if (p.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(p.acc, "_bilinear_fwd", [&] { forward_tiles<scalar_t>(p, x, t, y); });
@@ -486,7 +595,7 @@ void backward_by_chunk(const Problem& p, const at::Tensor& grad, const at::Tenso
         const int64_t r0 = tiles.first(bi), rows = tiles.count(bi);
         at::Tensor a = A.narrow(0, 0, rows), b = B.narrow(0, 0, rows);
         at::Tensor pl = pooled.narrow(0, 0, rows), zt = z.narrow(0, 0, rows), gzt = gz.narrow(0, 0, rows);
-        const at::Tensor X = chunk_of(x, r0, rows, c, p.dx, p.acc), Tt = chunk_of(t, r0, rows, c, p.dt, p.acc);
+        const at::Tensor X = chunk_of(p, x, r0, rows, c, p.dx), Tt = chunk_of(p, t, r0, rows, c, p.dt);
         project_chunk(p, X, p.wx, p.bx, c, a);  // recomputed: the forward kept nothing
         project_chunk(p, Tt, p.wt, p.bt, c, b);
         const Chunks<T> ab = chunks_view<T>(a.unsqueeze(0), b.unsqueeze(0));
@@ -537,29 +646,34 @@ void backward_by_rows(const Problem& p, const at::Tensor& grad, const at::Tensor
       const BelowAutograd below;
       at::Tensor gz = at::empty({tile, CS}, p.opts());
       at::Tensor pooled = p.norm == kNoNorm ? at::Tensor() : at::empty({tile, CS}, p.opts());
+      at::Tensor E = p.chain ? at::empty({tile, p.P}, p.opts()) : at::Tensor();
       for (int64_t bi = b0; bi < b1; ++bi) {
         const int64_t off = bi * tile, rows = std::min(tile, nq - off), r0 = q0 + off;
         at::Tensor A = dA.narrow(1, off, rows), B = dB.narrow(1, off, rows);
-        project(p, chunks_of(x, r0, rows, p.C, p.acc), p.wx, p.bx, A);  // recomputed: the forward kept nothing
-        project(p, chunks_of(t, r0, rows, p.C, p.acc), p.wt, p.bt, B);
+        project(p, chunks_of(p, x, r0, rows), p.wx, p.bx, A);  // recomputed: the forward kept nothing
+        project(p, chunks_of(p, t, r0, rows), p.wt, p.bt, B);
         at::Tensor zt = Z.narrow(0, off, rows), gzt = gz.narrow(0, 0, rows);
         at::Tensor pl = p.norm == kNoNorm ? zt : pooled.narrow(0, 0, rows);
         const Chunks<T> ab = chunks_view<T>(A, B);
-        pool<T>(p, ab, rows_view<T>(pl));
+        if (p.chain) {
+          pool_chained<T>(p, ab, rows_view<T>(pl), {E.mutable_data_ptr<T>(), true});
+        } else {
+          pool<T>(p, ab, rows_view<T>(pl));
+        }
         normalize_tile<T>(p, groups, width, pl, zt);
         at::mm_out(gzt, grad.narrow(0, r0, rows).to(p.acc), p.wo);
         if (p.norm != kNoNorm) {
           normalize_backward<T>(rows, groups, width, crows_view<T>(pl), crows_view<T>(zt), rows_view<T>(gzt));
         }
         unpool<T>(p, ab, crows_view<T>(gzt));  // A, B now hold dL/dA, dL/dB
-        if (g.dx.defined()) input_grad(g.dx.narrow(0, r0, rows), A, p.wx);
-        if (g.dt.defined()) input_grad(g.dt.narrow(0, r0, rows), B, p.wt);
+        if (g.dx.defined()) input_grad(p, g.dx.narrow(0, r0, rows), A, p.wx);
+        if (g.dt.defined()) input_grad(p, g.dt.narrow(0, r0, rows), B, p.wt);
       }
     });
     const at::Tensor A = dA.narrow(1, 0, nq), B = dB.narrow(1, 0, nq);
-    if (g.dwx.defined()) add_weight_grad(g.dwx, A, chunks_of(x, q0, nq, p.C, p.acc), q0 == 0);
+    if (g.dwx.defined()) add_weight_grad(g.dwx, A, chunks_of(p, x, q0, nq), q0 == 0);
     if (g.dbx.defined()) g.dbx.add_(A.sum(1));
-    if (g.dwt.defined()) add_weight_grad(g.dwt, B, chunks_of(t, q0, nq, p.C, p.acc), q0 == 0);
+    if (g.dwt.defined()) add_weight_grad(g.dwt, B, chunks_of(p, t, q0, nq), q0 == 0);
     if (g.dbt.defined()) g.dbt.add_(B.sum(1));
     if (g.dwo.defined()) g.dwo.addmm_(grad.narrow(0, q0, nq).to(p.acc).t(), Z.narrow(0, 0, nq));
   }
@@ -571,16 +685,16 @@ std::vector<at::Tensor> bilinear_bwd(const at::Tensor& grad, const at::Tensor& x
                                      const at::Tensor& wx, const std::optional<at::Tensor>& bx,
                                      const at::Tensor& wt, const std::optional<at::Tensor>& bt,
                                      const at::Tensor& wo, int64_t rank, bool rank_major, int64_t activation,
-                                     int64_t normalize, const c10::List<bool>& needs) {
+                                     int64_t normalize, const c10::List<bool>& needs, bool chain) {
   BelowAutograd below;
   const Problem p = make_problem("_bilinear_bwd", x, t, wx, bx, wt, bt, wo, std::nullopt, rank, rank_major,
-                                 activation, normalize);
+                                 activation, normalize, chain);
   TORCH_CHECK(needs.size() == 8, "fusionops::_bilinear_bwd: needs must hold 8 flags, got ", needs.size());
   check_param("_bilinear_bwd", "grad", grad, {p.N, p.O}, p.dtype);
   const auto o = p.opts();
   Grads g;
-  if (needs[0]) g.dx = at::empty({p.N, p.C * p.dx}, o);
-  if (needs[1]) g.dt = at::empty({p.N, p.C * p.dt}, o);
+  if (needs[0]) g.dx = at::empty({p.N, x.size(1)}, o);
+  if (needs[1]) g.dt = at::empty({p.N, t.size(1)}, o);
   // dwx, dwt: written by their first GEMM when there are rows (add_weight_grad's `first`).
   const auto weight_grad = [&](at::IntArrayRef shape) { return p.N > 0 ? at::empty(shape, o) : at::zeros(shape, o); };
   if (needs[2]) g.dwx = weight_grad({p.C, p.P, p.dx});

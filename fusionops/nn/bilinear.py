@@ -7,14 +7,15 @@ Each has block.bootstrap's constructor arguments, ``forward([x0, x1])`` and para
 ``linear0_0``…), so a state_dict saved from their layer loads with plain
 ``layer.load_state_dict(sd)`` (strict), and ``n_params`` as theirs.
 
-What runs fused: MLB, MFB, Mutan and Block go through :func:`fusionops.mfb` /
-:func:`fusionops.block_fusion`, which never hold the ``(N, k·o)`` / ``(N, R·s)`` projections.
-The dropouts that sit inside those ops (``dropout_input`` of MLB/MFB, ``dropout_pre_norm``,
+What runs fused: MLB, MFB, MFH, Mutan and Block go through :func:`fusionops.mfb` /
+:func:`fusionops.mfh` / :func:`fusionops.block_fusion`, which never hold the ``(N, k·o)`` /
+``(N, R·s)`` projections.
+The dropouts that sit inside those ops (``dropout_input`` of MLB/MFB/MFH, ``dropout_pre_norm``,
 ``dropout_pre_lin``) are not fused: in training mode with such a p > 0 the layer runs the
 materialising reference (``fusionops.reference``), as block.bootstrap does; so does an
 ``activ_input`` other than relu, tanh or None. ``dropout_output`` and ``activ_output`` act after
-the output projection, outside the op. MFH always runs the reference (its chained products need
-``e_{i−1}`` for every row; not fused yet).
+the output projection, outside the op. MFH stacks its blocks' weights into the op's ``(p, k·o, d)``
+layout at each call (a copy of their size, as Block's chunks).
 
 Differences from block.bootstrap: any leading shape ``(*, d)`` (theirs: ``(N, d)``; their
 ``F.normalize`` over dim 1 would normalise the wrong dim of 3-d inputs, ours is the last);
@@ -34,6 +35,7 @@ from fusionops._checks import check_layer_widths
 from fusionops.ops._bilinear import check_pair
 from fusionops.ops.block_fusion import block_fusion
 from fusionops.ops.mfb import mfb
+from fusionops.ops.mfh import mfh
 from fusionops.reference import bilinear as reference
 from fusionops.reference.bilinear import ACTIVATIONS
 
@@ -172,8 +174,7 @@ class MLB(MFB):
 class MFH(_Bilinear):
     """Multimodal factorized high-order pooling (Yu et al. 2018), block.bootstrap's ``MFH``:
     ``order`` (their 2) MFB blocks ``linear0_i``, ``linear1_i`` chained by products, then
-    ``linear_out (order·mm_dim → output_dim)`` on ``cat(z_0 … z_{order−1})``. Runs the
-    materialising reference (not fused yet)."""
+    ``linear_out (order·mm_dim → output_dim)`` on ``cat(z_0 … z_{order−1})``."""
 
     def __init__(
         self,
@@ -208,17 +209,29 @@ class MFH(_Bilinear):
         self.linear_out = nn.Linear(mm_dim * order, output_dim)
         self._count()
 
+    def _fused(self) -> bool:
+        """Whether this call runs the fused op (as :meth:`MFB._fused`)."""
+        inner = self.dropout_input > 0 or self.dropout_pre_lin > 0
+        return (self.activ_input or None) in ACTIVATIONS and not (self.training and inner)
+
     def forward(self, x: Sequence[Tensor]) -> Tensor:
         x0, x1 = _pair(type(self).__name__, self.input_dims, x)
-        blocks = []
-        for i in range(self.order):
-            l0, l1 = getattr(self, f"linear0_{i}"), getattr(self, f"linear1_{i}")
-            blocks.append((l0.weight, l0.bias, l1.weight, l1.bias))
-        z = reference.mfh(
-            x0, x1, blocks, self.linear_out.weight, self.linear_out.bias, self.factor,
-            self.activ_input or None, self.normalize, dropout_input=self.dropout_input,
-            dropout_pre_lin=self.dropout_pre_lin, training=self.training,
-        )  # fmt: skip
+        l0s = [getattr(self, f"linear0_{i}") for i in range(self.order)]
+        l1s = [getattr(self, f"linear1_{i}") for i in range(self.order)]
+        out = (self.linear_out.weight, self.linear_out.bias)
+        if self._fused():
+            z = mfh(
+                x0, x1, torch.stack([m.weight for m in l0s]), torch.stack([m.bias for m in l0s]),
+                torch.stack([m.weight for m in l1s]), torch.stack([m.bias for m in l1s]), *out,
+                factor=self.factor, activation=self.activ_input or None, normalize=self.normalize,
+            )  # fmt: skip
+        else:
+            z = reference.mfh(
+                x0, x1, [m.weight for m in l0s], [m.bias for m in l0s], [m.weight for m in l1s],
+                [m.bias for m in l1s], *out, self.factor, self.activ_input or None, self.normalize,
+                dropout_input=self.dropout_input, dropout_pre_lin=self.dropout_pre_lin,
+                training=self.training,
+            )  # fmt: skip
         return self._dropout_out(_activation_out(z, self.activ_output))
 
 

@@ -1,5 +1,5 @@
-"""What the bilinear pooling ops (MFB/MLB in ``ops/mfb.py``, MUTAN/BLOCK in
-``ops/block_fusion.py``; DESIGN.md section 6) share: the kernel contract, the compiled kernels,
+"""What the bilinear pooling ops (MFB/MLB in ``ops/mfb.py``, MFH in ``ops/mfh.py``, MUTAN/BLOCK
+in ``ops/block_fusion.py``; DESIGN.md section 6) share: the kernel contract, the compiled kernels,
 the eager call and the argument checks.
 
 One kernel pair serves the family. ``x (N, C·dx)`` and ``t (N, C·dt)`` are cut into C chunks;
@@ -7,7 +7,9 @@ chunk c is projected to ``P = R·S`` columns, ``A_c = x_c Wx[c]ᵀ + bx[c]``,
 ``B_c = t_c Wt[c]ᵀ + bt[c]``; ``p[c·S + j] = Σ_r act(A_c)[i] act(B_c)[i]`` with ``i = r·S + j``
 (``rank_major``: MUTAN, BLOCK) or ``i = j·R + r`` (MFB's pooled index ``j·k + i``); ``z = n(p)``
 (signed square root then L2, over each chunk or over the row) or ``p``; ``y = z Woᵀ + bo``.
-MFB is C = 1, R = k, S = o.
+MFB is C = 1, R = k, S = o. MFH is ``chain``: ``x (N, dx)`` and ``t (N, dt)`` are read whole by
+every chunk (its p blocks) and the products are chained before pooling, chunk c's product
+``e_c = (act(A_c) act(B_c)) e_{c−1}`` (``e_{−1} = 1``).
 """
 
 from __future__ import annotations
@@ -36,18 +38,20 @@ class BilinearKernels(Protocol):
     ``wt (C, R·S, dt)``, ``wo (O, C·S)``; ``bx, bt (C, R·S)`` and ``bo (O,)`` or None; all any
     strides; ``rank = R >= 1``; ``activation`` a value of :data:`ACTIVATION_CODES`,
     ``normalize`` one of the ``NORM_*`` codes. Kernels accumulate in float32 (float64 for
-    float64) and never hold the ``(N, C·R·S)`` projections or their product for all rows."""
+    float64) and never hold the ``(N, C·R·S)`` projections or their product for all rows.
+    ``chain`` (MFH): ``x (N, dx)``, ``t (N, dt)`` shared by the C chunks, products chained."""
 
     def forward(
         self, x: Tensor, t: Tensor, wx: Tensor, bx: Tensor | None, wt: Tensor, bt: Tensor | None,
         wo: Tensor, bo: Tensor | None, rank: int, rank_major: bool, activation: int, normalize: int,
+        chain: bool = False,
     ) -> Tensor:  # fmt: skip
         """``y`` (N, O), contiguous."""
 
     def backward(
         self, grad: Tensor, x: Tensor, t: Tensor, wx: Tensor, bx: Tensor | None, wt: Tensor,
         bt: Tensor | None, wo: Tensor, rank: int, rank_major: bool, activation: int, normalize: int,
-        needs: list[bool],
+        needs: list[bool], chain: bool = False,
     ) -> list[Tensor]:  # fmt: skip
         """Eight gradients (x, t, wx, bx, wt, bt, wo, bo) given ``grad = dL/dy`` (N, O) of any
         strides; ``needs`` has eight flags in that order, and an entry whose flag is False (or
@@ -57,17 +61,19 @@ class BilinearKernels(Protocol):
 class CompiledKernels:
     """``torch.ops.fusionops._bilinear_fwd/_bwd`` (C++, csrc/cpu/bilinear.cpp)."""
 
-    def forward(self, x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize) -> Tensor:
+    def forward(
+        self, x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize, chain=False
+    ) -> Tensor:
         return torch.ops.fusionops._bilinear_fwd.default(
-            x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize
+            x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize, chain
         )
 
     def backward(
-        self, grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, normalize, needs
+        self, grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, normalize, needs, chain=False
     ) -> list[Tensor]:
         return list(
             torch.ops.fusionops._bilinear_bwd.default(
-                grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, normalize, needs
+                grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, normalize, needs, chain
             )
         )
 
@@ -78,20 +84,22 @@ def as_chunked(t: Tensor | None, chunked: bool) -> Tensor | None:
     return t if t is None or chunked else t.unsqueeze(0)
 
 
-def run_forward(kernels: BilinearKernels, flat, rank, rank_major, act, norm, chunked) -> Tensor:
+def run_forward(kernels: BilinearKernels, flat, rank, rank_major, act, norm, chunked, chain=False) -> Tensor:
     x, t, wx, bx, wt, bt, wo, bo = flat
     wx3, bx2, wt3, bt2 = (as_chunked(w, chunked) for w in (wx, bx, wt, bt))
-    return kernels.forward(x, t, wx3, bx2, wt3, bt2, wo, bo, rank, rank_major, act, norm).contiguous()
+    return kernels.forward(x, t, wx3, bx2, wt3, bt2, wo, bo, rank, rank_major, act, norm, chain).contiguous()
 
 
-def run_backward(kernels: BilinearKernels, grad, flat, needs, rank, rank_major, act, norm, chunked):
+def run_backward(
+    kernels: BilinearKernels, grad, flat, needs, rank, rank_major, act, norm, chunked, chain=False
+):
     """The eight gradients of ``flat`` (None where not needed), in the parameters' own shapes."""
     x, t, wx, bx, wt, bt, wo, _ = flat
     needs = [bool(n) for n in needs]
     needs[3] = needs[3] and bx is not None
     needs[5] = needs[5] and bt is not None
     wx3, bx2, wt3, bt2 = (as_chunked(w, chunked) for w in (wx, bx, wt, bt))
-    grads = kernels.backward(grad, x, t, wx3, bx2, wt3, bt2, wo, rank, rank_major, act, norm, needs)
+    grads = kernels.backward(grad, x, t, wx3, bx2, wt3, bt2, wo, rank, rank_major, act, norm, needs, chain)
     shapes = [x.shape, t.shape, wx.shape, None if bx is None else bx.shape, wt.shape,
               None if bt is None else bt.shape, wo.shape, (wo.shape[0],)]  # fmt: skip
     return [g.reshape(s).contiguous() if n else None for g, n, s in zip(grads, needs, shapes, strict=True)]
@@ -115,16 +123,21 @@ def fake_grads(flat, needs) -> list[Tensor]:
 class BilinearCall(EagerCall):
     """Eager call of a bilinear op: flat = (x, t, wx, bx, wt, bt, wo, bo)."""
 
-    __slots__ = ("op", "rank", "rank_major", "act", "norm", "chunked", "reference")
+    __slots__ = ("op", "rank", "rank_major", "act", "norm", "chunked", "chain", "reference")
 
-    def __init__(self, kernels, op: str, rank, rank_major, act, norm, chunked, reference: Callable) -> None:
+    def __init__(
+        self, kernels, op: str, rank, rank_major, act, norm, chunked, reference: Callable, chain: bool = False
+    ) -> None:
         super().__init__(kernels)
         self.op = op
         self.rank, self.rank_major, self.act, self.norm, self.chunked = rank, rank_major, act, norm, chunked
+        self.chain = chain
         self.reference = reference  # reference(*flat) -> y, for second order
 
     def forward(self, flat):
-        return run_forward(self.kernels, flat, self.rank, self.rank_major, self.act, self.norm, self.chunked)
+        return run_forward(
+            self.kernels, flat, self.rank, self.rank_major, self.act, self.norm, self.chunked, self.chain
+        )
 
     def saved(self, flat):
         return (*flat[:7], None)  # the output bias is not read by backward
@@ -132,7 +145,16 @@ class BilinearCall(EagerCall):
     def backward(self, grad, flat, needs):
         return tuple(
             run_backward(
-                self.kernels, grad, flat, needs, self.rank, self.rank_major, self.act, self.norm, self.chunked
+                self.kernels,
+                grad,
+                flat,
+                needs,
+                self.rank,
+                self.rank_major,
+                self.act,
+                self.norm,
+                self.chunked,
+                self.chain,
             )
         )
 

@@ -3,7 +3,7 @@
 These are the oracle the tests hold every kernel to, and the ``reference`` backend.
 """
 
-from fusionops.reference.bilinear import block_fusion, mfb
+from fusionops.reference.bilinear import block_fusion, mfb, mfh
 from fusionops.reference.low_rank_fusion import low_rank_fusion
 from fusionops.reference.multiple_kernel import base_kernel, multiple_kernel
 from fusionops.reference.product_fusion import product_fusion
@@ -15,6 +15,7 @@ __all__ = [
     "block_fusion",
     "low_rank_fusion",
     "mfb",
+    "mfh",
     "multiple_kernel",
     "product_fusion",
     "skew_pair_attention",

@@ -1,11 +1,13 @@
 """The bilinear pooling family (DESIGN.md section 6) as plain torch ops: MFB (MLB as k = 1),
-MUTAN and BLOCK (MUTAN is BLOCK with one chunk). MFH is chained MFB blocks (``fusionops.nn``).
+MFH (chained MFB blocks), MUTAN and BLOCK (MUTAN is BLOCK with one chunk).
 
 These materialise what block.bootstrap.pytorch's ``fusions.py`` materialises: the ``(*, k·o)``
-projections and their product (MFB), every chunk's ``(*, R·s)`` projections (BLOCK).
+projections and their product (MFB, each block of MFH), every chunk's ``(*, R·s)`` projections (BLOCK).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +110,10 @@ def block_fusion(
 def mfh(
     x: Tensor,
     t: Tensor,
-    blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]],
+    u_weight: Tensor | Sequence[Tensor],
+    u_bias: Tensor | Sequence[Tensor] | None,
+    v_weight: Tensor | Sequence[Tensor],
+    v_bias: Tensor | Sequence[Tensor] | None,
     out_weight: Tensor,
     out_bias: Tensor | None,
     factor: int,
@@ -119,16 +124,21 @@ def mfh(
     dropout_pre_lin: float = 0.0,
     training: bool = False,
 ) -> Tensor:
-    """MFH (Yu et al. 2018): ``p = len(blocks)`` MFB blocks ``(U_i, b_u_i, V_i, b_v_i)``;
-    block i's ``e_i = act(x U_iᵀ + b_u_i) ⊙ act(t V_iᵀ + b_v_i) ⊙ e_{i−1}`` (``e_{−1} = 1``),
-    ``z_i = n(SumPool_k(e_i))``, ``y = cat(z_0 … z_{p−1}) W_oᵀ + b_o``. As block.bootstrap's
-    ``MFH`` (p = 2): ``dropout_pre_lin`` acts on each ``e_i`` before it is pooled and passed on.
+    """MFH (Yu et al. 2018): ``p`` MFB blocks, block i's ``(U_i, b_u_i, V_i, b_v_i)`` =
+    ``u_weight[i] (k·o, d_x)``, ``u_bias[i] (k·o)``, ``v_weight[i]``, ``v_bias[i]`` (stacked
+    ``(p, k·o, d)`` / ``(p, k·o)`` tensors, as :func:`fusionops.mfh` takes them, or sequences of
+    p tensors; biases None: none). ``e_i = act(x U_iᵀ + b_u_i) ⊙ act(t V_iᵀ + b_v_i) ⊙ e_{i−1}``
+    (``e_{−1} = 1``), ``z_i = n(SumPool_k(e_i))``, ``y = cat(z_0 … z_{p−1}) W_oᵀ + b_o``
+    (``W_o (O, p·o)``). As block.bootstrap's ``MFH`` (p = 2): ``dropout_pre_lin`` acts on each
+    ``e_i`` before it is pooled and passed on.
     """
     zs = []
     skip: Tensor | None = None
-    for u_weight, u_bias, v_weight, v_bias in blocks:
-        a = _dropout(activate(F.linear(x, u_weight, u_bias), activation), dropout_input, training)
-        b = _dropout(activate(F.linear(t, v_weight, v_bias), activation), dropout_input, training)
+    for i in range(len(u_weight)):
+        bu = None if u_bias is None else u_bias[i]
+        bv = None if v_bias is None else v_bias[i]
+        a = _dropout(activate(F.linear(x, u_weight[i], bu), activation), dropout_input, training)
+        b = _dropout(activate(F.linear(t, v_weight[i], bv), activation), dropout_input, training)
         e = a * b if skip is None else a * b * skip
         skip = e = _dropout(e, dropout_pre_lin, training)
         z = e.unflatten(-1, (-1, factor)).sum(-1)
