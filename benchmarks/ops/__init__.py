@@ -23,6 +23,7 @@ OPS: dict[str, OpSpec] = {
         skew_pair.SPEC,
         multiple_kernel.SPEC,
         bilinear.MFB_SPEC,
+        bilinear.MFH_SPEC,
         bilinear.BLOCK_SPEC,
     )
 }

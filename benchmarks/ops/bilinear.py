@@ -1,20 +1,29 @@
-"""The bilinear pooling family (DESIGN.md section 6): MFB (``fusionops.mfb``) and BLOCK
-(``fusionops.block_fusion``), one spec each.
+"""The bilinear pooling family (DESIGN.md section 6): MFB (``fusionops.mfb``), MFH
+(``fusionops.mfh``) and BLOCK (``fusionops.block_fusion``), one spec each.
 
 Ways: ``fused[<backend>]`` (never holding the ``(N, k·o)`` / per-chunk ``(N, R·s)``
-projections; backward recomputes them per tile), ``reference`` (``fusionops.reference``: the
-materialising formulas, as block.bootstrap.pytorch's ``fusions.py`` computes them) and
-``compile(reference)``.
+projections, nor MFH's chained products; backward recomputes them per tile), ``reference``
+(``fusionops.reference``: the materialising formulas, as block.bootstrap.pytorch's
+``fusions.py`` computes them) and ``compile(reference)``.
 
-Model FLOPs: the projections only. MFB forward ``2·N·k·o·(d_x + d_t) + 2·N·o·O``; BLOCK
-forward ``2·N·R·s·m·2 + 2·N·m·O`` (each chunk's ``s → R·s`` GEMM, summed over chunks);
-backward twice the forward (the fused kernels also recompute the projections: one more
-forward's worth of projection FLOPs, not counted here).
+Model FLOPs: the projections only. MFB forward ``2·N·k·o·(d_x + d_t) + 2·N·o·O``; MFH
+forward ``p`` times MFB's projections plus its output GEMM, ``2·N·p·k·o·(d_x + d_t) +
+2·N·p·o·O``; BLOCK forward ``2·N·R·s·m·2 + 2·N·m·O`` (each chunk's ``s → R·s`` GEMM, summed
+over chunks); backward twice the forward (the fused kernels also recompute the projections:
+one more forward's worth of projection FLOPs, not counted here).
 
 Goals. CPU (fp32, N = 512, both modalities 512-d, output 256; MFB k = 5 with o = 256, BLOCK
 15 chunks rank 15 with m = 480): fused fwd+bwd >= 1.5x faster and >= 4x less extra peak memory
 than the reference. GPU (bf16, N = 8192, same widths): the fastest fused way >= 1.5x faster and
 >= 4x less extra peak memory than the reference (cases defined, not yet run).
+
+MFH (p = 2 blocks, block.bootstrap's ``MFH``; k = 5, o = 256, the same widths, N and dtypes)
+has the same goals, and MFB's bound applies to it: the fused backward recomputes every block's
+projections, so its fwd+bwd runs about 4/3 of the reference's GEMM FLOPs (11.1 against 8.5
+GFLOP at the CPU headline), and GEMMs are most of either way's time, so >= 1.5x is not expected.
+Nor, probably, 4x less memory: y, dx, dt and the weight gradients every fwd+bwd allocates
+(``out_mb``) are 13.7 MB there, and one measurement of the reference's extra peak (61 MB, on a
+loaded machine) leaves the fused way about 2 MB above them for 4x.
 """
 
 from __future__ import annotations
@@ -83,6 +92,61 @@ class MfbCase(CaseBase):
 
 
 @dataclass(frozen=True)
+class MfhCase(CaseBase):
+    """MFH: ``blocks`` (p) chained MFB blocks of ``N`` rows, widths ``d_x``, ``d_t``, factor
+    ``k``, pooled width ``o`` each; output ``O`` from their ``p·o`` pooled features."""
+
+    name: str
+    n: int
+    dx: int
+    dt: int
+    k: int
+    o: int
+    blocks: int
+    out: int
+    dtype: str = "fp32"
+
+    @property
+    def proj_bytes(self) -> int:
+        """Bytes of one block's ``(N, k·o)`` projection (the reference holds several per block)."""
+        return self.n * self.k * self.o * self.itemsize
+
+    @property
+    def out_bytes(self) -> int:
+        """Bytes any fwd+bwd must allocate: y, dx, dt and the parameter gradients."""
+        pko, po = self.blocks * self.k * self.o, self.blocks * self.o
+        elems = self.n * (self.out + self.dx + self.dt) + pko * (self.dx + self.dt + 2) + self.out * (po + 1)
+        return elems * self.itemsize
+
+    def flops(self, mode: str) -> int:
+        proj = self.k * self.o * (self.dx + self.dt) + self.o * self.out  # one block's share
+        return per_mode(2 * self.n * self.blocks * proj)[mode]
+
+    @property
+    def sweep(self) -> str:
+        return f"d={self.dx}x{self.dt} k={self.k} o={self.o} p={self.blocks} O={self.out} {self.dtype}"
+
+    def columns(self) -> dict[str, object]:
+        return {
+            "dims": f"{self.dx}x{self.dt}",
+            "k": self.k,
+            "o": self.o,
+            "blocks": self.blocks,
+            "out": self.out,
+            "dtype": self.dtype,
+            "proj_mb": mb(self.proj_bytes),
+            "out_mb": mb(self.out_bytes),
+        }
+
+    def describe(self) -> str:
+        return f"N={self.n} {self.sweep}"
+
+    @property
+    def crossover_elements(self) -> int:
+        return self.n * self.blocks * self.k * self.o  # fusionops.ops.mfh's size metric
+
+
+@dataclass(frozen=True)
 class BlockCase(CaseBase):
     """``N`` rows, projected width ``m`` (both modalities), ``chunks`` C, ``rank`` R, output ``O``."""
 
@@ -138,6 +202,18 @@ def mfb_inputs(case: MfbCase, device: str, requires_grad: bool) -> Inputs:
     return Inputs((x, t, *params), [x, t, *params], grad_out)
 
 
+def mfh_inputs(case: MfhCase, device: str, requires_grad: bool) -> Inputs:
+    """As MFB's, per block: ``(p, k·o, d)`` weights scaled like nn.Linear's."""
+    draw = Draw(device, case.torch_dtype, requires_grad)
+    p, ko, po = case.blocks, case.k * case.o, case.blocks * case.o
+    x, t = draw.normal(case.n, case.dx), draw.normal(case.n, case.dt)
+    params = [draw.normal(p, ko, case.dx, std=case.dx**-0.5), draw.uniform(p, ko, bound=0.1),
+              draw.normal(p, ko, case.dt, std=case.dt**-0.5), draw.uniform(p, ko, bound=0.1),
+              draw.normal(case.out, po, std=po**-0.5), draw.uniform(case.out, bound=0.1)]  # fmt: skip
+    grad_out = draw.normal(case.n, case.out, leaf=False)
+    return Inputs((x, t, *params), [x, t, *params], grad_out)
+
+
 def block_inputs(case: BlockCase, device: str, requires_grad: bool) -> Inputs:
     draw = Draw(device, case.torch_dtype, requires_grad)
     c, r, s = case.chunks, case.rank, case.m // case.chunks
@@ -152,11 +228,16 @@ def block_inputs(case: BlockCase, device: str, requires_grad: bool) -> Inputs:
 # Every way takes (x, t, *params); the op's static arguments are fixed per spec (one k and one
 # rank per case family would need them in the case: the grids keep k = 5 and R = 15 fixed).
 MFB_K = 5
+MFH_K, MFH_BLOCKS = 5, 2  # block.bootstrap's MFH: two blocks
 BLOCK_RANK = 15
 
 
 def mfb_reference(x, t, uw, ub, vw, vb, ow, ob):
     return reference.mfb(x, t, uw, ub, vw, vb, ow, ob, MFB_K, "relu", True)
+
+
+def mfh_reference(x, t, uw, ub, vw, vb, ow, ob):
+    return reference.mfh(x, t, uw, ub, vw, vb, ow, ob, MFH_K, "relu", True)
 
 
 def block_reference(x, t, w0, b0, w1, b1, ow, ob):
@@ -166,6 +247,10 @@ def block_reference(x, t, w0, b0, w1, b1, ow, ob):
 MFB_HEADLINE = {
     "cpu": [MfbCase("headline-cpu", 512, 512, 512, MFB_K, 256, 256, "fp32")],
     "cuda": [MfbCase("headline-gpu", 8192, 512, 512, MFB_K, 256, 256, "bf16")],
+}
+MFH_HEADLINE = {
+    "cpu": [MfhCase("headline-cpu", 512, 512, 512, MFH_K, 256, MFH_BLOCKS, 256, "fp32")],
+    "cuda": [MfhCase("headline-gpu", 8192, 512, 512, MFH_K, 256, MFH_BLOCKS, 256, "bf16")],
 }
 BLOCK_HEADLINE = {
     "cpu": [BlockCase("headline-cpu", 512, 480, 15, BLOCK_RANK, 256, "fp32")],
@@ -179,6 +264,23 @@ MFB_GRIDS = {
     "cuda": {
         "quick": [MfbCase(f"gpu-n{n}", n, 512, 512, MFB_K, 256, 256, "bf16") for n in (2048, 32768)],
         "default": [MfbCase(f"gpu-n{n}", n, 512, 512, MFB_K, 256, 256, "bf16") for n in (1024, 8192, 65536)],
+    },
+}
+MFH_GRIDS = {
+    "cpu": {
+        "quick": [MfhCase(f"mfh-n{n}", n, 128, 96, MFH_K, 64, MFH_BLOCKS, 32) for n in (64, 512)],
+        "default": [
+            MfhCase(f"mfh512-n{n}", n, 512, 512, MFH_K, 256, MFH_BLOCKS, 256) for n in (128, 512, 2048)
+        ],
+    },
+    "cuda": {
+        "quick": [
+            MfhCase(f"gpu-n{n}", n, 512, 512, MFH_K, 256, MFH_BLOCKS, 256, "bf16") for n in (2048, 32768)
+        ],
+        "default": [
+            MfhCase(f"gpu-n{n}", n, 512, 512, MFH_K, 256, MFH_BLOCKS, 256, "bf16")
+            for n in (1024, 8192, 65536)
+        ],
     },
 }
 BLOCK_GRIDS = {
@@ -247,6 +349,32 @@ MFB_SPEC = OpSpec(
     ],
     crossover_metric="N*k*o",
     table_column=("proj MB", "proj_mb", "bytes of one (N, k·o) projection"),
+)
+
+MFH_SPEC = OpSpec(
+    name="mfh",
+    title="MFH bilinear pooling",
+    case_type=MfhCase,
+    fused=lambda x, t, uw, ub, vw, vb, ow, ob: fusionops.mfh(
+        x, t, uw, ub, vw, vb, ow, ob, factor=MFH_K, normalize=True
+    ),
+    baselines=(
+        Baseline("reference", "reference", lambda: mfh_reference),
+        Baseline("compile(reference)", "compile", lambda: compiled(mfh_reference), compiled=True),
+    ),
+    make_inputs=mfh_inputs,
+    probe_case=lambda dtype: MfhCase("probe", 3, 4, 3, MFH_K, 2, MFH_BLOCKS, 2, dtype),
+    grids=MFH_GRIDS,
+    headline=MFH_HEADLINE,
+    pytest_cases=[MfhCase("mfh-n64", 64, 32, 24, MFH_K, 16, MFH_BLOCKS, 8)],
+    goals=_goals("mfh", MFH_HEADLINE),
+    crossover_cases=[
+        MfhCase(f"x{d}-o{o}-n{n}", n, d, d, MFH_K, o, MFH_BLOCKS, o)
+        for d, o in ((64, 32), (512, 256))
+        for n in (16, 64, 256, 1024)
+    ],
+    crossover_metric="N*p*k*o",
+    table_column=("proj MB", "proj_mb", "bytes of one block's (N, k·o) projection"),
 )
 
 BLOCK_SPEC = OpSpec(
