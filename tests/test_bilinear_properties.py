@@ -1,4 +1,4 @@
-"""Property-based, for the bilinear ops (MFB, BLOCK): hypothesis draws the problem (rows
+"""Property-based, for the bilinear ops (MFB, MFH, BLOCK): hypothesis draws the problem (rows
 including 0, widths, factor / chunks and rank, activation, normalisation, dtype, the memory
 layout of the inputs, the parameters and the upstream gradient, absent biases) and each fused
 backend must give the float64 reference's output and gradients, through the ops' own
@@ -7,7 +7,13 @@ backend must give the float64 reference's output and gradients, through the ops'
 from __future__ import annotations
 
 import pytest
-from bilinear_inputs import PARAM_LAYOUTS, check_against_reference, make_block_params, make_mfb_params
+from bilinear_inputs import (
+    PARAM_LAYOUTS,
+    check_against_reference,
+    make_block_params,
+    make_mfb_params,
+    make_mfh_params,
+)
 from conftest import skip_unless_usable
 from hypothesis import given
 from hypothesis import strategies as st
@@ -46,6 +52,26 @@ def test_mfb(backend):
         params = make_mfb_params(dx, dt, k, o, out, dtype, "cpu", param_layout)
         kwargs = {"factor": k, "activation": activation, "normalize": normalize}
         _run(backend, "mfb", x, t, params, kwargs, dtype, grad_layout, bias, normalize)
+
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mfh(backend):
+    """MFB's draws plus the number of chained blocks p (1: MFB itself, 2: block.bootstrap's)."""
+    skip_unless_usable(backend, "cpu", op=OPS["mfh"])
+
+    @_settings(backend)
+    @given(n=rows, dx=small, dt=small, k=small, o=small, out=small, blocks=st.integers(1, 4), dtype=dtypes,
+           layout=layouts, param_layout=param_layouts, grad_layout=grad_layouts, bias=st.booleans(),
+           activation=st.sampled_from(["relu", "tanh", None]), normalize=st.booleans())  # fmt: skip
+    def check(
+        n, dx, dt, k, o, out, blocks, dtype, layout, param_layout, grad_layout, bias, activation, normalize
+    ):
+        x, t = make_xs((n,), (dx, dt), dtype, "cpu", layout)
+        params = make_mfh_params(dx, dt, k, o, out, blocks, dtype, "cpu", param_layout)
+        kwargs = {"factor": k, "activation": activation, "normalize": normalize}
+        _run(backend, "mfh", x, t, params, kwargs, dtype, grad_layout, bias, normalize)
 
     check()
 

@@ -349,12 +349,15 @@ def multiple_kernel_case(draw) -> Case:
 BILINEAR_WEIGHTS = ["w0", "b0", "w1", "b1", "wo", "bo"]
 
 
-def _bilinear_leaves(draw, n: int, dx: int, dt: int, p: int, s: int, chunks: int | None) -> Leaves:
+def _bilinear_leaves(
+    draw, n: int, dx: int, dt: int, p: int, s: int, chunks: int | None, chained: bool = False
+) -> Leaves:
     """x (n, dx), t (n, dt) and the six parameters (MFB's 2-d; chunked, BLOCK's 3-d), each bias
-    present or not: w0 (p, dx), w1 (p, dt), wo (O, s), scaled like nn.Linear."""
+    present or not: w0 (p, dx), w1 (p, dt), wo (O, s), scaled like nn.Linear. ``chained``
+    (MFH): each of the ``chunks`` blocks reads the whole of x and t."""
     lead = () if chunks is None else (chunks,)
-    w_in = dx if chunks is None else dx // chunks
-    w_t = dt if chunks is None else dt // chunks
+    w_in = dx if chunks is None or chained else dx // chunks
+    w_t = dt if chunks is None or chained else dt // chunks
     o = draw(st.integers(1, 3), "O")
     leaves: Leaves = {"x": _randn(draw, n, dx), "t": _randn(draw, n, dt)}
     leaves["w0"] = _randn(draw, *lead, p, w_in, scale=1 / math.sqrt(w_in))
@@ -380,6 +383,22 @@ def mfb_case(draw, variant: str) -> Case:
         return fusionops.mfb(v["x"], v["t"], *params, factor=k, activation=activation, normalize=normalize)
 
     return Case("mfb", leaves, call, {"inputs": ["x", "t"], "weights": BILINEAR_WEIGHTS})
+
+
+def mfh_case(draw) -> Case:
+    """1 to 3 chained blocks (k from 1 to 3), every activation, normalised or not."""
+    n, dx, dt = draw(st.integers(1, 4), "rows"), draw(st.integers(1, 4), "dx"), draw(st.integers(1, 4), "dt")
+    k, o = draw(st.integers(1, 3), "factor"), draw(st.integers(1, 3), "o")
+    blocks = draw(st.integers(1, 3), "blocks")
+    activation = draw(st.sampled_from([None, "relu", "tanh"]), "activation")
+    normalize = draw(st.booleans(), "normalize")
+    leaves = _bilinear_leaves(draw, n, dx, dt, k * o, blocks * o, blocks, chained=True)
+
+    def call(v: Leaves) -> Tensor:
+        params = [v[k_] for k_ in BILINEAR_WEIGHTS]
+        return fusionops.mfh(v["x"], v["t"], *params, factor=k, activation=activation, normalize=normalize)
+
+    return Case("mfh", leaves, call, {"inputs": ["x", "t"], "weights": BILINEAR_WEIGHTS})
 
 
 def block_fusion_case(draw, variant: str) -> Case:
@@ -452,9 +471,7 @@ def test_tensor_fusion(where, dtype, values, mode, target):
 @params_values
 @pytest.mark.parametrize("target", ["inputs", "weights"])
 def test_low_rank_fusion(where, dtype, values, target):
-    check_drawn(
-        lambda draw: low_rank_fusion_case(draw), target, values, where, dtype, "low_rank_fusion"
-    )
+    check_drawn(lambda draw: low_rank_fusion_case(draw), target, values, where, dtype, "low_rank_fusion")
 
 
 @params_where
@@ -499,6 +516,12 @@ def _bilinear_params(variants: list[str]) -> list:
 def test_mfb(where, dtype, values, target, variant):
     """MFB (k from 1 to 3) and MLB (k = 1), every activation, normalised or not."""
     check_drawn(lambda draw: mfb_case(draw, variant), target, values, where, dtype, "mfb")
+
+
+@pytest.mark.parametrize(("where", "dtype", "values", "target", "variant"), _bilinear_params(["mfh"]))
+def test_mfh(where, dtype, values, target, variant):
+    """MFH: 1 to 3 chained blocks (k from 1 to 3), every activation, normalised or not."""
+    check_drawn(mfh_case, target, values, where, dtype, "mfh")
 
 
 @pytest.mark.parametrize(
@@ -644,6 +667,64 @@ def test_mfb_relu_clipped_nonfinite(backend, variant):
     a = v["x"][0] @ v["w0"].T + v["b0"]
     b = v["t"][0] @ v["w1"].T + v["b1"]
     assert ((a <= 0) & (b == INF)).any(), "no clipped element meets an inf: the case tests nothing"
+    check(case, backend, torch.float64, device)
+
+
+def _mfh_fixed(activation: str | None = "relu") -> Case:
+    """Three rows, two chained blocks of k = 2, o = 2 (d_x = 3, d_t = 2), every bias, O = 2."""
+    return mfh_case(
+        fixed(rows=3, dx=3, dt=2, factor=2, o=2, blocks=2, activation=activation, normalize=False, O=2)
+    )
+
+
+def _mfh_acts(v: Leaves, block: int) -> tuple[Tensor, Tensor]:
+    """Block ``block``'s relu(x U_iᵀ + b_u_i) and relu(t V_iᵀ + b_v_i) of the case's leaves."""
+    a = torch.relu(v["x"] @ v["w0"][block].T + v["b0"][block])
+    b = torch.relu(v["t"] @ v["w1"][block].T + v["b1"][block])
+    return a, b
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_mfh_relu_clipped_nonfinite(backend):
+    """As test_mfb_relu_clipped_nonfinite, in every block of the chain: t[0, 0] = inf makes row
+    0 of every block's B = t V_iᵀ + b_v_i ±inf, which meets relu-clipped A elements (relu'
+    selects: their gradient is 0, not 0 · inf)."""
+    device, _ = _usable(("cpu", backend), torch.float64, "mfh")
+    case = _mfh_fixed()
+    case.put("t", None, 0, INF)
+    v = case.leaves
+    for block in range(2):
+        a = v["x"][0] @ v["w0"][block].T + v["b0"][block]
+        b = v["t"][0] @ v["w1"][block].T + v["b1"][block]
+        assert ((a <= 0) & b.isinf()).any(), f"block {block}: no clipped element meets an inf"
+    check(case, backend, torch.float64, device)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_mfh_chain_inf_times_zero(backend):
+    """An inf in block 0's product e_0 (u_bias[0] = +inf at one column: relu(A_0) = inf there)
+    meets a 0 of block 1's relu-clipped a_1 ⊙ b_1: e_1 = a_1 ⊙ b_1 ⊙ e_0 is 0 · inf = NaN, so
+    the reference has inf in z_0 and NaN in z_1 (which out_weight's gradient keeps apart, one
+    column per pooled output), and NaN through every gradient the chain reaches."""
+    device, _ = _usable(("cpu", backend), torch.float64, "mfh")
+    case = _mfh_fixed()
+    v = case.leaves
+    a0, b0 = _mfh_acts(v, 0)
+    a1, b1 = _mfh_acts(v, 1)
+    # A column where, in some row, e_0 becomes +inf (b_0 > 0) and block 1's a_1 ⊙ b_1 is 0.
+    meets = (b0 > 0) & (a1 * b1 == 0)
+    cols = meets.any(0).nonzero().flatten().tolist()
+    assert cols, "no column where an inf of e_0 meets a 0 of block 1: the case tests nothing"
+    col = cols[0]
+    case.put("b0", None, col, INF)  # u_bias[0, col]: flat position col of the (p, k·o) bias
+    # The reference's pooled blocks: inf in z_0, NaN in z_1, at the pooled column of col.
+    with torch.no_grad():
+        a0, _ = _mfh_acts(case.leaves, 0)
+        e0 = a0 * b0
+        e1 = a1 * b1 * e0
+        z0, z1 = e0.unflatten(-1, (-1, 2)).sum(-1), e1.unflatten(-1, (-1, 2)).sum(-1)
+    rows = meets[:, col]
+    assert z0[rows, col // 2].isposinf().all() and z1[rows, col // 2].isnan().all(), (z0, z1)
     check(case, backend, torch.float64, device)
 
 

@@ -115,6 +115,19 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, Callable[[str], tuple | None]]
     )
     mutan0, mutan1 = _randn(1, 12, 6, dtype=dtype), _randn(1, 12, 6, dtype=dtype)
     ow6 = _randn(4, 6, dtype=dtype)
+    # MFH: x, t and O as MFB's; p = 2 blocks of k = 2, o = 3 (and p = 3 of k = 1, o = 2), so
+    # out_weight is (4, p·o = 6) in both.
+    hw0, hb0, hw1, hb1 = (
+        _randn(2, 6, 3, dtype=dtype),
+        _randn(2, 6, dtype=dtype),
+        _randn(2, 6, 4, dtype=dtype),
+        _randn(2, 6, dtype=dtype),
+    )
+    hw0_3, hw1_3, hb1_3 = (
+        _randn(3, 2, 3, dtype=dtype),
+        _randn(3, 2, 4, dtype=dtype),
+        _randn(3, 2, dtype=dtype),
+    )
     needs_some = [True, False, True, True, False, True, True, False]
     drop = (0.3, 1)  # dropout on Z, seed
 
@@ -154,6 +167,13 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, Callable[[str], tuple | None]]
         ("mfb", lambda be: (bx, bt, uw, None, vw, None, ow6, None, 1, "tanh", True, be)),
         ("mfb_backward", lambda be: (gy, bx, bt, uw, ub, vw, vb, ow3, 2, "relu", True, [True] * 8, be)),
         ("mfb_backward", lambda be: (gy, bx, bt, uw, None, vw, vb, ow3, 2, "none", False, needs_some, be)),
+        ("mfh", lambda be: (bx, bt, hw0, hb0, hw1, hb1, ow6, b, 2, "relu", False, be)),
+        ("mfh", lambda be: (bx, bt, hw0_3, None, hw1_3, None, ow6, None, 1, "tanh", True, be)),
+        ("mfh_backward", lambda be: (gy, bx, bt, hw0, hb0, hw1, hb1, ow6, 2, "relu", True, [True] * 8, be)),
+        (
+            "mfh_backward",
+            lambda be: (gy, bx, bt, hw0_3, None, hw1_3, hb1_3, ow6, 1, "none", False, needs_some, be),
+        ),
         ("block_fusion", lambda be: (mx, mt, mw0, mb0, mw1, mb1, ow6, b, 2, "before_cat", be)),
         ("block_fusion", lambda be: (mx, mt, mutan0, None, mutan1, None, ow6, None, 2, "after_cat", be)),
         (
@@ -254,6 +274,11 @@ def _public_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], list[torch
         x, t, uw, ub, vw, vb, ow, ob = (leaf(*s) for s in shapes)
         return fusionops.mfb(x, t, uw, ub, vw, vb, ow, ob, factor=2), [x, t, uw, ub, vw, vb, ow, ob]
 
+    def mfh():
+        shapes = [(5, 3), (5, 4), (2, 6, 3), (2, 6), (2, 6, 4), (2, 6), (4, 6), (4,)]  # p = 2, k = 2, o = 3
+        x, t, uw, ub, vw, vb, ow, ob = (leaf(*s) for s in shapes)
+        return fusionops.mfh(x, t, uw, ub, vw, vb, ow, ob, factor=2), [x, t, uw, ub, vw, vb, ow, ob]
+
     def block():
         x, t, ow, ob = leaf(2, 5, 6), leaf(2, 5, 6), leaf(4, 6), leaf(4)
         w0, b0, w1, b1 = leaf(2, 6, 3), leaf(2, 6), leaf(2, 6, 3), leaf(2, 6)
@@ -295,6 +320,7 @@ def _public_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], list[torch
         ("tensor_fusion (dropout 0.3, seed drawn)", tf_dropout(None)),
         ("tensor_fusion features (dropout 0.3, seed 1)", tf_dropout(1, projected=False)),
         ("mfb", mfb),
+        ("mfh", mfh),
         ("block_fusion (leading shape (2, 5))", block),
     ]
 

@@ -15,12 +15,10 @@ import math
 import torch
 from torch import Tensor
 
-from fusionops import _backend, reference
-from fusionops._backend import entry_kernels
-from fusionops._checks import check_grad, check_rows
-from fusionops.ops import _autocast, _bilinear, _eager
-from fusionops.ops._bilinear import BilinearCall, BilinearKernels
-from fusionops.registry import OpDef, needs_grad, register
+from fusionops import reference
+from fusionops.ops import _autocast, _bilinear
+from fusionops.ops._bilinear_op import BilinearOp
+from fusionops.registry import OpDef, register
 
 OP = "block_fusion"
 
@@ -52,13 +50,6 @@ OPDEF = register(
 )
 
 
-def _reference_of(rank: int, normalize: str):
-    def ref(x, t, w0, b0, w1, b1, ow, ob):
-        return reference.block_fusion(x, t, w0, b0, w1, b1, ow, ob, rank, normalize)
-
-    return ref
-
-
 _NORM_CODES = {"none": _bilinear.NORM_NONE, "before_cat": _bilinear.NORM_PER_CHUNK,
                "after_cat": _bilinear.NORM_WHOLE_ROW}  # fmt: skip
 
@@ -66,87 +57,6 @@ _NORM_CODES = {"none": _bilinear.NORM_NONE, "before_cat": _bilinear.NORM_PER_CHU
 def _call_args(rank: int, normalize: str) -> tuple[int, bool, int, int]:
     """(rank, rank_major, activation code, normalize code) of the shared kernels."""
     return rank, True, _bilinear.ACTIVATION_CODES[None], _NORM_CODES[normalize]
-
-
-@torch.library.custom_op("fusionops::block_fusion", mutates_args=())
-def _fused(
-    x: Tensor,
-    t: Tensor,
-    merge_weight0: Tensor,
-    merge_bias0: Tensor | None,
-    merge_weight1: Tensor,
-    merge_bias1: Tensor | None,
-    out_weight: Tensor,
-    out_bias: Tensor | None,
-    rank: int,
-    normalize: str,
-    backend: str,
-) -> Tensor:
-    flat = (x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias)
-    kernels = _entry(*flat, rank, normalize, backend)
-    return _bilinear.run_forward(kernels, flat, *_call_args(rank, normalize), chunked=True)
-
-
-@_fused.register_fake
-def _fused_fake(x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias, rank,
-                normalize, backend) -> Tensor:  # fmt: skip
-    return x.new_empty(x.shape[0], out_weight.shape[0])
-
-
-@torch.library.custom_op("fusionops::block_fusion_backward", mutates_args=())
-def _fused_backward(
-    grad: Tensor,
-    x: Tensor,
-    t: Tensor,
-    merge_weight0: Tensor,
-    merge_bias0: Tensor | None,
-    merge_weight1: Tensor,
-    merge_bias1: Tensor | None,
-    out_weight: Tensor,
-    rank: int,
-    normalize: str,
-    needs: list[bool],
-    backend: str,
-) -> list[Tensor]:
-    flat = (x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, None)
-    kernels = _entry(*flat, rank, normalize, backend, grad)
-    grads = _bilinear.run_backward(kernels, grad, flat, needs, *_call_args(rank, normalize), chunked=True)
-    return [_bilinear.empty_grad(out_weight) if g is None else g for g in grads]  # no aliased returns
-
-
-@_fused_backward.register_fake
-def _fused_backward_fake(grad, x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight,
-                         rank, normalize, needs, backend) -> list[Tensor]:  # fmt: skip
-    needs = list(needs)
-    needs[3] = needs[3] and merge_bias0 is not None
-    needs[5] = needs[5] and merge_bias1 is not None
-    flat = (x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, None)
-    return _bilinear.fake_grads(flat, needs)
-
-
-def _setup(ctx, inputs, output) -> None:
-    *flat, rank, normalize, backend = inputs
-    ctx.args = (rank, normalize, backend)
-    ctx.has = [p is not None for p in flat]
-    # The inputs only: the kernels recompute the projections in backward.
-    ctx.save_for_backward(*flat[:7])
-
-
-def _grad(ctx, grad: Tensor):
-    flat = (*ctx.saved_tensors, None)
-    rank, normalize, backend = ctx.args
-    needs = [bool(n) and h for n, h in zip(ctx.needs_input_grad[:8], ctx.has, strict=True)]
-    if torch.is_grad_enabled():  # create_graph=True: through the reference
-        ref = _reference_of(rank, normalize)
-        grads = _eager.grads_through(lambda: ref(*flat[:7], None), grad, list(flat[:7]), needs[:7])
-        return (*grads, grad.sum(0) if needs[7] else None, None, None, None)
-    grads = torch.ops.fusionops.block_fusion_backward(grad, *flat[:7], rank, normalize, needs, backend)
-    return (*(g if n else None for g, n in zip(grads, needs, strict=True)), None, None, None)
-
-
-_fused.register_autograd(_grad, setup_context=_setup)
-for _name in ("block_fusion", "block_fusion_backward"):
-    _autocast.register(_name, OPDEF.autocast)
 
 
 def _check_args(
@@ -161,7 +71,7 @@ def _check_args(
     rank: int,
     normalize: str,
 ) -> tuple[torch.Size, int, int, int]:
-    """Every argument of a call; returns the leading shape, C (chunks), s (chunk width) and O."""
+    """Every argument of a call; returns the leading shape, the size metric N·R·m and O."""
     lead = _bilinear.check_pair(OP, x, t)
     m = int(x.shape[-1])
     if t.shape[-1] != m:
@@ -199,20 +109,19 @@ def _check_args(
     _bilinear.check_param(OP, "out_weight", out_weight, (out, m), x, f" (O, m = {m}, the width of x)")
     if out_bias is not None:
         _bilinear.check_param(OP, "out_bias", out_bias, (out,), x, " (O, the rows of out_weight)")
-    return lead, chunks, s, out
+    return lead, math.prod(lead) * rank * m, out
 
 
-def _entry(x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias, rank,
-           normalize, backend, grad: Tensor | None = None) -> BilinearKernels:  # fmt: skip
-    """A registered op's checks (its arguments are rows; ``grad``: the backward op's upstream
-    gradient), then the kernels of ``backend``."""
-    lead, _, _, out = _check_args(
-        x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias, rank, normalize
-    )
-    n = check_rows(OP, lead)
-    if grad is not None:
-        check_grad(OP, grad, (n, out), x)
-    return entry_kernels(OPDEF, backend, x.device, x.dtype, 2)
+BILINEAR_OP = BilinearOp(
+    OPDEF,
+    ("merge_weight0", "merge_bias0", "merge_weight1", "merge_bias1", "out_weight", "out_bias"),
+    (("rank", "int"), ("normalize", "str")),
+    _check_args,
+    _call_args,
+    reference.block_fusion,
+    chunked=True,
+)
+BILINEAR_OP.define()
 
 
 def block_fusion(
@@ -249,7 +158,7 @@ def block_fusion(
         ``(*, O)``. The fused kernels never hold the chunks' ``(*, R·s)`` projections for all
         rows: they work on tiles of rows and recompute them in backward.
     """
-    lead, chunks, s, out = _check_args(
+    lead, size, out = _check_args(
         x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias, rank, normalize
     )
     if _autocast.enabled(x.device):
@@ -257,17 +166,5 @@ def block_fusion(
             OPDEF.autocast, x.device, block_fusion, x, t, merge_weight0, merge_bias0, merge_weight1,
             merge_bias1, out_weight, out_bias, rank=rank, normalize=normalize,
         )  # fmt: skip
-    n = math.prod(lead)
     params = (merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias)
-    backend = _backend.choose(OPDEF, x.device, x.dtype, 2, n * rank * chunks * s, needs_grad(x, t, *params))
-    if backend == "reference":
-        return reference.block_fusion(x, t, *params, rank, normalize)
-    x2, t2 = x.reshape(n, x.shape[-1]), t.reshape(n, t.shape[-1])
-    if _eager.traced(x2):  # the custom op: what compiled graphs, exports and fake tensors take
-        y = torch.ops.fusionops.block_fusion(x2, t2, *params, rank, normalize, backend)
-    else:
-        call = BilinearCall(
-            OPDEF.kernels_for(backend), OP, *_call_args(rank, normalize), True, _reference_of(rank, normalize)
-        )
-        y = _eager.apply(call, (x2, t2, *params))
-    return y.reshape(*lead, out)
+    return BILINEAR_OP.call(x, t, params, (rank, normalize), lead, size, out)

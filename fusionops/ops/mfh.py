@@ -15,13 +15,11 @@ import math
 import torch
 from torch import Tensor
 
-from fusionops import _backend, reference
-from fusionops._backend import entry_kernels
-from fusionops._checks import check_grad, check_rows
-from fusionops.ops import _autocast, _bilinear, _eager
-from fusionops.ops._bilinear import BilinearCall, BilinearKernels
-from fusionops.ops.mfb import _activation
-from fusionops.registry import OpDef, needs_grad, register
+from fusionops import reference
+from fusionops.ops import _autocast, _bilinear
+from fusionops.ops._bilinear_op import BilinearOp
+from fusionops.ops.mfb import _activation, activation_from_op, activation_to_op
+from fusionops.registry import OpDef, register
 
 OP = "mfh"
 
@@ -48,102 +46,11 @@ OPDEF = register(
 )
 
 
-def _reference_of(factor: int, activation: str | None, normalize: bool):
-    def ref(x, t, uw, ub, vw, vb, ow, ob):
-        return reference.mfh(x, t, uw, ub, vw, vb, ow, ob, factor, activation, normalize)
-
-    return ref
-
-
 def _call_args(factor: int, activation: str | None, normalize: bool) -> tuple[int, bool, int, int]:
     """(rank, rank_major, activation code, normalize code) of the shared kernels: each block
     is normalised on its own (block.bootstrap normalises z_0 and z_1 before the cat)."""
     norm = _bilinear.NORM_PER_CHUNK if normalize else _bilinear.NORM_NONE
     return factor, False, _bilinear.ACTIVATION_CODES[activation], norm
-
-
-@torch.library.custom_op("fusionops::mfh", mutates_args=())
-def _fused(
-    x: Tensor,
-    t: Tensor,
-    u_weight: Tensor,
-    u_bias: Tensor | None,
-    v_weight: Tensor,
-    v_bias: Tensor | None,
-    out_weight: Tensor,
-    out_bias: Tensor | None,
-    factor: int,
-    activation: str,
-    normalize: bool,
-    backend: str,
-) -> Tensor:
-    flat = (x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias)
-    kernels = _entry(*flat, factor, activation, normalize, backend)
-    args = _call_args(factor, _activation(activation), normalize)
-    return _bilinear.run_forward(kernels, flat, *args, chunked=True, chain=True)
-
-
-@_fused.register_fake
-def _fused_fake(x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias, factor, activation,
-                normalize, backend) -> Tensor:  # fmt: skip
-    return x.new_empty(x.shape[0], out_weight.shape[0])
-
-
-@torch.library.custom_op("fusionops::mfh_backward", mutates_args=())
-def _fused_backward(
-    grad: Tensor,
-    x: Tensor,
-    t: Tensor,
-    u_weight: Tensor,
-    u_bias: Tensor | None,
-    v_weight: Tensor,
-    v_bias: Tensor | None,
-    out_weight: Tensor,
-    factor: int,
-    activation: str,
-    normalize: bool,
-    needs: list[bool],
-    backend: str,
-) -> list[Tensor]:
-    flat = (x, t, u_weight, u_bias, v_weight, v_bias, out_weight, None)
-    kernels = _entry(*flat, factor, activation, normalize, backend, grad)
-    args = _call_args(factor, _activation(activation), normalize)
-    grads = _bilinear.run_backward(kernels, grad, flat, needs, *args, chunked=True, chain=True)
-    return [_bilinear.empty_grad(out_weight) if g is None else g for g in grads]  # no aliased returns
-
-
-@_fused_backward.register_fake
-def _fused_backward_fake(grad, x, t, u_weight, u_bias, v_weight, v_bias, out_weight, factor, activation,
-                         normalize, needs, backend) -> list[Tensor]:  # fmt: skip
-    needs = list(needs)
-    needs[3] = needs[3] and u_bias is not None
-    needs[5] = needs[5] and v_bias is not None
-    return _bilinear.fake_grads((x, t, u_weight, u_bias, v_weight, v_bias, out_weight, None), needs)
-
-
-def _setup(ctx, inputs, output) -> None:
-    *flat, factor, activation, normalize, backend = inputs
-    ctx.args = (factor, activation, normalize, backend)
-    ctx.has = [p is not None for p in flat]
-    # The inputs only: the kernels recompute the projections in backward.
-    ctx.save_for_backward(*flat[:7])
-
-
-def _grad(ctx, grad: Tensor):
-    flat = (*ctx.saved_tensors, None)
-    factor, activation, normalize, backend = ctx.args
-    needs = [bool(n) and h for n, h in zip(ctx.needs_input_grad[:8], ctx.has, strict=True)]
-    if torch.is_grad_enabled():  # create_graph=True: through the reference
-        ref = _reference_of(factor, _activation(activation), normalize)
-        grads = _eager.grads_through(lambda: ref(*flat[:7], None), grad, list(flat[:7]), needs[:7])
-        return (*grads, grad.sum(0) if needs[7] else None, None, None, None, None)
-    grads = torch.ops.fusionops.mfh_backward(grad, *flat[:7], factor, activation, normalize, needs, backend)
-    return (*(g if n else None for g, n in zip(grads, needs, strict=True)), None, None, None, None)
-
-
-_fused.register_autograd(_grad, setup_context=_setup)
-for _name in ("mfh", "mfh_backward"):
-    _autocast.register(_name, OPDEF.autocast)
 
 
 def _check_args(
@@ -159,7 +66,7 @@ def _check_args(
     activation: str | None,
     normalize: bool,
 ) -> tuple[torch.Size, int, int, int]:
-    """Every argument of a call; returns the leading shape, p (blocks), o (pooled width) and O."""
+    """Every argument of a call; returns the leading shape, the size metric N·p·k·o and O."""
     lead = _bilinear.check_pair(OP, x, t)
     _bilinear.check_positive_int(OP, "factor", factor, "k, the number of factors pooled per output")
     _bilinear.check_activation(OP, activation)
@@ -200,30 +107,22 @@ def _check_args(
     )
     if out_bias is not None:
         _bilinear.check_param(OP, "out_bias", out_bias, (out,), x, " (O, the rows of out_weight)")
-    return lead, blocks, o, out
+    return lead, math.prod(lead) * blocks * ko, out
 
 
-def _entry(x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias, factor, activation, normalize,
-           backend, grad: Tensor | None = None) -> BilinearKernels:  # fmt: skip
-    """A registered op's checks (its arguments are rows; ``grad``: the backward op's upstream
-    gradient), then the kernels of ``backend``."""
-    lead, _, _, out = _check_args(
-        x,
-        t,
-        u_weight,
-        u_bias,
-        v_weight,
-        v_bias,
-        out_weight,
-        out_bias,
-        factor,
-        _activation(activation),
-        normalize,
-    )
-    n = check_rows(OP, lead)
-    if grad is not None:
-        check_grad(OP, grad, (n, out), x)
-    return entry_kernels(OPDEF, backend, x.device, x.dtype, 2)
+BILINEAR_OP = BilinearOp(
+    OPDEF,
+    ("u_weight", "u_bias", "v_weight", "v_bias", "out_weight", "out_bias"),
+    (("factor", "int"), ("activation", "str"), ("normalize", "bool")),
+    _check_args,
+    _call_args,
+    reference.mfh,
+    chunked=True,
+    chain=True,
+    to_op=activation_to_op,
+    from_op=activation_from_op,
+)
+BILINEAR_OP.define()
 
 
 def mfh(
@@ -260,7 +159,7 @@ def mfh(
         ``(*, O)``. The fused kernels never hold the blocks' ``(*, k·o)`` projections or their
         chained products for all rows: they work on tiles of rows and recompute them in backward.
     """
-    lead, blocks, o, out = _check_args(
+    lead, size, out = _check_args(
         x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias, factor, activation, normalize
     )
     activation = _activation(activation)  # type: ignore[arg-type]
@@ -269,19 +168,5 @@ def mfh(
             OPDEF.autocast, x.device, mfh, x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias,
             factor=factor, activation=activation, normalize=normalize,
         )  # fmt: skip
-    n = math.prod(lead)
     params = (u_weight, u_bias, v_weight, v_bias, out_weight, out_bias)
-    size = n * blocks * factor * o
-    backend = _backend.choose(OPDEF, x.device, x.dtype, 2, size, needs_grad(x, t, *params))
-    if backend == "reference":
-        return reference.mfh(x, t, *params, factor, activation, normalize)
-    x2, t2 = x.reshape(n, x.shape[-1]), t.reshape(n, t.shape[-1])
-    if _eager.traced(x2):  # the custom op: what compiled graphs, exports and fake tensors take
-        y = torch.ops.fusionops.mfh(x2, t2, *params, factor, activation or "none", normalize, backend)
-    else:
-        call = BilinearCall(
-            OPDEF.kernels_for(backend), OP, *_call_args(factor, activation, normalize), True,
-            _reference_of(factor, activation, normalize), chain=True,
-        )  # fmt: skip
-        y = _eager.apply(call, (x2, t2, *params))
-    return y.reshape(*lead, out)
+    return BILINEAR_OP.call(x, t, params, (factor, activation, normalize), lead, size, out)
