@@ -18,8 +18,14 @@ import types
 import pytest
 import torch
 import triton
-from bilinear_inputs import PARAM_LAYOUTS, check_against_reference, make_block_params, make_mfb_params
-from conftest import skip_unless_usable
+from bilinear_inputs import (
+    PARAM_LAYOUTS,
+    check_against_reference,
+    make_block_params,
+    make_mfb_params,
+    make_mfh_params,
+)
+from conftest import TOL, assert_close_to, skip_unless_usable
 from inputs import make_grad, make_xs
 from test_nonfinite import assert_same_nonfinite
 
@@ -356,3 +362,383 @@ def test_nonfinite(gpu, dtype, op, leaf, index, value):
     assert any(not torch.isfinite(v).all() for v in want), "the injected value reached nothing"
     for name, a, e, scale in zip(("out", *clean), got, want, scales, strict=True):
         assert_same_nonfinite(a, e, dtype, f"{name} ({leaf}{list(index)} = {value})", scale)
+
+
+# ---- MFH: the kernels' chain mode ------------------------------------------------------------
+# Called directly (fusionops.triton.bilinear.forward/backward with chain=True), against
+# fusionops.reference.mfh in float64 with torch.autograd.grad for the gradients.
+
+MFH_SIZE = (5, 3, 2, 3, 4)  # (d_x, d_t, k, o, O): odd widths, P = 6
+MFH_GRADS = ("x", "t", "wx", "bx", "wt", "bt", "wo", "bo")
+
+
+class _ChainRecorder:
+    """Records each chain launch (rows, dtypes of A and of the pooled/dp buffer, E's when there
+    is one, STORE_E, blocks) and NaN-fills what the forward kernel writes (pooled, E) first."""
+
+    def __init__(self, kernel, seen: list[dict], forward: bool) -> None:
+        self.kernel, self.seen, self.forward = kernel, seen, forward
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            a, third, e = args[0], args[2], args[7]
+            store_e = kwargs.get("STORE_E", False)
+            self.seen.append(
+                {"grid": grid, "rows": args[3], "chunks": args[6], "a": a.dtype, "acc": third.dtype,
+                 "e": e.dtype if store_e or not self.forward else None, "forward": self.forward,
+                 "store_e": store_e, **{k: kwargs[k] for k in ("BLOCK_T", "BLOCK_S", "BLOCK_R", "num_warps")}}
+            )  # fmt: skip
+            if self.forward:
+                third.fill_(float("nan"))
+                if store_e:
+                    e.fill_(float("nan"))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _record_chain(monkeypatch) -> list[dict]:
+    seen: list[dict] = []
+    monkeypatch.setattr(bil, "_chain_fwd_kernel", _ChainRecorder(bil._chain_fwd_kernel, seen, True))
+    monkeypatch.setattr(bil, "_chain_bwd_kernel", _ChainRecorder(bil._chain_bwd_kernel, seen, False))
+    return seen
+
+
+@pytest.fixture
+def interp_chain(monkeypatch) -> list[dict]:
+    """The interpreter's own configuration (float32/64 GEMMs) in tiles of 16 rows; the launches."""
+    skip_unless_usable("triton", "cpu", op=OPS["mfb"])
+    monkeypatch.setattr(bil, "_TILE_BYTES", 1)  # tiles of _MIN_TILE_ROWS = 16 rows
+    return _record_chain(monkeypatch)
+
+
+@pytest.fixture
+def gpu_chain(monkeypatch) -> list[dict]:
+    """The GPU's configuration forced (FORCED: 16-bit GEMMs, 8-row aligned tiles, halved row
+    blocks); the chain launches."""
+    skip_unless_usable("triton", "cpu", op=OPS["mfb"])
+    monkeypatch.setattr(bil, "_config", lambda device: FORCED)
+    return _record_chain(monkeypatch)
+
+
+def _mfh_leaves(n, c, size=MFH_SIZE, dtype=torch.float32, layout="contiguous", bias=True, seed=0):
+    """Random x (n, d_x), t (n, d_t) in ``layout`` and the kernels' chunked parameters: wx (C,
+    k·o, d_x), bx (C, k·o), wt, bt, wo (O, C·o), bo; weights scaled as nn.Linear's."""
+    dx, dt, k, o, out = size
+    x, t = (v.detach() for v in make_xs((n,), (dx, dt), dtype, "cpu", layout, seed=seed))
+    gen = torch.Generator().manual_seed(seed + 100)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    params = [rand(c, k * o, dx, scale=dx**-0.5), rand(c, k * o), rand(c, k * o, dt, scale=dt**-0.5),
+              rand(c, k * o), rand(out, c * o, scale=(c * o) ** -0.5), rand(out)]  # fmt: skip
+    if not bias:
+        params[1] = params[3] = params[5] = None
+    return {"x": x, "t": t, **dict(zip(MFH_GRADS[2:], params, strict=True))}
+
+
+def _mfh_kernels(leaves, grad, k, act, normalize, needs=None, rank_major=False):
+    """y and the eight gradients of the chain kernels (None where the leaf is None)."""
+    args = [leaves[n] for n in MFH_GRADS]
+    code = bil_codes(act, normalize)
+    y = bil.forward(*args, k, rank_major, *code, chain=True)
+    needs = [leaves[n] is not None for n in MFH_GRADS] if needs is None else needs
+    grads = bil.backward(grad, *args[:7], k, rank_major, *code, needs, chain=True)
+    return y, [g if n else None for g, n in zip(grads, needs, strict=True)]
+
+
+def bil_codes(act, normalize) -> tuple[int, int]:
+    from fusionops.ops._bilinear import ACTIVATION_CODES, NORM_NONE, NORM_PER_CHUNK
+
+    return ACTIVATION_CODES[act], NORM_PER_CHUNK if normalize else NORM_NONE
+
+
+def _mfh_reference(leaves, grad, k, act, normalize):
+    """reference.mfh's y and gradients (torch.autograd.grad), in float64."""
+    from fusionops.reference import bilinear as ref_bilinear
+
+    ins = {
+        n: None if v is None else v.detach().to(torch.float64).requires_grad_(True) for n, v in leaves.items()
+    }
+    y = ref_bilinear.mfh(*(ins[n] for n in MFH_GRADS), k, act, normalize)
+    live = [n for n in MFH_GRADS if ins[n] is not None]
+    if not y.numel():
+        return y, {n: torch.zeros_like(ins[n]) for n in live}
+    grads = torch.autograd.grad(y, [ins[n] for n in live], grad.to(torch.float64))
+    return y.detach(), dict(zip(live, grads, strict=True))
+
+
+def _check_mfh(leaves, k, act, normalize, dtype, grad_layout="contiguous"):
+    """Forward and every gradient of the chain kernels within TOL[dtype] of the float64
+    reference; normalised calls allow, as check_against_reference, 8x what the reference moves
+    when its inputs are perturbed by TOL (the signed square root's conditioning near 0)."""
+    n, out = leaves["x"].shape[0], leaves["wo"].shape[0]
+    g = make_grad((n, out), dtype, "cpu", grad_layout)
+    y, grads = _mfh_kernels(leaves, g, k, act, normalize)
+    assert y.shape == (n, out) and y.dtype == dtype and y.is_contiguous()
+    y_ref, g_ref = _mfh_reference(leaves, g, k, act, normalize)
+    slack = dict.fromkeys(("y", *g_ref), 0.0)
+    if normalize:
+        gen = torch.Generator().manual_seed(11)
+
+        def moved_by(v):  # every element scaled by 1 + TOL·u, u uniform in [-1, 1]
+            u = torch.rand(v.shape, generator=gen, dtype=torch.float64) * 2 - 1
+            return v.to(torch.float64) * (1 + TOL[dtype] * u)
+
+        moved = {n: None if v is None else moved_by(v) for n, v in leaves.items()}
+        y_m, g_m = _mfh_reference(moved, g, k, act, normalize)
+        slack = {
+            "y": (y_m - y_ref).abs().max().item(),
+            **{m: (g_m[m] - g_ref[m]).abs().max().item() for m in g_ref},
+        }
+    pairs = [("y", y, y_ref)] + [(m, grads[MFH_GRADS.index(m)], g_ref[m]) for m in g_ref]
+    for what, a, e in pairs:
+        assert a.shape == e.shape and a.dtype == dtype, (what, a.shape, e.shape, a.dtype)
+        a64 = a.to(torch.float64)
+        assert not torch.isnan(a64).any(), f"{what}: NaN in the result (an element left unwritten?)"
+        tol = TOL[dtype]
+        atol = tol * (e.abs().max().item() if e.numel() else 0.0) + 8 * slack[what] + 1e-300
+        torch.testing.assert_close(a64, e, rtol=tol, atol=atol, msg=lambda m, w=what: f"MFH {w}: {m}")
+    return y, grads
+
+
+def _assert_chain_launches(seen, n, c, tile, gd, acc):
+    """Each tile took one forward launch (no E) in the forward, then in the backward one
+    keeping E (without it for C = 1: nothing to keep) and one backward launch, on (rows, C·P)
+    projections of dtype ``gd``."""
+    rows = [min(tile, n - r0) for r0 in range(0, n, tile)]
+    fwd = [s for s in seen if s["forward"] and not s["store_e"]]
+    rec = [s for s in seen if s["forward"] and s["store_e"]]
+    bwd = [s for s in seen if not s["forward"]]
+    assert [s["rows"] for s in fwd] == rows * (1 if c > 1 else 2)
+    assert [s["rows"] for s in bwd] == rows
+    assert [s["rows"] for s in rec] == (rows if c > 1 else [])
+    for s in seen:
+        assert s["chunks"] == c and s["a"] == gd and s["acc"] == acc, s
+        assert s["e"] in (None, acc), s
+
+
+MFH_CASES = [  # (C, k, activation, normalize, bias)
+    (1, 2, "relu", False, True),
+    (2, 2, "relu", True, True),
+    (2, 1, "tanh", False, False),
+    (3, 2, None, True, False),
+    (3, 1, "tanh", True, True),
+    (2, 2, None, False, True),
+]
+
+
+@pytest.mark.parametrize(("c", "k", "act", "normalize", "bias"), MFH_CASES, ids=str)
+def test_mfh_chain_matches_reference(interp_chain, c, k, act, normalize, bias):
+    """float32 under the interpreter's configuration, 37 rows in tiles of 16 (a partial one)."""
+    dx, dt, _, o, out = MFH_SIZE
+    leaves = _mfh_leaves(N, c, (dx, dt, k, o, out), bias=bias, seed=c + 10 * k)
+    _check_mfh(leaves, k, act, normalize, torch.float32)
+    _assert_chain_launches(interp_chain, N, c, 16, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("c", [1, 2, 3])
+def test_mfh_chain_float64(interp_chain, c):
+    """float64: forward and gradients within 1e-12 of the reference's autograd."""
+    leaves = _mfh_leaves(21, c, dtype=torch.float64, seed=c)
+    _check_mfh(leaves, MFH_SIZE[2], "tanh", c == 2, torch.float64)
+    _assert_chain_launches(interp_chain, 21, c, 16, torch.float64, torch.float64)
+
+
+@pytest.mark.parametrize(("dtype", "c", "act", "normalize"), [
+    (torch.bfloat16, 2, "relu", True), (torch.float16, 3, "tanh", False), (torch.float32, 2, None, True),
+    (torch.bfloat16, 1, "tanh", False),
+], ids=str)  # fmt: skip
+def test_mfh_chain_gpu_config(gpu_chain, dtype, c, act, normalize):
+    """The GPU's configuration forced: 16-bit projections read by the kernels, several aligned
+    tiles and halved row blocks (grids and blocks as _chain_grid gives them)."""
+    leaves = _mfh_leaves(N, c, dtype=dtype, seed=3 + c)
+    _check_mfh(leaves, MFH_SIZE[2], act, normalize, dtype)
+    gd = dtype if dtype in HALF else torch.float32
+    tile = bil._tile_rows(N, c, MFH_SIZE[2] * MFH_SIZE[3], gd, FORCED)
+    assert tile % 8 == 0 or tile == N
+    assert triton.cdiv(N, tile) > 1 or c == 1  # C = 1's 12-byte rows fit one tile
+    _assert_chain_launches(gpu_chain, N, c, tile, gd, torch.float32)
+    for s in gpu_chain:
+        grid, bt, bs, br, warps = bil._chain_grid(s["rows"], MFH_SIZE[3], MFH_SIZE[2], FORCED)
+        assert (s["grid"], s["BLOCK_T"], s["BLOCK_S"], s["BLOCK_R"], s["num_warps"]) == (
+            grid,
+            bt,
+            bs,
+            br,
+            warps,
+        )
+    assert any(s["grid"][0] > 1 for s in gpu_chain)
+
+
+def test_mfh_chain_rank_blocks(interp_chain, monkeypatch):
+    """A rank wider than the kernels' rank block: ranks in blocks (the last partial), the
+    forward adding each block's sums to the earlier ones'."""
+    monkeypatch.setattr(bil, "_CHAIN_R_BLOCK", 2)
+    leaves = _mfh_leaves(19, 3, (4, 3, 5, 2, 3), seed=7)
+    _check_mfh(leaves, 5, "relu", False, torch.float32)
+    assert {s["BLOCK_R"] for s in interp_chain} == {2}
+
+
+@pytest.mark.parametrize(
+    ("layout", "grad_layout"),
+    [("broadcast", "transposed"), ("transposed", "broadcast"), ("strided", "contiguous")],
+)
+def test_mfh_chain_strided_and_broadcast(gpu_chain, layout, grad_layout):
+    """Stride-0, transposed and strided x and t; stride-0 and transposed upstream gradients;
+    transposed (non-contiguous) weights; bfloat16 with the GPU's configuration."""
+    leaves = _mfh_leaves(N, 2, dtype=torch.bfloat16, layout=layout, seed=5)
+    for name in ("wx", "wt"):
+        leaves[name] = leaves[name].transpose(1, 2).contiguous().transpose(1, 2)
+    leaves["bx"] = leaves["bx"][:, :1].expand_as(leaves["bx"])  # stride 0
+    assert not leaves["wx"].is_contiguous() and not leaves["x"].is_contiguous()
+    _check_mfh(leaves, MFH_SIZE[2], "relu", True, torch.bfloat16, grad_layout)
+    assert gpu_chain
+
+
+def test_mfh_chain_rank_major(interp_chain):
+    """rank_major (i = r·S + j): the same y and gradients as MFB's order with the weights'
+    rows permuted to match (the kernel contract serves both)."""
+    dx, dt, k, o, out = MFH_SIZE
+    leaves = _mfh_leaves(N, 2, seed=9)
+    g = make_grad((N, out), torch.float32, "cpu")
+    y, grads = _mfh_kernels(leaves, g, k, "tanh", True)
+    perm = torch.arange(k * o).view(o, k).t().reshape(-1)  # rank-major row r·S + j <- j·R + r
+    permuted = {n: v[:, perm] if n in ("wx", "bx", "wt", "bt") else v for n, v in leaves.items()}
+    y_rm, grads_rm = _mfh_kernels(permuted, g, k, "tanh", True, rank_major=True)
+    assert_close_to(y_rm, y.to(torch.float64), torch.float32, "rank-major y")
+    for name, a, b in zip(MFH_GRADS, grads_rm, grads, strict=True):
+        b = b[:, perm] if name in ("wx", "bx", "wt", "bt") else b
+        assert_close_to(a, b.to(torch.float64), torch.float32, f"rank-major grad of {name}")
+
+
+def test_mfh_chain_empty_batch(gpu_chain):
+    """N = 0: y (0, O); exactly zero parameter gradients, empty dx, dt; no launch."""
+    leaves = _mfh_leaves(0, 2, dtype=torch.bfloat16)
+    g = make_grad((0, MFH_SIZE[4]), torch.bfloat16, "cpu")
+    y, grads = _mfh_kernels(leaves, g, MFH_SIZE[2], "relu", True)
+    assert y.shape == (0, MFH_SIZE[4]) and y.dtype == torch.bfloat16
+    for name, grad in zip(MFH_GRADS, grads, strict=True):
+        assert grad.shape == leaves[name].shape and grad.dtype == torch.bfloat16, name
+        if name not in ("x", "t"):
+            assert torch.equal(grad, torch.zeros_like(grad)), name
+    assert gpu_chain == []
+
+
+def test_mfh_chain_needs(interp_chain):
+    """Only the asked gradients: the others come back empty; the asked ones as with all."""
+    leaves = _mfh_leaves(N, 2, seed=4)
+    g = make_grad((N, MFH_SIZE[4]), torch.float32, "cpu")
+    _, every = _mfh_kernels(leaves, g, MFH_SIZE[2], "relu", True)
+    needs = [False, True, True, False, False, True, False, False]
+    args = [leaves[n] for n in MFH_GRADS]
+    some = bil.backward(g, *args[:7], MFH_SIZE[2], False, *bil_codes("relu", True), needs, chain=True)
+    for name, need, a, b in zip(MFH_GRADS, needs, some, every, strict=True):
+        if need:
+            assert torch.equal(a, b), name
+        else:
+            assert a.numel() == 0, name
+
+
+class _Chain(torch.autograd.Function):
+    """The chain kernels as an autograd function, for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, x, t, wx, bx, wt, bt, wo, bo, k, act, normalize):
+        ctx.save_for_backward(x, t, wx, bx, wt, bt, wo)
+        ctx.args = (k, False, *bil_codes(act, normalize))
+        return bil.forward(x, t, wx, bx, wt, bt, wo, bo, *ctx.args, chain=True)
+
+    @staticmethod
+    def backward(ctx, gy):
+        grads = bil.backward(gy, *ctx.saved_tensors, *ctx.args, [True] * 8, chain=True)
+        return (*grads, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("act", "normalize", "fast"),
+    [pytest.param("tanh", True, False, marks=pytest.mark.slow), (None, False, True)],
+)
+def test_mfh_chain_gradcheck(interp_chain, act, normalize, fast):
+    """float64 gradcheck of the chain kernels (3 chunks, tiles of 16 rows: one partial); the
+    second in gradcheck's fast mode (the interpreter is slow)."""
+    leaves = _mfh_leaves(17, 3, (2, 2, 2, 1, 2), dtype=torch.float64, seed=2)
+    ins = [leaves[n].requires_grad_(True) for n in MFH_GRADS]
+    assert torch.autograd.gradcheck(lambda *a: _Chain.apply(*a, 2, act, normalize), ins, fast_mode=fast)
+    assert {s["rows"] for s in interp_chain} == {16, 1}
+
+
+# (leaf, index, value): a row of the last tile, the first chunk's weight (it reaches every
+# later chunk through the chain), the last chunk's bias, the output weight.
+MFH_NONFINITE = [
+    ("x", (35, 2), float("nan")),
+    ("t", (3, 1), float("inf")),
+    ("wx", (0, 4, 1), -float("inf")),
+    ("bt", (1, 2), float("nan")),
+    ("wo", (2, 3), float("inf")),
+]
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize(("leaf", "index", "value"), MFH_NONFINITE, ids=str)
+def test_mfh_chain_nonfinite(gpu_chain, leaf, index, value, act):
+    """NaN and ±inf exactly where the reference (float32) has them, forward and every gradient;
+    the finite elements within TOL of the clean call's scale (relu: its backward selects, so
+    inf·0 gives 0 as in the reference, not NaN)."""
+    from fusionops.reference import bilinear as ref_bilinear
+
+    dtype = torch.float32
+    clean = _mfh_leaves(N, 2, dtype=dtype, seed=6)
+    dirty = {n: v.clone() for n, v in clean.items()}
+    dirty[leaf][index] = value
+    g = make_grad((N, MFH_SIZE[4]), dtype, "cpu")
+    k = MFH_SIZE[2]
+    y, grads = _mfh_kernels(dirty, g, k, act, False)
+    ins = {n: v.clone().requires_grad_(True) for n, v in dirty.items()}
+    y_ref = ref_bilinear.mfh(*(ins[n] for n in MFH_GRADS), k, act, False)
+    want = [y_ref, *torch.autograd.grad(y_ref, [ins[n] for n in MFH_GRADS], g)]
+    y_clean, g_clean = _mfh_reference(clean, g, k, act, False)
+    scales = [v.abs().max().item() for v in (y_clean, *g_clean.values())]
+    assert any(not torch.isfinite(v).all() for v in want), "the injected value reached nothing"
+    for name, a, e, scale in zip(("y", *MFH_GRADS), [y, *grads], want, scales, strict=True):
+        assert_same_nonfinite(a, e.detach(), dtype, f"{name} ({leaf}{list(index)} = {value}, {act})", scale)
+
+
+def test_mfh_headline_choice(monkeypatch):
+    """On an H100 at MFH's headline (MFB's sizes, p = 2: N = 8192, k = 5, o = 256, C·P = 2560):
+    two equal tiles of 4096 rows, each tile's A, B (bfloat16) and the backward's E scratch
+    (float32, (C−1)·P wide) within 32 MB apiece; 8192 CTAs per chain launch of 8 x 16 x 8
+    elements (the rank block padded from 5 to 8) at 8 warps: 4 per thread, which keeps the
+    backward kernel at 110 registers, no spill (tools/triton_static.py)."""
+    cfg = _h100(monkeypatch)
+    n, c, k, o = 8192, 2, 5, 256
+    tile = bil._tile_rows(n, c, k * o, torch.bfloat16, cfg)
+    assert (tile, triton.cdiv(n, tile)) == (4096, 2)
+    assert tile * c * k * o * 2 <= 32 << 20 and tile * (c - 1) * k * o * 4 <= 32 << 20
+    assert bil._chain_grid(tile, o, k, cfg) == ((512, 16), 8, 16, 8, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_mfh_op_gpu_config(gpu_chain, dtype):
+    """fusionops.mfh on the triton backend (the op layer's chunked weights and chain call) at
+    the GPU's configuration against the reference; bfloat16: torch.library.opcheck of the op
+    and its backward op there."""
+    dx, dt, k, o, out = MFH_SIZE
+    x, t = make_xs((N,), (dx, dt), dtype, "cpu", seed=8)
+    params = make_mfh_params(dx, dt, k, o, out, 3, dtype, "cpu")
+    kwargs = {"factor": k, "activation": "tanh", "normalize": True}
+    check_against_reference("mfh", "triton", x, t, params, kwargs, dtype, conditioned=True)
+    assert gpu_chain and all(s["chunks"] == 3 for s in gpu_chain)
+    if dtype != torch.bfloat16:
+        return
+    n = 9  # opcheck runs the op many times: one tile is enough here
+    x, t = (v[:n].detach().requires_grad_(True) for v in (x, t))
+    params = [p.detach().requires_grad_(True) for p in params]
+    ops = torch.ops.fusionops
+    torch.library.opcheck(ops.mfh, (x, t, *params, k, "relu", True, "triton"))
+    gy = make_grad((n, out), dtype, "cpu")
+    plain = [p.detach() for p in params[:5]]
+    torch.library.opcheck(
+        ops.mfh_backward, (gy, x.detach(), t.detach(), *plain, k, "none", False, [True] * 8, "triton")
+    )

@@ -301,34 +301,46 @@ def _cases() -> list[tuple[str, str, str, Callable[[], object]]]:
     return out
 
 
+# MFH's order (its number of chained MFB blocks) at the static proof's headline: block.bootstrap's
+# MFH, and Yu et al.'s best (p = 2).
+MFH_ORDER = 2
+
+
 def _bilinear_cases(b_bil, twins) -> list[tuple[str, str, str, str, Callable[[], object]]]:
-    """MFB and BLOCK through ``fusionops.triton.bilinear`` with the benchmark's arguments (MFB:
-    relu, normalised over the row, pooled index j·k + i; BLOCK: no activation, rank-major,
-    normalised per chunk). Its launcher takes meta tensors for an H100 (132 SMs: the GPU row
-    tiles and pooling blocks of ``fusionops.triton.bilinear._gpu_config``), so nothing is
-    patched for it."""
+    """MFB, MFH and BLOCK through ``fusionops.triton.bilinear`` with the benchmark's arguments
+    (MFB: relu, normalised over the row, pooled index j·k + i; MFH: MFB's headline sizes in
+    ``MFH_ORDER`` chained blocks, relu, each block normalised (the kernels' chain mode); BLOCK:
+    no activation, rank-major, normalised per chunk). Its launcher takes meta tensors for an
+    H100 (132 SMs: the GPU row tiles and pooling blocks of
+    ``fusionops.triton.bilinear._gpu_config``), so nothing is patched for it."""
     from fusionops.ops import _bilinear
 
     out = []
     relu = _bilinear.ACTIVATION_CODES["relu"]
     none = _bilinear.ACTIVATION_CODES[None]
-    # (op, case, x width, t width, chunks C, rank R, pooled width S per chunk, rank_major, act, norm)
+    # (op, case, x width, t width, chunks C, rank R, pooled width S per chunk, rank_major, act, norm,
+    # chain). MFH's x and t are read whole by each of its C blocks (chain): C·d columns here.
     shapes = [
-        ("mfb", c, c.dx, c.dt, 1, c.k, c.o, False, relu, _bilinear.NORM_WHOLE_ROW)
+        ("mfb", c, c.dx, c.dt, 1, c.k, c.o, False, relu, _bilinear.NORM_WHOLE_ROW, False)
         for c in b_bil.MFB_HEADLINE["cuda"]
     ] + [
-        ("block_fusion", c, c.m, c.m, c.chunks, c.rank, c.m // c.chunks, True, none, _bilinear.NORM_PER_CHUNK)
+        ("mfh", c, MFH_ORDER * c.dx, MFH_ORDER * c.dt, MFH_ORDER, c.k, c.o, False, relu,
+         _bilinear.NORM_PER_CHUNK, True)
+        for c in b_bil.MFB_HEADLINE["cuda"]
+    ] + [
+        ("block_fusion", c, c.m, c.m, c.chunks, c.rank, c.m // c.chunks, True, none, _bilinear.NORM_PER_CHUNK,
+         False)
         for c in b_bil.BLOCK_HEADLINE["cuda"]
-    ]
-    for op, c0, dx, dt_, nc, rank, s, major, act, norm in shapes:
+    ]  # fmt: skip
+    for op, c0, dx, dt_, nc, rank, s, major, act, norm, chain in shapes:
         for c, dt in twins([c0]):
             dtype = DTYPES[dt]
 
-            def b_args(c=c, dtype=dtype, dx=dx, dt_=dt_, nc=nc, rank=rank, s=s):
+            def b_args(c=c, dtype=dtype, dx=dx, dt_=dt_, nc=nc, rank=rank, s=s, chain=chain):
                 p = rank * s
                 return (
-                    _t(c.n, dx, dtype=dtype),
-                    _t(c.n, dt_, dtype=dtype),
+                    _t(c.n, dx // nc if chain else dx, dtype=dtype),
+                    _t(c.n, dt_ // nc if chain else dt_, dtype=dtype),
                     _t(nc, p, dx // nc, dtype=dtype),
                     _t(nc, p, dtype=dtype),
                     _t(nc, p, dt_ // nc, dtype=dtype),
@@ -337,13 +349,15 @@ def _bilinear_cases(b_bil, twins) -> list[tuple[str, str, str, str, Callable[[],
                     _t(c.out, dtype=dtype),
                 )
 
-            def b_fwd(a=b_args, rank=rank, major=major, act=act, norm=norm):
-                return t_bil.forward(*a(), rank, major, act, norm)
+            def b_fwd(a=b_args, rank=rank, major=major, act=act, norm=norm, chain=chain):
+                return t_bil.forward(*a(), rank, major, act, norm, chain)
 
-            def b_bwd(c=c, dtype=dtype, a=b_args, rank=rank, major=major, act=act, norm=norm):
+            def b_bwd(c=c, dtype=dtype, a=b_args, rank=rank, major=major, act=act, norm=norm, chain=chain):
                 x, t, wx, bx, wt, bt, wo, _ = a()
                 grad = _t(c.n, c.out, dtype=dtype)
-                return t_bil.backward(grad, x, t, wx, bx, wt, bt, wo, rank, major, act, norm, [True] * 8)
+                return t_bil.backward(
+                    grad, x, t, wx, bx, wt, bt, wo, rank, major, act, norm, [True] * 8, chain
+                )
 
             out += [(op, c.name, dt, "forward", b_fwd), (op, c.name, dt, "backward", b_bwd)]
     return out

@@ -1,5 +1,5 @@
 """Triton kernels of the bilinear pooling family (DESIGN.md section 6), behind
-``fusionops.ops._bilinear.BilinearKernels``: MFB/MLB, MUTAN, BLOCK.
+``fusionops.ops._bilinear.BilinearKernels``: MFB/MLB, MUTAN, BLOCK, and MFH (``chain``).
 
 What is Triton and what is not: rows go in tiles; per tile the projections ``A = x Wxᵀ + bx``,
 ``B = t Wtᵀ + bt`` (chunked: batched) and the output projection are torch matmuls (cuBLAS on a
@@ -7,6 +7,13 @@ GPU), the middle part (activation, product, sum-pool over the rank) is one Trito
 forward and one backward, and the optional normalisation ``n`` runs in torch on the tile's
 pooled ``(rows, C·S)``. Only one tile's ``(C, rows, R·S)`` projections exist at a time, never
 all rows'; the backward recomputes them and the kernel overwrites them with their gradients.
+
+``chain`` (MFH): every chunk projects the whole ``x`` and ``t``, so the projections are one GEMM
+of ``C·R·S`` columns per tile (``(rows, C·P)``), and chunk c's products are chained,
+``e_c = (act(A_c) act(B_c)) e_{c−1}``, which ties the chunks of an index together: one program
+walks all chunks of its block of rows and pooled columns (``_chain_fwd_kernel``), and the
+backward's recomputation also keeps the tile's ``e_0 … e_{C−2}`` for ``_chain_bwd_kernel``, which
+walks the chunks backwards carrying the chain's part of the gradient.
 
 How rows are tiled and in which dtype the GEMMs run depends on the device (``_config``):
 - under the interpreter (CPU tensors), as the C++ kernels: tiles of 256 KB of float32 (at least
@@ -158,6 +165,101 @@ def _pool_bwd_kernel(
         tl.store(b_ptr + base + i, _act_backward(dp * fa, vb, fb, ACT), mask=ok)
 
 
+# ---- chain mode (MFH): e_c = (act(A_c) ⊙ act(B_c)) ⊙ e_{c−1} ---------------------------------
+# Chunk c's product depends on every earlier chunk's at the same index i, so one program walks
+# all C chunks of its (rows, columns) block in sequence, holding e for the R products of each of
+# its pooled columns: a 3-D tile (rows, pooled columns, ranks), summed over the ranks. R is
+# covered in blocks of at most _CHAIN_R_BLOCK (the products of different r never meet).
+
+
+@triton.jit
+def _chain_tile(T, S, R, r0, RANK_MAJOR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_R: tl.constexpr):  # fmt: skip
+    """The program's rows (T, 1) and pooled columns (1, S) as int64, the product index i of
+    ranks [r0, r0 + BLOCK_R) (rows, S, R) and its mask, the 2-D (rows, S) mask of p."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rs = r0 + tl.arange(0, BLOCK_R)
+    ok2 = (rows < T)[:, None] & (cols < S)[None, :]
+    ok = ok2[:, :, None] & (rs < R)[None, None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    cols64 = cols.to(tl.int64)[None, :]
+    rs64 = rs.to(tl.int64)[None, None, :]
+    if RANK_MAJOR:
+        i = rs64 * S + cols64[:, :, None]
+    else:
+        i = cols64[:, :, None] * R + rs64
+    return rows64, cols64, i, ok, ok2
+
+
+@triton.jit
+def _chain_fwd_kernel(
+    a_ptr, b_ptr, p_ptr, T, S, R, C, e_ptr,
+    RANK_MAJOR: tl.constexpr, ACT: tl.constexpr, STORE_E: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """p[n, c·S + j] = Σ_r e_c[n, i]; A, B (T, C·P) pre-activation, p (T, C·S) in the
+    accumulation dtype. STORE_E (the backward's recomputation): e_0 … e_{C−2} also written to
+    E (T, (C−1)·P) in p's dtype, for the backward kernel's walk down the chunks."""
+    P = R * S
+    ty = p_ptr.dtype.element_ty  # the accumulation dtype; A and B may be 16-bit (GPU)
+    for r0 in range(0, R, BLOCK_R):
+        rows64, cols64, i, ok, ok2 = _chain_tile(T, S, R, r0, RANK_MAJOR, BLOCK_T, BLOCK_S, BLOCK_R)
+        a_row = a_ptr + rows64[:, :, None] * (C * P) + i
+        b_row = b_ptr + rows64[:, :, None] * (C * P) + i
+        e_row = e_ptr + rows64[:, :, None] * ((C - 1) * P) + i
+        p_row = p_ptr + rows64 * (C * S) + cols64
+        e = tl.full((BLOCK_T, BLOCK_S, BLOCK_R), 1.0, dtype=ty)  # e_{−1}: ab ⊙ 1 is ab exactly
+        for c in range(C):
+            va = tl.load(a_row + c * P, mask=ok, other=0.0).to(ty)
+            vb = tl.load(b_row + c * P, mask=ok, other=0.0).to(ty)
+            ab = _act(va, ACT) * _act(vb, ACT)
+            e = ab * e  # (act(A) ⊙ act(B)) ⊙ e_{c−1}: the reference's a * b * skip grouping
+            if STORE_E:
+                kept = tl.full((1, 1, 1), c, tl.int32) < C - 1  # e_{C−1} is not read
+                tl.store(e_row + c * P, e.to(e_ptr.dtype.element_ty), mask=ok & kept)
+            part = tl.sum(e, axis=2)
+            if r0 > 0:  # ranks past the first block: add to what the earlier blocks stored
+                part += tl.load(p_row + c * S, mask=ok2, other=0.0)
+            tl.store(p_row + c * S, part, mask=ok2)
+
+
+@triton.jit
+def _chain_bwd_kernel(
+    a_ptr, b_ptr, dp_ptr, T, S, R, C, e_ptr,
+    RANK_MAJOR: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """A, B (T, C·P) overwritten with dL/dA_c, dL/dB_c, walking c from C−1 down to 0 and
+    carrying the chain's part of dL/de_c: dL/de_c = dp_c (spread over its R products) +
+    dL/de_{c+1} ⊙ ab_{c+1}; dL/d(ab)_c = dL/de_c ⊙ e_{c−1} (c ≥ 1, e_{c−1} read from E, the
+    forward kernel's STORE_E); then (g · other) and the activation's backward, as autograd."""
+    P = R * S
+    ty = dp_ptr.dtype.element_ty
+    for r0 in range(0, R, BLOCK_R):
+        rows64, cols64, i, ok, ok2 = _chain_tile(T, S, R, r0, RANK_MAJOR, BLOCK_T, BLOCK_S, BLOCK_R)
+        a_row = a_ptr + rows64[:, :, None] * (C * P) + i
+        b_row = b_ptr + rows64[:, :, None] * (C * P) + i
+        e_row = e_ptr + rows64[:, :, None] * ((C - 1) * P) + i
+        dp_row = dp_ptr + rows64 * (C * S) + cols64
+        carry = tl.zeros((BLOCK_T, BLOCK_S, BLOCK_R), dtype=ty)  # dL/de_{c+1} ⊙ ab_{c+1}
+        for k in range(C):
+            c = C - 1 - k
+            dp = tl.load(dp_row + c * S, mask=ok2, other=0.0)
+            g = dp[:, :, None] + carry  # dL/de_c
+            va = tl.load(a_row + c * P, mask=ok, other=0.0).to(ty)
+            vb = tl.load(b_row + c * P, mask=ok, other=0.0).to(ty)
+            fa = _act(va, ACT)
+            fb = _act(vb, ACT)
+            # c = 0 has no e_{−1}: 1, and g ⊙ 1 is g exactly (NaN and inf included).
+            has_prev = tl.full((1, 1, 1), c, tl.int32) > 0  # a tensor: the interpreter takes no bool mask
+            prev = tl.load(e_row + (c - 1) * P, mask=ok & has_prev, other=1.0).to(ty)
+            carry = g * (fa * fb)
+            g = g * prev
+            tl.store(a_row + c * P, _act_backward(g * fb, va, fa, ACT), mask=ok)
+            tl.store(b_row + c * P, _act_backward(g * fa, vb, fb, ACT), mask=ok)
+
+
 def _tile_rows(n: int, c: int, p: int, dtype: torch.dtype, cfg: _Config) -> int:
     """Rows of a tile whose A (C, rows, P) of ``dtype`` fits ``cfg.tile_bytes``. The
     interpreter's: as many as fit (at least ``min_rows``); a GPU's: the fewest tiles that fit,
@@ -233,6 +335,70 @@ def _pool_backward(
     )  # fmt: skip
 
 
+# The largest rank block of the chain kernels' 3-D tiles (a larger R takes several in turn).
+_CHAIN_R_BLOCK = 16
+# Elements (rows x pooled columns x ranks) of one chain program's tile. At MFH's headline on
+# sm_90 (triton 3.9, tools/triton_static.py) 2048 (8 per thread) held 200 registers in the
+# backward kernel, one CTA per SM; 1024 holds 110 (the forward 64), two CTAs, no spill.
+_CHAIN_TILE = 1024
+
+
+def _chain_grid(rows: int, s: int, rank: int, cfg: _Config) -> tuple[tuple[int, int], int, int, int, int]:
+    """Grid, BLOCK_T, BLOCK_S, BLOCK_R and num_warps of the chain kernels: each program covers
+    every chunk (the grid has no chunk axis) of at most _CHAIN_TILE elements, 4 per thread at 8
+    warps; row blocks halved as in _grid."""
+    br = _block(rank, 1, _CHAIN_R_BLOCK)
+    bs = _block(s, 1, max(1, 128 // br))
+    bt = _block(rows, 1, max(1, _CHAIN_TILE // (bs * br)))
+    per_row_block = triton.cdiv(s, bs)
+    while bt > 1 and bt * bs * br > cfg.min_block and triton.cdiv(rows, bt) * per_row_block < cfg.programs:
+        bt //= 2
+    warps = 8 if bt * bs * br > _CHAIN_TILE // 2 else 4
+    return (triton.cdiv(rows, bt), triton.cdiv(s, bs)), bt, bs, br, warps
+
+
+def _chain_pool(
+    A: Tensor, B: Tensor, c: int, rank: int, rank_major: bool, act: int, acc: torch.dtype, cfg: _Config,
+    E: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """The pooled (rows, C·S) in ``acc`` from the chained products of the (rows, C·P) A and B;
+    ``E`` (rows, (C−1)·P) in ``acc``, when given, receives e_0 … e_{C−2}."""
+    rows, cp = A.shape
+    s = cp // (c * rank)
+    pooled = torch.empty(rows, c * s, dtype=acc, device=A.device)
+    grid, bt, bs, br, warps = _chain_grid(rows, s, rank, cfg)
+    _chain_fwd_kernel[grid](
+        A, B, pooled, rows, s, rank, c, pooled if E is None else E, RANK_MAJOR=rank_major, ACT=act,
+        STORE_E=E is not None, BLOCK_T=bt, BLOCK_S=bs, BLOCK_R=br, num_warps=warps,
+    )  # fmt: skip
+    return pooled
+
+
+def _chain_pool_backward(
+    A: Tensor, B: Tensor, E: Tensor | None, dp: Tensor, c: int, rank: int, rank_major: bool, act: int,
+    cfg: _Config,
+) -> None:  # fmt: skip
+    """A, B (rows, C·P) overwritten with dL/dA, dL/dB; ``E`` as _chain_pool wrote it (None
+    for C = 1: nothing is read from it)."""
+    rows, cp = A.shape
+    s = cp // (c * rank)
+    dp = dp.contiguous()
+    grid, bt, bs, br, warps = _chain_grid(rows, s, rank, cfg)
+    _chain_bwd_kernel[grid](
+        A, B, dp, rows, s, rank, c, dp if E is None else E, RANK_MAJOR=rank_major, ACT=act, BLOCK_T=bt,
+        BLOCK_S=bs, BLOCK_R=br, num_warps=warps,
+    )  # fmt: skip
+
+
+def _as_gemm(w: Tensor | None, chain: bool) -> Tensor | None:
+    """A weight (C, P, d) or bias (C, P) as the GEMMs take it. Chain mode's C chunks all project
+    the whole x (t): one GEMM of C·P columns, the weight seen as (1, C·P, d), the bias (1, C·P),
+    so A is (1, rows, C·P) and its gradient's GEMMs sum the chunks' parts of dx."""
+    if w is None or not chain:
+        return w
+    return w.reshape(1, -1, *w.shape[2:])
+
+
 def _groups(pooled: Tensor, c: int, normalize: int) -> Tensor:
     """The pooled tile as (rows, groups, width): the vectors n normalises."""
     return pooled.view(pooled.shape[0], c if normalize == NORM_PER_CHUNK else 1, -1)
@@ -270,22 +436,32 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc += a @ b
 
 
-def forward(x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize) -> Tensor:
-    """``y`` (N, O), contiguous, one tile of rows at a time."""
+def forward(
+    x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize, chain: bool = False
+) -> Tensor:
+    """``y`` (N, O), contiguous, one tile of rows at a time. ``chain`` (MFH): x (N, dx) and t
+    (N, dt) feed every chunk and chunk c's products are multiplied by chunk c−1's before pooling
+    (``_chain_fwd_kernel``); the rest (tiles, GEMMs, normalisation) as without it."""
     n, c, p = x.shape[0], wx.shape[0], wx.shape[1]
+    gc = 1 if chain else c  # chunks of the projection GEMMs
     cfg = _config(x.device)
     acc, gd = _acc(x.dtype), _gemm_dtype(x.dtype, cfg)
-    Wx, Wt, Wo = wx.to(gd), wt.to(gd), wo.to(gd)
-    Bx, Bt, Bo = (None if b is None else b.to(gd) for b in (bx, bt, bo))
+    Wx, Wt, Wo = _as_gemm(wx.to(gd), chain), _as_gemm(wt.to(gd), chain), wo.to(gd)
+    Bx, Bt = (_as_gemm(None if b is None else b.to(gd), chain) for b in (bx, bt))
+    Bo = None if bo is None else bo.to(gd)
     y = torch.empty(n, wo.shape[0], dtype=gd, device=x.device)
     tile = _tile_rows(n, c, p, gd, cfg)
     with _on(x.device):
         for r0 in range(0, n, tile):
             rows = min(tile, n - r0)
-            A = _project(_chunks(x, r0, rows, c, gd), Wx, Bx)
-            B = _project(_chunks(t, r0, rows, c, gd), Wt, Bt)
+            A = _project(_chunks(x, r0, rows, gc, gd), Wx, Bx)
+            B = _project(_chunks(t, r0, rows, gc, gd), Wt, Bt)
+            if chain:
+                pooled = _chain_pool(A[0], B[0], c, rank, rank_major, activation, acc, cfg)
+            else:
+                pooled = _pool(A, B, rank, rank_major, activation, acc, cfg)
             # 16-bit: z rounded to it, as the reference's z, for the output GEMM.
-            z = _normalize(_pool(A, B, rank, rank_major, activation, acc, cfg), c, normalize).to(gd)
+            z = _normalize(pooled, c, normalize).to(gd)
             out = y[r0 : r0 + rows]
             if Bo is None:
                 torch.mm(z, Wo.t(), out=out)
@@ -294,15 +470,21 @@ def forward(x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normaliz
     return y.to(x.dtype)
 
 
-def backward(grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, normalize, needs) -> list[Tensor]:
+def backward(
+    grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, normalize, needs, chain: bool = False
+) -> list[Tensor]:
     """Eight gradients (x, t, wx, bx, wt, bt, wo, bo); empty where not needed. The weights' and
     biases' gradients are summed over the tiles in the accumulation dtype (a 16-bit GEMM's
-    tile partial rounded once); dx, dt are written in the GEMMs' dtype."""
+    tile partial rounded once); dx, dt are written in the GEMMs' dtype. ``chain``: the
+    recomputation also keeps the tile's e_0 … e_{C−2} (one (rows, (C−1)·P) scratch in the
+    accumulation dtype, reused by every tile), which ``_chain_bwd_kernel`` reads walking the
+    chunks backwards; dx, dt sum the chunks' parts (one GEMM over the C·P columns)."""
     n, c, p = x.shape[0], wx.shape[0], wx.shape[1]
+    gc = 1 if chain else c  # chunks of the projection GEMMs
     cfg = _config(x.device)
     acc, gd = _acc(x.dtype), _gemm_dtype(x.dtype, cfg)
-    Wx, Wt, Wo = wx.to(gd), wt.to(gd), wo.to(gd)
-    Bx, Bt = (None if b is None else b.to(gd) for b in (bx, bt))
+    Wx, Wt, Wo = _as_gemm(wx.to(gd), chain), _as_gemm(wt.to(gd), chain), wo.to(gd)
+    Bx, Bt = (_as_gemm(None if b is None else b.to(gd), chain) for b in (bx, bt))
     dev = x.device
 
     def zeros(shape, need):
@@ -313,31 +495,42 @@ def backward(grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, norma
     dwx, dwt, dwo = zeros(wx.shape, needs[2]), zeros(wt.shape, needs[4]), zeros(wo.shape, needs[6])
     dbx = zeros((c, p), needs[3] and bx is not None)
     dbt = zeros((c, p), needs[5] and bt is not None)
+    # The GEMMs' views of the weight and bias gradients (chain: (1, C·P, d), (1, C·P)).
+    gwx, gbx, gwt, gbt = (_as_gemm(g, chain) for g in (dwx, dbx, dwt, dbt))
     tile = _tile_rows(n, c, p, gd, cfg)
+    E = torch.empty(tile, (c - 1) * p, dtype=acc, device=dev) if chain and c > 1 and n else None
     with _on(dev):
         for r0 in range(0, n, tile):
             rows = min(tile, n - r0)
-            X, Tt = _chunks(x, r0, rows, c, gd), _chunks(t, r0, rows, c, gd)
+            X, Tt = _chunks(x, r0, rows, gc, gd), _chunks(t, r0, rows, gc, gd)
             A, B = _project(X, Wx, Bx), _project(Tt, Wt, Bt)
-            pooled = _pool(A, B, rank, rank_major, activation, acc, cfg)
+            Et = None if E is None else E[:rows]
+            if chain:
+                pooled = _chain_pool(A[0], B[0], c, rank, rank_major, activation, acc, cfg, Et)
+            else:
+                pooled = _pool(A, B, rank, rank_major, activation, acc, cfg)
             z = _normalize(pooled, c, normalize)
             G = grad[r0 : r0 + rows].to(gd)
             if dwo is not None:
                 _add_product(dwo, G.t(), z.to(gd))
             dp = _normalize_backward((G @ Wo).to(acc), pooled, z, c, normalize)
-            _pool_backward(A, B, dp, rank, rank_major, activation, cfg)  # A, B now hold dL/dA, dL/dB
-            if dwx is not None:
-                _add_product(dwx, A.transpose(1, 2), X)
-            if dbx is not None:
-                dbx += A.sum(1, dtype=acc)
-            if dwt is not None:
-                _add_product(dwt, B.transpose(1, 2), Tt)
-            if dbt is not None:
-                dbt += B.sum(1, dtype=acc)
+            # A, B now hold dL/dA, dL/dB.
+            if chain:
+                _chain_pool_backward(A[0], B[0], Et, dp, c, rank, rank_major, activation, cfg)
+            else:
+                _pool_backward(A, B, dp, rank, rank_major, activation, cfg)
+            if gwx is not None:
+                _add_product(gwx, A.transpose(1, 2), X)
+            if gbx is not None:
+                gbx += A.sum(1, dtype=acc)
+            if gwt is not None:
+                _add_product(gwt, B.transpose(1, 2), Tt)
+            if gbt is not None:
+                gbt += B.sum(1, dtype=acc)
             if dx is not None:
-                dx[r0 : r0 + rows].view(rows, c, -1).copy_(torch.bmm(A, Wx).transpose(0, 1))
+                dx[r0 : r0 + rows].view(rows, gc, -1).copy_(torch.bmm(A, Wx).transpose(0, 1))
             if dt is not None:
-                dt[r0 : r0 + rows].view(rows, c, -1).copy_(torch.bmm(B, Wt).transpose(0, 1))
+                dt[r0 : r0 + rows].view(rows, gc, -1).copy_(torch.bmm(B, Wt).transpose(0, 1))
     dbo = grad.to(acc).sum(0) if needs[7] else None
     empty = x.new_empty(0)
     return [empty if g is None else g.to(x.dtype) for g in (dx, dt, dwx, dbx, dwt, dbt, dwo, dbo)]
