@@ -73,8 +73,10 @@ TORCH_LIBRARY(fusionops, m) {
   // fusionops/ops/_bilinear.py (BilinearKernels).
   m.def(
       "_bilinear_fwd(Tensor x, Tensor t, Tensor wx, Tensor? bx, Tensor wt, Tensor? bt, Tensor wo, Tensor? bo, "
-      "int rank, bool rank_major, int activation, int normalize, bool chain=False) -> Tensor");
+      "int rank, bool rank_major, int activation, int normalize, bool chain=False, float drop_in=0., "
+      "float drop_prod=0., float drop_out=0., int seed=0) -> Tensor");
   m.def(
       "_bilinear_bwd(Tensor grad, Tensor x, Tensor t, Tensor wx, Tensor? bx, Tensor wt, Tensor? bt, Tensor wo, "
-      "int rank, bool rank_major, int activation, int normalize, bool[] needs, bool chain=False) -> Tensor[]");
+      "int rank, bool rank_major, int activation, int normalize, bool[] needs, bool chain=False, "
+      "float drop_in=0., float drop_prod=0., float drop_out=0., int seed=0) -> Tensor[]");
 }

@@ -114,20 +114,23 @@ def _outputs(fn, ins, g64):
 
 
 def check_against_reference(
-    op, backend, x, t, params, kwargs, dtype, grad_layout="contiguous", conditioned=False
+    op, backend, x, t, params, kwargs, dtype, grad_layout="contiguous", conditioned=False, ref_kwargs=None
 ):
     """Forward and every gradient of ``backend`` against the float64 reference.
 
     ``conditioned``: the signed square root makes the output's sensitivity to rounding
     unbounded near a pooled 0 (its derivative is 1 / (2√|p|)), so for normalised calls the
     allowance adds 8x the change of the float64 reference when every input is perturbed by the
-    dtype's own tolerance (the error any implementation makes just by rounding its inputs)."""
+    dtype's own tolerance (the error any implementation makes just by rounding its inputs).
+    ``ref_kwargs``: more keyword arguments for the reference only (``training=True`` with
+    dropouts)."""
     fn = getattr(fusionops, op)
+    ref_kw = {**kwargs, **(ref_kwargs or {})}
     ref = getattr(reference, op)
     with fusionops.backend(backend):
         y = fn(x, t, *params, **kwargs)
     ins64 = detached64([x, t, *params])
-    yr = ref(*ins64, **kwargs)
+    yr = ref(*ins64, **ref_kw)
     assert y.dtype == dtype
     names = ["forward", "grad of x", "grad of t"] + [f"grad of params[{i}]" for i in range(len(params))]
     present = [True, True, True, *(p is not None for p in params)]
@@ -137,10 +140,10 @@ def check_against_reference(
     g = make_grad(tuple(y.shape), dtype, y.device, grad_layout)
     y.backward(g)
     got = [y, x.grad, t.grad, *(p.grad for p in params if p is not None)]
-    expected = _outputs(lambda *a: ref(*a, **kwargs), ins64, g.to(torch.float64))
+    expected = _outputs(lambda *a: ref(*a, **ref_kw), ins64, g.to(torch.float64))
     slack = [None] * len(expected)
     if conditioned:
-        moved = _outputs(lambda *a: ref(*a, **kwargs), _perturbed(ins64, TOL[dtype], 11), g.to(torch.float64))
+        moved = _outputs(lambda *a: ref(*a, **ref_kw), _perturbed(ins64, TOL[dtype], 11), g.to(torch.float64))
         slack = [(m - e).abs().max().item() for m, e in zip(moved, expected, strict=True)]
     for a, e, s, what in zip(
         got, expected, slack, [n for n, p in zip(names, present, strict=True) if p], strict=True

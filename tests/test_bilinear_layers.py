@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from conftest import assert_close_to, assert_compiled_matches_reference
 
 import fusionops
+from fusionops import reference
+from fusionops.ops._dropout import draw_seed
 
 DX, DT, OUT, MM = 7, 5, 4, 6
 
@@ -90,19 +92,6 @@ def test_mfh_loads_their_state_dict():
     zs = [_ssqrt_l2(e.view(e.shape[0], MM, k).sum(2)) for e in (e0, e1)]
     expected = F.relu(_lin(sd, "linear_out", torch.cat(zs, 1)))
     assert_close_to(y, expected, torch.float64, "MFH")
-
-
-def test_mfh_dropout_runs_the_reference_in_training_only():
-    m = fusionops.MFH([DX, DT], OUT, mm_dim=MM, dropout_input=0.3, dropout_pre_lin=0.2, order=3)
-    xs = [x.float() for x in _inputs()]
-    fusionops.reset_dispatch_counts()
-    m.train()
-    y_train = m(xs)
-    assert "mfh" not in fusionops.dispatch_counts(), "dropout in training must not take the fused op"
-    m.eval()
-    y_eval = m(xs)
-    assert fusionops.dispatch_counts()["mfh"]
-    assert not torch.allclose(y_train, y_eval), "training dropout had no effect"
 
 
 def _theirs_block(sd, xs, chunks, rank, pos_norm, merge):
@@ -185,21 +174,81 @@ def test_shared_keeps_both_names(layer):
     torch.testing.assert_close(fresh([x, x]), m([x, x]))
 
 
-def test_dropout_runs_the_reference_in_training_only():
-    m = fusionops.MFB([DX, DT], OUT, mm_dim=MM, dropout_input=0.3, dropout_pre_norm=0.2)
-    xs = [x.float() for x in _inputs()]
+def _mfh_params(m):
+    l0s = [getattr(m, f"linear0_{i}") for i in range(m.order)]
+    l1s = [getattr(m, f"linear1_{i}") for i in range(m.order)]
+    return (torch.stack([l.weight for l in l0s]), torch.stack([l.bias for l in l0s]),
+            torch.stack([l.weight for l in l1s]), torch.stack([l.bias for l in l1s]),
+            m.linear_out.weight, m.linear_out.bias)  # fmt: skip
+
+
+# Each layer with every dropout inside its op active, the op that serves it, and its reference
+# with the fused kernels' masks for a seed (the layer's params, its inputs).
+DROPOUT_LAYERS = {
+    "MFB": (
+        lambda: fusionops.MFB([DX, DT], OUT, mm_dim=MM, factor=2, dropout_input=0.3, dropout_pre_norm=0.2,
+                              normalize=True),
+        "mfb",
+        lambda m, xs, seed: reference.mfb(
+            *xs, m.linear0.weight, m.linear0.bias, m.linear1.weight, m.linear1.bias, m.linear_out.weight,
+            m.linear_out.bias, 2, "relu", True, dropout_input=0.3, dropout_pre_norm=0.2, training=True,
+            seed=seed,
+        ),
+    ),
+    "MLB": (
+        lambda: fusionops.MLB([DX, DT], OUT, mm_dim=MM, activ_input="tanh", dropout_input=0.2,
+                              dropout_pre_lin=0.4),
+        "mfb",
+        lambda m, xs, seed: reference.mfb(
+            *xs, m.linear0.weight, m.linear0.bias, m.linear1.weight, m.linear1.bias, m.linear_out.weight,
+            m.linear_out.bias, 1, "tanh", False, dropout_input=0.2, dropout_pre_lin=0.4, training=True,
+            seed=seed,
+        ),
+    ),
+    "MFH": (
+        lambda: fusionops.MFH([DX, DT], OUT, mm_dim=MM, dropout_input=0.3, dropout_pre_lin=0.2, order=3),
+        "mfh",
+        lambda m, xs, seed: reference.mfh(
+            *xs, *_mfh_params(m), 2, "relu", False, dropout_input=0.3, dropout_pre_lin=0.2, training=True,
+            seed=seed,
+        ),
+    ),
+    "Block": (
+        lambda: fusionops.Block([DX, DT], OUT, mm_dim=MM, chunks=2, rank=2, dropout_pre_lin=0.3),
+        "block_fusion",
+        lambda m, xs, seed: reference.block_fusion(
+            m.linear0(xs[0]), m.linear1(xs[1]), *m._merge(), m.linear_out.weight, m.linear_out.bias, 2,
+            "before_cat", dropout_pre_lin=0.3, training=True, seed=seed,
+        ),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", list(DROPOUT_LAYERS))
+def test_dropout_in_training_runs_the_fused_op(layer):
+    """In training the op's dropouts run inside the fused kernels, with the masks of the
+    reference's hashed dropout for the seed the layer drew from torch's generator (so
+    torch.manual_seed reproduces a step); in eval there is no dropout."""
+    make, op, expected_of = DROPOUT_LAYERS[layer]
+    torch.manual_seed(3)
+    m = make().double()
+    xs = _inputs()
     fusionops.reset_dispatch_counts()
     m.train()
     torch.manual_seed(0)
     y_train = m(xs)
-    assert "mfb" not in fusionops.dispatch_counts(), "dropout in training must not take the fused op"
-    m.eval()
-    y_eval = m(xs)
-    assert fusionops.dispatch_counts()["mfb"]
-    assert not torch.allclose(y_train, y_eval), "training dropout had no effect"
+    assert fusionops.dispatch_counts()[op]["cpu"] == 1, "dropout in training must take the fused op"
     torch.manual_seed(0)
-    m.train()
-    torch.testing.assert_close(m(xs), y_train)  # the same seed, the same masks
+    seed = draw_seed()  # the seed the layer drew
+    expected = expected_of(m, xs, seed)
+    if layer != "Block":
+        expected = F.relu(expected)  # activ_output
+    assert_close_to(y_train, expected, torch.float64, f"{layer} in training")
+    torch.manual_seed(0)
+    torch.testing.assert_close(m(xs), y_train, rtol=0, atol=0)  # the same seed, the same masks
+    assert not torch.allclose(m(xs), y_train), "a new step drew the same masks"
+    m.eval()
+    assert not torch.allclose(m(xs), y_train), "training dropout had no effect"
 
 
 def test_other_activation_runs_the_reference():

@@ -247,3 +247,36 @@ def test_zero_chunk_normalises_to_zero(kernel_backend, device):
     (ref,) = torch.autograd.grad(expected, [x], g)
     assert torch.isfinite(got).all()
     assert_close_to(got, ref, torch.float64, "dx")
+
+
+@pytest.mark.interpreter_subset(
+    keep=lambda size, normalize, **_: size == SIZES[0] and normalize == "before_cat"
+)
+@pytest.mark.parametrize("normalize", NORMALIZE)
+@pytest.mark.parametrize("size", SIZES[:2], ids=str)
+def test_dropout_matches_reference(kernel_backend, device, size, normalize):
+    """dropout_pre_lin on z inside the kernels: the reference's hashed mask for the same seed,
+    forward and every gradient (3 chunks: the cpu backward by chunks; 1 chunk: by rows)."""
+    chunks, rank, s, out = size
+    x, t = make_xs((13,), (chunks * s, chunks * s), torch.float64, device)
+    params = make_block_params(chunks, rank, s, out, torch.float64, device)
+    kwargs = {"rank": rank, "normalize": normalize, "dropout_pre_lin": 0.4, "seed": 77}
+    check_against_reference(
+        "block_fusion", kernel_backend, x, t, params, kwargs, torch.float64, ref_kwargs={"training": True}
+    )
+
+
+def test_dropout_over_tiles(kernel_backend, device, monkeypatch):
+    """The mask follows the global row across tiles."""
+    if kernel_backend == "triton":
+        monkeypatch.setattr("fusionops.triton.bilinear._TILE_BYTES", 1)  # tiles of 16 rows
+        n = 37
+    else:
+        n = 1100
+    chunks, rank, s, out = 2, 3, 64, 5
+    x, t = make_xs((n,), (chunks * s, chunks * s), torch.float64, device)
+    params = make_block_params(chunks, rank, s, out, torch.float64, device)
+    kwargs = {"rank": rank, "normalize": "none", "dropout_pre_lin": 0.3, "seed": 5}
+    check_against_reference(
+        "block_fusion", kernel_backend, x, t, params, kwargs, torch.float64, ref_kwargs={"training": True}
+    )

@@ -284,3 +284,115 @@ def test_mfh_bad_arguments():
         fusionops.mfh(x, t.double(), uw, ub, vw, vb, ow, ob, factor=k)
     with pytest.raises(ValueError, match="factor must be >= 1"):
         fusionops.mfh(x, t, uw, ub, vw, vb, ow, ob, factor=0)
+
+
+# The op's dropouts: each alone, then all at once (MFB: input, product (pre_norm), z (MLB's
+# pre_lin); MFH: input, product (its pre_lin)).
+DROPOUTS = {
+    "mfb": [{"dropout_input": 0.3}, {"dropout_pre_norm": 0.4}, {"dropout_pre_lin": 0.25},
+            {"dropout_input": 0.2, "dropout_pre_norm": 0.3, "dropout_pre_lin": 0.5}],
+    "mfh": [{"dropout_input": 0.3}, {"dropout_pre_lin": 0.4}, {"dropout_input": 0.2, "dropout_pre_lin": 0.5}],
+}  # fmt: skip
+
+
+DROPOUT_CASES = [(v, i) for v in (MFB, MFH) for i in range(len(DROPOUTS[v.op]))]
+
+
+# The interpreter runs every op's all-dropouts case.
+@pytest.mark.interpreter_subset(
+    keep=lambda case, activation, **_: case[1] == len(DROPOUTS[case[0].op]) - 1 and activation == "relu"
+)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: f"{c[0].op}-{c[1]}")
+def test_dropout_matches_reference(kernel_backend, device, case, activation):
+    """Inverted, hashed dropout inside the kernels: the reference's masks for the same seed,
+    forward and every gradient (a dropped element passes no gradient)."""
+    variant, which = case
+    drops = DROPOUTS[variant.op][which]
+    size = SIZES[0]
+    x, t = make_xs((13,), size[:2], torch.float64, device)
+    params = variant.params(size, torch.float64, device)
+    # Not normalised: a degenerate draw (a block whose pooled z has one non-zero) makes the
+    # normalisation's gradient 0 analytically, rounding noise in the reference (test_matches_
+    # reference covers the normalisation).
+    kwargs = {"factor": size[2], "activation": activation, "seed": 1234 + which, **drops}
+    check_against_reference(
+        variant.op, kernel_backend, x, t, params, kwargs, torch.float64, ref_kwargs={"training": True}
+    )
+
+
+def test_dropout_over_tiles_and_threads(variant, kernel_backend, device, monkeypatch):
+    """Masks follow the global row across tiles (and the cpu backward's rounds of threads)."""
+    if kernel_backend == "triton":
+        monkeypatch.setattr("fusionops.triton.bilinear._TILE_BYTES", 1)  # tiles of 16 rows
+        n, size = 37, (6, 5, 3, 4, 5, 2)
+    else:
+        n, size = 700, (6, 5, 4, 256, 5, 2)
+    drops = DROPOUTS[variant.op][-1]
+    x, t = make_xs((n,), size[:2], torch.float64, device)
+    params = variant.params(size, torch.float64, device)
+    kwargs = {"factor": size[2], "seed": 99, **drops}
+    check_against_reference(
+        variant.op, kernel_backend, x, t, params, kwargs, torch.float64, ref_kwargs={"training": True}
+    )
+
+
+def test_dropout_seed(variant, kernel_backend, device):
+    """The same seed gives the same bits, another seed other masks; no seed draws one from
+    torch's generator (torch.manual_seed reproduces it)."""
+    x, t = make_xs((9,), SIZES[0][:2], torch.float32, device)
+    params = variant.params(SIZES[0], torch.float32, device)
+    kw = {"factor": SIZES[0][2], **DROPOUTS[variant.op][-1]}
+    with fusionops.backend(kernel_backend):
+        y1, y2 = (variant(x, t, *params, seed=5, **kw) for _ in range(2))
+        y3 = variant(x, t, *params, seed=6, **kw)
+        torch.manual_seed(0)
+        y4 = variant(x, t, *params, **kw)
+        torch.manual_seed(0)
+        y5 = variant(x, t, *params, **kw)
+    assert torch.equal(y1, y2) and torch.equal(y4, y5)
+    assert not torch.allclose(y1, y3)
+
+
+def test_dropout_drops_nonfinite(variant, kernel_backend, device):
+    """A dropped element is 0 whatever it held (selected, never multiplied by 0): with an inf in
+    x, the output and gradients are the reference's, NaN and inf where it has them."""
+    x, t = (v.detach() for v in make_xs((8,), SIZES[0][:2], torch.float64, device))
+    x[3, 0] = float("inf")
+    x.requires_grad_(True)
+    params = [p.detach().requires_grad_(True) for p in variant.params(SIZES[0], torch.float64, device)]
+    kw = {"factor": SIZES[0][2], "seed": 7, **DROPOUTS[variant.op][-1]}
+    with fusionops.backend(kernel_backend):
+        y = variant(x, t, *params, **kw)
+    expected = variant.reference(x, t, *params, training=True, **kw)
+    torch.testing.assert_close(y, expected, equal_nan=True, rtol=1e-12, atol=1e-12)
+    g = make_grad(tuple(y.shape), torch.float64, device)
+    got = torch.autograd.grad(y, [x, params[0]], g)
+    want = torch.autograd.grad(expected, [x, params[0]], g)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, equal_nan=True, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_opcheck(variant, kernel_backend, device):
+    k = SIZES[0][2]
+    x, t = (v.detach().requires_grad_(True) for v in make_xs((5,), SIZES[0][:2], torch.float32, device))
+    params = [p.detach().requires_grad_(True) for p in variant.params(SIZES[0], torch.float32, device)]
+    probs = list(DROPOUTS[variant.op][-1].values())
+    fwd = getattr(torch.ops.fusionops, variant.op)
+    torch.library.opcheck(fwd, (x, t, *params, k, "relu", True, kernel_backend, *probs, 21))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"dropout_input": 1.0}, ValueError, r"dropout_input must be in \[0, 1\), got 1.0"),
+        ({"dropout_pre_lin": -0.1}, ValueError, r"dropout_pre_lin must be in \[0, 1\)"),
+        ({"dropout_input": True}, TypeError, "dropout_input must be a float"),
+        ({"dropout_input": 0.1, "seed": 2**31}, ValueError, r"seed must be in \[0, 2\*\*31\)"),
+        ({"seed": 1.5}, TypeError, "seed must be an int"),
+    ],
+)
+def test_dropout_bad_arguments(variant, kwargs, error, match):
+    x, t = make_xs((4,), SIZES[0][:2], torch.float32, "cpu")
+    with pytest.raises(error, match=match):
+        variant(x, t, *variant.params(SIZES[0]), factor=SIZES[0][2], **kwargs)

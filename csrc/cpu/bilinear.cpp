@@ -21,6 +21,13 @@
 // (backward_by_chunk: BLOCK's independent chunks) or by GEMMs over rounds of tiles
 // (backward_by_rows); the same bits on every run either way.
 //
+// Dropout (block.bootstrap's dropout_input, MFB's dropout_pre_norm, MFH's and MLB's/BLOCK's
+// dropout_pre_lin) is inverted and hashed (dropout.h): site s of {act(A), act(B), e, z} keeps
+// element (row, col) by dropout_keep(site_seed(seed, s), row, col), col counted over the row's
+// C·P (or C·S for z) columns, so backward regenerates every mask instead of storing one. The
+// projections stay unmasked in the tile buffers (the activations' backward needs them); the
+// masked middle (pool_masked, unpool_masked) applies the masks as it reads them.
+//
 // Cost (issue 20): the recomputation is the one thing the fused backward does beyond the
 // reference's, one more forward's worth of projection GEMMs. At MFB's headline (N = 512,
 // 512-d, k·o = 1280, O = 256) that is 5.57 GFLOP for fwd+bwd against the reference's 4.23: were
@@ -41,6 +48,7 @@
 #include <vector>
 
 #include "common.h"
+#include "dropout.h"
 
 namespace fusionops::cpu {
 namespace {
@@ -60,6 +68,14 @@ constexpr double kNormEps = 1e-12;
 
 enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2 };
 enum Normalize : int64_t { kNoNorm = 0, kPerChunk = 1, kWholeRow = 2 };
+// Dropout sites, in the order of Problem::drop_p; site_seed mixes the site into the seed
+// (fusionops/reference/bilinear.py's site_seed).
+enum Site : int { kSiteA = 0, kSiteB = 1, kSiteE = 2, kSiteZ = 3 };
+constexpr uint32_t kSiteMul = 0x5BD1E995u;
+
+int64_t site_seed(int64_t seed, int site) {
+  return static_cast<int64_t>((static_cast<uint32_t>(seed) ^ (static_cast<uint32_t>(site) * kSiteMul)) & 0x7FFFFFFFu);
+}
 
 struct Problem {
   int64_t N = 0, C = 0, dx = 0, dt = 0, P = 0, R = 0, S = 0, O = 0;
@@ -68,12 +84,21 @@ struct Problem {
   bool by_chunk = false;  // backward by chunks (backward_by_chunk) or by rows (backward_by_rows)
   bool rank_major = false;
   bool chain = false;  // MFH: inputs shared by the chunks, products chained over them
+  double drop_p[4] = {0, 0, 0, 0};  // per Site
+  int64_t seed = 0;
   int64_t act = kNone, norm = kNoNorm;
   at::ScalarType dtype = at::kFloat, acc = at::kFloat;
   // Parameters in the compute dtype, contiguous (one copy per call, the size of the weights).
   at::Tensor wx, bx, wt, bt, wo, bo;
 
   at::TensorOptions opts() const { return at::TensorOptions().dtype(acc); }
+  bool dropout(int site) const { return drop_p[site] > 0; }
+  // act(A), act(B) or e masked (the masked middle runs).
+  bool masked_middle() const { return dropout(kSiteA) || dropout(kSiteB) || dropout(kSiteE); }
+  template <typename T>
+  Dropout<T> site(int s) const {
+    return Dropout<T>(drop_p[s], site_seed(seed, s));
+  }
 };
 
 void check_param(const char* op, const char* name, const at::Tensor& w, at::IntArrayRef shape,
@@ -91,8 +116,14 @@ Problem make_problem(const char* op, const at::Tensor& x, const at::Tensor& t, c
                      const std::optional<at::Tensor>& bx, const at::Tensor& wt,
                      const std::optional<at::Tensor>& bt, const at::Tensor& wo,
                      const std::optional<at::Tensor>& bo, int64_t rank, bool rank_major, int64_t activation,
-                     int64_t normalize, bool chain) {
+                     int64_t normalize, bool chain, double drop_in, double drop_prod, double drop_out,
+                     int64_t seed) {
   Problem p;
+  for (const double q : {drop_in, drop_prod, drop_out}) check_dropout(op, q, seed);
+  p.drop_p[kSiteA] = p.drop_p[kSiteB] = drop_in;
+  p.drop_p[kSiteE] = drop_prod;
+  p.drop_p[kSiteZ] = drop_out;
+  p.seed = seed;
   p.dtype = x.scalar_type();
   p.acc = at::toOpMathType(p.dtype);
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && at::isFloatingType(p.dtype), "fusionops::", op,
@@ -242,6 +273,7 @@ struct Chunks {
   T* a;
   T* b;
   int64_t G, cs, rows;
+  int64_t c0 = 0, row0 = 0;  // the first chunk's index and the first row's (global), for masks
 };
 
 // The chained product of a tile (MFH): e_{c-1} of each row, (rows, P) of stride P, overwritten
@@ -431,10 +463,106 @@ void unpool_chained_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpo
   }
 }
 
+// Middle, forward, with dropout (any of act(A), act(B), e masked; chained or not): e_c =
+// drop_e((drop_a(A_c) drop_b(B_c)) e_{c-1}), pooled; chain.e carries e_{c-1} as `pool_chained`
+// (null when not chained).
+template <typename T>
+void pool_masked(const Problem& p, const Chunks<T>& ab, Rows<T> pooled, const Chain<T>& chain) {
+  const int64_t P = p.P;
+  const Dropout<T> da = p.site<T>(kSiteA), db = p.site<T>(kSiteB), de = p.site<T>(kSiteE);
+  std::vector<uint8_t> ka(P), kb(P), ke(P);
+  std::vector<T> own(P);
+  for (int64_t n = 0; n < ab.rows; ++n) {
+    const int64_t row = ab.row0 + n;
+    T* __restrict__ e = p.chain ? chain.e + n * P : own.data();
+    for (int64_t g = 0; g < ab.G; ++g) {
+      const int64_t col0 = (ab.c0 + g) * P;
+      da.keep_row(ka.data(), P, row, col0);
+      db.keep_row(kb.data(), P, row, col0);
+      de.keep_row(ke.data(), P, row, col0);
+      const T* __restrict__ ar = ab.a + g * ab.cs + n * P;
+      const T* __restrict__ br = ab.b + g * ab.cs + n * P;
+      const bool carry = p.chain && !(chain.first && g == 0);
+      for (int64_t i = 0; i < P; ++i) {
+        T v = da.of(ka[i], ar[i]) * db.of(kb[i], br[i]);
+        if (carry) v = v * e[i];
+        e[i] = de.on ? de.of(ke[i], v) : v;
+      }
+      pool_row<T>(p, e, pooled.row(n) + g * p.S);
+    }
+  }
+}
+
+// Middle, backward, with dropout (all G chunks of a tile when chained): as unpool_act and
+// unpool_chained_act, each mask applied where the forward applied it. A dropped element's
+// gradient is 0 (selected), whatever the upstream gradient holds.
+template <typename T, int64_t ACT>
+void unpool_masked_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
+  const int64_t P = p.P, S = p.S, G = ab.G;
+  const Dropout<T> da = p.site<T>(kSiteA), db = p.site<T>(kSiteB), de = p.site<T>(kSiteE);
+  std::vector<uint8_t> ka(G * P), kb(G * P), ke(G * P);
+  std::vector<T> e(p.chain ? std::max<int64_t>(G - 1, 0) * P : 0), carry(P), dpx(P);
+  for (int64_t n = 0; n < ab.rows; ++n) {
+    const int64_t row = ab.row0 + n;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t col0 = (ab.c0 + g) * P;
+      da.keep_row(ka.data() + g * P, P, row, col0);
+      db.keep_row(kb.data() + g * P, P, row, col0);
+      de.keep_row(ke.data() + g * P, P, row, col0);
+    }
+    for (int64_t g = 0; p.chain && g + 1 < G; ++g) {  // e'_0 … e'_{G-2}, as the forward made them
+      const T* __restrict__ ar = ab.a + g * ab.cs + n * P;
+      const T* __restrict__ br = ab.b + g * ab.cs + n * P;
+      const int64_t o = g * P;
+      for (int64_t i = 0; i < P; ++i) {
+        T v = da.of(ka[o + i], ar[i]) * db.of(kb[o + i], br[i]);
+        if (g > 0) v = v * e[o - P + i];
+        e[o + i] = de.on ? de.of(ke[o + i], v) : v;
+      }
+    }
+    for (int64_t g = G - 1; g >= 0; --g) {
+      T* __restrict__ ar = ab.a + g * ab.cs + n * P;
+      T* __restrict__ br = ab.b + g * ab.cs + n * P;
+      spread_row<T>(p, dpooled.row(n) + g * S, dpx.data());
+      const T* __restrict__ prev = p.chain && g > 0 ? e.data() + (g - 1) * P : nullptr;
+      const bool carried = p.chain && g < G - 1;
+      const int64_t o = g * P;
+      for (int64_t i = 0; i < P; ++i) {
+        const T fa = ar[i], fb = br[i];
+        const T va = da.of(ka[o + i], fa), vb = db.of(kb[o + i], fb);
+        T ge = carried ? dpx[i] + carry[i] : dpx[i];
+        if (de.on) ge = de.of(ke[o + i], ge);
+        T gab = ge;
+        if (prev) {
+          gab = ge * prev[i];
+          carry[i] = ge * (va * vb);
+        }
+        const T gva = gab * vb, gvb = gab * va;
+        ar[i] = activate_backward<ACT>(da.on ? da.of(ka[o + i], gva) : gva, fa);
+        br[i] = activate_backward<ACT>(db.on ? db.of(kb[o + i], gvb) : gvb, fb);
+      }
+    }
+  }
+}
+
+// The forward middle for any problem: masked, chained or plain.
+template <typename T>
+void pool_any(const Problem& p, const Chunks<T>& ab, Rows<T> pooled, const Chain<T>& chain) {
+  if (p.masked_middle()) {
+    pool_masked<T>(p, ab, pooled, chain);
+  } else if (p.chain) {
+    pool_chained<T>(p, ab, pooled, chain);
+  } else {
+    pool<T>(p, ab, pooled);
+  }
+}
+
 template <typename T>
 void unpool(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
   with_activation(p.act, [&](auto act) {
-    if (p.chain) {
+    if (p.masked_middle()) {
+      unpool_masked_act<T, decltype(act)::value>(p, ab, dpooled);
+    } else if (p.chain) {
       unpool_chained_act<T, decltype(act)::value>(p, ab, dpooled);
     } else {
       unpool_act<T, decltype(act)::value>(p, ab, dpooled);
@@ -534,15 +662,14 @@ void forward_tiles(const Problem& p, const at::Tensor& x, const at::Tensor& t, c
       for (int64_t c = 0; c < p.C; ++c) {
         project_chunk(p, chunk_of(p, x, r0, rows, c, p.dx), p.wx, p.bx, c, a);
         project_chunk(p, chunk_of(p, t, r0, rows, c, p.dt), p.wt, p.bt, c, b);
-        const Chunks<T> ab = chunks_view<T>(a.unsqueeze(0), b.unsqueeze(0));
+        Chunks<T> ab = chunks_view<T>(a.unsqueeze(0), b.unsqueeze(0));
+        ab.c0 = c;
+        ab.row0 = r0;
         const Rows<T> out{pl.mutable_data_ptr<T>() + c * p.S, pl.stride(0)};
-        if (p.chain) {
-          pool_chained<T>(p, ab, out, {E.mutable_data_ptr<T>(), c == 0});
-        } else {
-          pool<T>(p, ab, out);
-        }
+        pool_any<T>(p, ab, out, {p.chain ? E.mutable_data_ptr<T>() : nullptr, c == 0});
       }
       normalize_tile<T>(p, groups, width, pl, zt);
+      if (p.dropout(kSiteZ)) p.site<T>(kSiteZ).apply(zt.mutable_data_ptr<T>(), rows, p.C * p.S, zt.stride(0), r0, 0);
       at::Tensor yt = y.narrow(0, r0, rows);
       if (p.bo.defined()) {
         at::addmm_out(yt, p.bo, zt, wo_t);
@@ -557,10 +684,11 @@ at::Tensor bilinear_fwd(const at::Tensor& x, const at::Tensor& t, const at::Tens
                         const std::optional<at::Tensor>& bx, const at::Tensor& wt,
                         const std::optional<at::Tensor>& bt, const at::Tensor& wo,
                         const std::optional<at::Tensor>& bo, int64_t rank, bool rank_major, int64_t activation,
-                        int64_t normalize, bool chain) {
+                        int64_t normalize, bool chain, double drop_in, double drop_prod, double drop_out,
+                        int64_t seed) {
   BelowAutograd below;
-  const Problem p =
-      make_problem("_bilinear_fwd", x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize, chain);
+  const Problem p = make_problem("_bilinear_fwd", x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation,
+                                 normalize, chain, drop_in, drop_prod, drop_out, seed);
   at::Tensor y = at::empty({p.N, p.O}, p.opts());
   if (p.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(p.acc, "_bilinear_fwd", [&] { forward_tiles<scalar_t>(p, x, t, y); });
@@ -584,6 +712,7 @@ void backward_by_chunk(const Problem& p, const at::Tensor& grad, const at::Tenso
                        Grads& g) {
   const RowBlocks& tiles = p.bwd_blocks;
   const int64_t S = p.S;
+  const Dropout<T> dz = p.site<T>(kSiteZ);
   at::parallel_for(0, p.C, 1, [&](int64_t c0, int64_t c1) {
     const BelowAutograd below;
     at::Tensor A = at::empty({tiles.rows, p.P}, p.opts()), B = at::empty({tiles.rows, p.P}, p.opts());
@@ -598,15 +727,19 @@ void backward_by_chunk(const Problem& p, const at::Tensor& grad, const at::Tenso
         const at::Tensor X = chunk_of(p, x, r0, rows, c, p.dx), Tt = chunk_of(p, t, r0, rows, c, p.dt);
         project_chunk(p, X, p.wx, p.bx, c, a);  // recomputed: the forward kept nothing
         project_chunk(p, Tt, p.wt, p.bt, c, b);
-        const Chunks<T> ab = chunks_view<T>(a.unsqueeze(0), b.unsqueeze(0));
-        pool<T>(p, ab, rows_view<T>(pl));
+        Chunks<T> ab = chunks_view<T>(a.unsqueeze(0), b.unsqueeze(0));
+        ab.c0 = c;
+        ab.row0 = r0;
+        pool_any<T>(p, ab, rows_view<T>(pl), {});
         normalize_tile<T>(p, 1, S, pl, zt);
         const at::Tensor G = grad.narrow(0, r0, rows).to(p.acc);
         at::mm_out(gzt, G, wo_c);
-        if (g.dwo.defined()) g.dwo.narrow(1, c * S, S).addmm_(G.t(), zt);
+        if (p.dropout(kSiteZ)) dz.apply(gzt.mutable_data_ptr<T>(), rows, S, gzt.stride(0), r0, c * S);
         if (p.norm != kNoNorm) {
           normalize_backward<T>(rows, 1, S, crows_view<T>(pl), crows_view<T>(zt), rows_view<T>(gzt));
         }
+        if (p.dropout(kSiteZ)) dz.apply(zt.mutable_data_ptr<T>(), rows, S, zt.stride(0), r0, c * S);
+        if (g.dwo.defined()) g.dwo.narrow(1, c * S, S).addmm_(G.t(), zt);
         unpool<T>(p, ab, crows_view<T>(gzt));  // a, b now hold dL/dA, dL/dB
         if (g.dx.defined()) {
           at::Tensor dx = g.dx.narrow(0, r0, rows).narrow(1, c * p.dx, p.dx);
@@ -638,6 +771,7 @@ void backward_by_rows(const Problem& p, const at::Tensor& grad, const at::Tensor
   const int64_t threads = at::get_num_threads(), CS = p.C * p.S, tile = p.bwd_blocks.rows;
   const auto [groups, width] = norm_groups(p);
   const int64_t round_rows = std::min(p.N, threads * tile);
+  const Dropout<T> dz = p.site<T>(kSiteZ);
   at::Tensor dA = at::empty({p.C, round_rows, p.P}, p.opts()), dB = at::empty({p.C, round_rows, p.P}, p.opts());
   at::Tensor Z = at::empty({round_rows, CS}, p.opts());
   for (int64_t q0 = 0; q0 < p.N; q0 += round_rows) {
@@ -654,17 +788,16 @@ void backward_by_rows(const Problem& p, const at::Tensor& grad, const at::Tensor
         project(p, chunks_of(p, t, r0, rows), p.wt, p.bt, B);
         at::Tensor zt = Z.narrow(0, off, rows), gzt = gz.narrow(0, 0, rows);
         at::Tensor pl = p.norm == kNoNorm ? zt : pooled.narrow(0, 0, rows);
-        const Chunks<T> ab = chunks_view<T>(A, B);
-        if (p.chain) {
-          pool_chained<T>(p, ab, rows_view<T>(pl), {E.mutable_data_ptr<T>(), true});
-        } else {
-          pool<T>(p, ab, rows_view<T>(pl));
-        }
+        Chunks<T> ab = chunks_view<T>(A, B);
+        ab.row0 = r0;
+        pool_any<T>(p, ab, rows_view<T>(pl), {p.chain ? E.mutable_data_ptr<T>() : nullptr, true});
         normalize_tile<T>(p, groups, width, pl, zt);
         at::mm_out(gzt, grad.narrow(0, r0, rows).to(p.acc), p.wo);
+        if (p.dropout(kSiteZ)) dz.apply(gzt.mutable_data_ptr<T>(), rows, CS, gzt.stride(0), r0, 0);
         if (p.norm != kNoNorm) {
           normalize_backward<T>(rows, groups, width, crows_view<T>(pl), crows_view<T>(zt), rows_view<T>(gzt));
         }
+        if (p.dropout(kSiteZ)) dz.apply(zt.mutable_data_ptr<T>(), rows, CS, zt.stride(0), r0, 0);  // for dWo
         unpool<T>(p, ab, crows_view<T>(gzt));  // A, B now hold dL/dA, dL/dB
         if (g.dx.defined()) input_grad(p, g.dx.narrow(0, r0, rows), A, p.wx);
         if (g.dt.defined()) input_grad(p, g.dt.narrow(0, r0, rows), B, p.wt);
@@ -685,10 +818,11 @@ std::vector<at::Tensor> bilinear_bwd(const at::Tensor& grad, const at::Tensor& x
                                      const at::Tensor& wx, const std::optional<at::Tensor>& bx,
                                      const at::Tensor& wt, const std::optional<at::Tensor>& bt,
                                      const at::Tensor& wo, int64_t rank, bool rank_major, int64_t activation,
-                                     int64_t normalize, const c10::List<bool>& needs, bool chain) {
+                                     int64_t normalize, const c10::List<bool>& needs, bool chain, double drop_in,
+                                     double drop_prod, double drop_out, int64_t seed) {
   BelowAutograd below;
   const Problem p = make_problem("_bilinear_bwd", x, t, wx, bx, wt, bt, wo, std::nullopt, rank, rank_major,
-                                 activation, normalize, chain);
+                                 activation, normalize, chain, drop_in, drop_prod, drop_out, seed);
   TORCH_CHECK(needs.size() == 8, "fusionops::_bilinear_bwd: needs must hold 8 flags, got ", needs.size());
   check_param("_bilinear_bwd", "grad", grad, {p.N, p.O}, p.dtype);
   const auto o = p.opts();

@@ -11,9 +11,12 @@ What runs fused: MLB, MFB, MFH, Mutan and Block go through :func:`fusionops.mfb`
 :func:`fusionops.mfh` / :func:`fusionops.block_fusion`, which never hold the ``(N, k·o)`` /
 ``(N, R·s)`` projections.
 The dropouts that sit inside those ops (``dropout_input`` of MLB/MFB/MFH, ``dropout_pre_norm``,
-``dropout_pre_lin``) are not fused: in training mode with such a p > 0 the layer runs the
-materialising reference (``fusionops.reference``), as block.bootstrap does; so does an
-``activ_input`` other than relu, tanh or None. ``dropout_output`` and ``activ_output`` act after
+``dropout_pre_lin``) are fused too, in training mode: their masks are hashed from a seed drawn
+from torch's generator at each call (so ``torch.manual_seed`` makes training reproducible), not
+``F.dropout``'s stream, and regenerated in backward. ``dropout_input`` of Mutan/Block acts on
+the projected ``x̃``, ``t̃`` (``F.dropout``), before the op. An ``activ_input`` other than
+relu, tanh or None runs the materialising reference (``fusionops.reference``, with
+``F.dropout``), as block.bootstrap does. ``dropout_output`` and ``activ_output`` act after
 the output projection, outside the op. MFH stacks its blocks' weights into the op's ``(p, k·o, d)``
 layout at each call (a copy of their size, as Block's chunks).
 
@@ -120,10 +123,12 @@ class MFB(_Bilinear):
         self._count()
 
     def _fused(self) -> bool:
-        """Whether this call runs the fused op: its activation is a fused one and no dropout
-        inside the op is active."""
-        inner = self.dropout_input > 0 or self.dropout_pre_norm > 0 or self.dropout_pre_lin > 0
-        return (self.activ_input or None) in ACTIVATIONS and not (self.training and inner)
+        """Whether this call runs the fused op: its activation is a fused one."""
+        return (self.activ_input or None) in ACTIVATIONS
+
+    def _p(self, p: float) -> float:
+        """A dropout inside the op: its probability in training, 0 in eval."""
+        return p if self.training else 0.0
 
     def forward(self, x: Sequence[Tensor]) -> Tensor:
         x0, x1 = _pair(type(self).__name__, self.input_dims, x)
@@ -131,13 +136,11 @@ class MFB(_Bilinear):
                   self.linear_out.weight, self.linear_out.bias)  # fmt: skip
         if self._fused():
             z = mfb(
-                x0,
-                x1,
-                *params,
-                factor=self.factor,
-                activation=self.activ_input or None,
+                x0, x1, *params, factor=self.factor, activation=self.activ_input or None,
                 normalize=self.normalize,
-            )
+                dropout_input=self._p(self.dropout_input), dropout_pre_norm=self._p(self.dropout_pre_norm),
+                dropout_pre_lin=self._p(self.dropout_pre_lin),
+            )  # fmt: skip
         else:
             z = reference.mfb(
                 x0, x1, *params, self.factor, self.activ_input or None, self.normalize,
@@ -209,10 +212,8 @@ class MFH(_Bilinear):
         self.linear_out = nn.Linear(mm_dim * order, output_dim)
         self._count()
 
-    def _fused(self) -> bool:
-        """Whether this call runs the fused op (as :meth:`MFB._fused`)."""
-        inner = self.dropout_input > 0 or self.dropout_pre_lin > 0
-        return (self.activ_input or None) in ACTIVATIONS and not (self.training and inner)
+    _fused = MFB._fused
+    _p = MFB._p
 
     def forward(self, x: Sequence[Tensor]) -> Tensor:
         x0, x1 = _pair(type(self).__name__, self.input_dims, x)
@@ -224,6 +225,7 @@ class MFH(_Bilinear):
                 x0, x1, torch.stack([m.weight for m in l0s]), torch.stack([m.bias for m in l0s]),
                 torch.stack([m.weight for m in l1s]), torch.stack([m.bias for m in l1s]), *out,
                 factor=self.factor, activation=self.activ_input or None, normalize=self.normalize,
+                dropout_input=self._p(self.dropout_input), dropout_pre_lin=self._p(self.dropout_pre_lin),
             )  # fmt: skip
         else:
             z = reference.mfh(
@@ -288,18 +290,8 @@ class Mutan(_Bilinear):
             x0 = F.dropout(x0, p=self.dropout_input, training=self.training)
             x1 = F.dropout(x1, p=self.dropout_input, training=self.training)
         params = (*self._merge(), self.linear_out.weight, self.linear_out.bias)
-        if self.training and self.dropout_pre_lin > 0:
-            z = reference.block_fusion(
-                x0,
-                x1,
-                *params,
-                self.rank,
-                self._normalize(),
-                dropout_pre_lin=self.dropout_pre_lin,
-                training=True,
-            )
-        else:
-            z = block_fusion(x0, x1, *params, rank=self.rank, normalize=self._normalize())
+        p = self.dropout_pre_lin if self.training else 0.0
+        z = block_fusion(x0, x1, *params, rank=self.rank, normalize=self._normalize(), dropout_pre_lin=p)
         return self._dropout_out(z)
 
 

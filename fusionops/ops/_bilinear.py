@@ -10,6 +10,10 @@ chunk c is projected to ``P = R·S`` columns, ``A_c = x_c Wx[c]ᵀ + bx[c]``,
 MFB is C = 1, R = k, S = o. MFH is ``chain``: ``x (N, dx)`` and ``t (N, dt)`` are read whole by
 every chunk (its p blocks) and the products are chained before pooling, chunk c's product
 ``e_c = (act(A_c) act(B_c)) e_{c−1}`` (``e_{−1} = 1``).
+
+Dropout (``drop_in`` on act(A) and act(B), ``drop_prod`` on each product e_c, ``drop_out`` on z
+before the output projection) is inverted and hashed from ``seed``: the masks of
+``fusionops.reference.bilinear.hashed_dropout``, regenerated in backward, never stored.
 """
 
 from __future__ import annotations
@@ -39,19 +43,23 @@ class BilinearKernels(Protocol):
     strides; ``rank = R >= 1``; ``activation`` a value of :data:`ACTIVATION_CODES`,
     ``normalize`` one of the ``NORM_*`` codes. Kernels accumulate in float32 (float64 for
     float64) and never hold the ``(N, C·R·S)`` projections or their product for all rows.
-    ``chain`` (MFH): ``x (N, dx)``, ``t (N, dt)`` shared by the C chunks, products chained."""
+    ``chain`` (MFH): ``x (N, dx)``, ``t (N, dt)`` shared by the C chunks, products chained.
+    ``drop_in``, ``drop_prod``, ``drop_out`` in [0, 1) and ``seed`` in [0, 2**31): the dropouts
+    (module docstring)."""
 
     def forward(
         self, x: Tensor, t: Tensor, wx: Tensor, bx: Tensor | None, wt: Tensor, bt: Tensor | None,
         wo: Tensor, bo: Tensor | None, rank: int, rank_major: bool, activation: int, normalize: int,
-        chain: bool = False,
+        chain: bool = False, drop_in: float = 0.0, drop_prod: float = 0.0, drop_out: float = 0.0,
+        seed: int = 0,
     ) -> Tensor:  # fmt: skip
         """``y`` (N, O), contiguous."""
 
     def backward(
         self, grad: Tensor, x: Tensor, t: Tensor, wx: Tensor, bx: Tensor | None, wt: Tensor,
         bt: Tensor | None, wo: Tensor, rank: int, rank_major: bool, activation: int, normalize: int,
-        needs: list[bool], chain: bool = False,
+        needs: list[bool], chain: bool = False, drop_in: float = 0.0, drop_prod: float = 0.0,
+        drop_out: float = 0.0, seed: int = 0,
     ) -> list[Tensor]:  # fmt: skip
         """Eight gradients (x, t, wx, bx, wt, bt, wo, bo) given ``grad = dL/dy`` (N, O) of any
         strides; ``needs`` has eight flags in that order, and an entry whose flag is False (or
@@ -62,19 +70,39 @@ class CompiledKernels:
     """``torch.ops.fusionops._bilinear_fwd/_bwd`` (C++, csrc/cpu/bilinear.cpp)."""
 
     def forward(
-        self, x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize, chain=False
-    ) -> Tensor:
+        self, x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize, chain=False,
+        drop_in=0.0, drop_prod=0.0, drop_out=0.0, seed=0,
+    ) -> Tensor:  # fmt: skip
         return torch.ops.fusionops._bilinear_fwd.default(
-            x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize, chain
-        )
+            x, t, wx, bx, wt, bt, wo, bo, rank, rank_major, activation, normalize, chain, drop_in, drop_prod,
+            drop_out, seed,
+        )  # fmt: skip
 
     def backward(
-        self, grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, normalize, needs, chain=False
-    ) -> list[Tensor]:
+        self, grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, normalize, needs, chain=False,
+        drop_in=0.0, drop_prod=0.0, drop_out=0.0, seed=0,
+    ) -> list[Tensor]:  # fmt: skip
         return list(
             torch.ops.fusionops._bilinear_bwd.default(
-                grad, x, t, wx, bx, wt, bt, wo, rank, rank_major, activation, normalize, needs, chain
-            )
+                grad,
+                x,
+                t,
+                wx,
+                bx,
+                wt,
+                bt,
+                wo,
+                rank,
+                rank_major,
+                activation,
+                normalize,
+                needs,
+                chain,
+                drop_in,
+                drop_prod,
+                drop_out,
+                seed,
+            )  # fmt: skip
         )
 
 
@@ -84,22 +112,32 @@ def as_chunked(t: Tensor | None, chunked: bool) -> Tensor | None:
     return t if t is None or chunked else t.unsqueeze(0)
 
 
-def run_forward(kernels: BilinearKernels, flat, rank, rank_major, act, norm, chunked, chain=False) -> Tensor:
+# (drop_in, drop_prod, drop_out, seed): no dropout.
+NO_DROPOUT = (0.0, 0.0, 0.0, 0)
+
+
+def run_forward(
+    kernels: BilinearKernels, flat, rank, rank_major, act, norm, chunked, chain=False, drops=NO_DROPOUT
+) -> Tensor:
     x, t, wx, bx, wt, bt, wo, bo = flat
     wx3, bx2, wt3, bt2 = (as_chunked(w, chunked) for w in (wx, bx, wt, bt))
-    return kernels.forward(x, t, wx3, bx2, wt3, bt2, wo, bo, rank, rank_major, act, norm, chain).contiguous()
+    y = kernels.forward(x, t, wx3, bx2, wt3, bt2, wo, bo, rank, rank_major, act, norm, chain, *drops)
+    return y.contiguous()
 
 
 def run_backward(
-    kernels: BilinearKernels, grad, flat, needs, rank, rank_major, act, norm, chunked, chain=False
-):
+    kernels: BilinearKernels, grad, flat, needs, rank, rank_major, act, norm, chunked, chain=False,
+    drops=NO_DROPOUT,
+):  # fmt: skip
     """The eight gradients of ``flat`` (None where not needed), in the parameters' own shapes."""
     x, t, wx, bx, wt, bt, wo, _ = flat
     needs = [bool(n) for n in needs]
     needs[3] = needs[3] and bx is not None
     needs[5] = needs[5] and bt is not None
     wx3, bx2, wt3, bt2 = (as_chunked(w, chunked) for w in (wx, bx, wt, bt))
-    grads = kernels.backward(grad, x, t, wx3, bx2, wt3, bt2, wo, rank, rank_major, act, norm, needs, chain)
+    grads = kernels.backward(
+        grad, x, t, wx3, bx2, wt3, bt2, wo, rank, rank_major, act, norm, needs, chain, *drops
+    )
     shapes = [x.shape, t.shape, wx.shape, None if bx is None else bx.shape, wt.shape,
               None if bt is None else bt.shape, wo.shape, (wo.shape[0],)]  # fmt: skip
     return [g.reshape(s).contiguous() if n else None for g, n, s in zip(grads, needs, shapes, strict=True)]
@@ -123,40 +161,29 @@ def fake_grads(flat, needs) -> list[Tensor]:
 class BilinearCall(EagerCall):
     """Eager call of a bilinear op: flat = (x, t, wx, bx, wt, bt, wo, bo)."""
 
-    __slots__ = ("op", "rank", "rank_major", "act", "norm", "chunked", "chain", "reference")
+    __slots__ = ("op", "rank", "rank_major", "act", "norm", "chunked", "chain", "drops", "reference")
 
     def __init__(
-        self, kernels, op: str, rank, rank_major, act, norm, chunked, reference: Callable, chain: bool = False
-    ) -> None:
+        self, kernels, op: str, rank, rank_major, act, norm, chunked, reference: Callable,
+        chain: bool = False, drops: tuple[float, float, float, int] = NO_DROPOUT,
+    ) -> None:  # fmt: skip
         super().__init__(kernels)
         self.op = op
         self.rank, self.rank_major, self.act, self.norm, self.chunked = rank, rank_major, act, norm, chunked
-        self.chain = chain
+        self.chain, self.drops = chain, drops
         self.reference = reference  # reference(*flat) -> y, for second order
 
+    def _args(self) -> tuple:
+        return self.rank, self.rank_major, self.act, self.norm, self.chunked, self.chain, self.drops
+
     def forward(self, flat):
-        return run_forward(
-            self.kernels, flat, self.rank, self.rank_major, self.act, self.norm, self.chunked, self.chain
-        )
+        return run_forward(self.kernels, flat, *self._args())
 
     def saved(self, flat):
         return (*flat[:7], None)  # the output bias is not read by backward
 
     def backward(self, grad, flat, needs):
-        return tuple(
-            run_backward(
-                self.kernels,
-                grad,
-                flat,
-                needs,
-                self.rank,
-                self.rank_major,
-                self.act,
-                self.norm,
-                self.chunked,
-                self.chain,
-            )
-        )
+        return tuple(run_backward(self.kernels, grad, flat, needs, *self._args()))
 
     def reference_grads(self, grad, flat, needs):
         grads = _eager.grads_through(lambda: self.reference(*flat[:7], None), grad, list(flat[:7]), needs[:7])

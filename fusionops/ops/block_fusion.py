@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fusionops import reference
 from fusionops.ops import _autocast, _bilinear
-from fusionops.ops._bilinear_op import BilinearOp
+from fusionops.ops._bilinear_op import BilinearOp, check_dropouts, seed_for
 from fusionops.registry import OpDef, register
 
 OP = "block_fusion"
@@ -54,9 +54,22 @@ _NORM_CODES = {"none": _bilinear.NORM_NONE, "before_cat": _bilinear.NORM_PER_CHU
                "after_cat": _bilinear.NORM_WHOLE_ROW}  # fmt: skip
 
 
-def _call_args(rank: int, normalize: str) -> tuple[int, bool, int, int]:
+def _call_args(rank: int, normalize: str, *_dropouts) -> tuple[int, bool, int, int]:
     """(rank, rank_major, activation code, normalize code) of the shared kernels."""
     return rank, True, _bilinear.ACTIVATION_CODES[None], _NORM_CODES[normalize]
+
+
+def _drops(rank, normalize, dropout_pre_lin, seed):
+    """The kernels' (drop_in, drop_prod, drop_out, seed): BLOCK's dropout_pre_lin acts on z
+    (its dropout_input acts on x̃, t̃, the op's inputs)."""
+    return 0.0, 0.0, dropout_pre_lin, seed
+
+
+def _reference(x, t, w0, b0, w1, b1, ow, ob, rank, normalize, d_pre_lin, seed):
+    """The reference with the fused kernels' dropout mask."""
+    return reference.block_fusion(
+        x, t, w0, b0, w1, b1, ow, ob, rank, normalize, dropout_pre_lin=d_pre_lin, training=True, seed=seed
+    )
 
 
 def _check_args(
@@ -70,9 +83,12 @@ def _check_args(
     out_bias: Tensor | None,
     rank: int,
     normalize: str,
-) -> tuple[torch.Size, int, int, int]:
+    dropout_pre_lin: float = 0.0,
+    seed: int | None = None,
+) -> tuple[torch.Size, int, int]:
     """Every argument of a call; returns the leading shape, the size metric N·R·m and O."""
     lead = _bilinear.check_pair(OP, x, t)
+    check_dropouts(OP, {"dropout_pre_lin": dropout_pre_lin}, seed)
     m = int(x.shape[-1])
     if t.shape[-1] != m:
         raise ValueError(
@@ -116,9 +132,11 @@ BILINEAR_OP = BilinearOp(
     OPDEF,
     ("merge_weight0", "merge_bias0", "merge_weight1", "merge_bias1", "out_weight", "out_bias"),
     (("rank", "int"), ("normalize", "str")),
+    ("dropout_pre_lin",),
     _check_args,
     _call_args,
-    reference.block_fusion,
+    _drops,
+    _reference,
     chunked=True,
 )
 BILINEAR_OP.define()
@@ -136,6 +154,8 @@ def block_fusion(
     *,
     rank: int,
     normalize: str = "before_cat",
+    dropout_pre_lin: float = 0.0,
+    seed: int | None = None,
 ) -> Tensor:
     """Block-term bilinear fusion (BLOCK, Ben-younes et al. 2019; MUTAN with one chunk;
     DESIGN.md section 6) of the projected ``x̃``, ``t̃``.
@@ -153,18 +173,25 @@ def block_fusion(
         merge_bias0, merge_bias1: ``(C, R·s)`` or None.
         out_weight: ``(O, m)``; out_bias: ``(O,)`` or None.
         rank: R >= 1. normalize: ``"before_cat"``, ``"after_cat"`` or ``"none"``.
+        dropout_pre_lin: block.bootstrap's, inverted, always applied (a layer passes it in
+            training only), on ``cat_c z_c`` before the output projection; its mask is hashed
+            from ``seed`` (None: drawn from torch's generator when it is > 0), regenerated in
+            backward, never stored.
 
     Returns:
         ``(*, O)``. The fused kernels never hold the chunks' ``(*, R·s)`` projections for all
         rows: they work on tiles of rows and recompute them in backward.
     """
     lead, size, out = _check_args(
-        x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias, rank, normalize
-    )
+        x, t, merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias, rank, normalize,
+        dropout_pre_lin, seed,
+    )  # fmt: skip
+    p = float(dropout_pre_lin)
+    seed = seed_for((p,), seed)
     if _autocast.enabled(x.device):
         return _autocast.call_without_autocast(
             OPDEF.autocast, x.device, block_fusion, x, t, merge_weight0, merge_bias0, merge_weight1,
-            merge_bias1, out_weight, out_bias, rank=rank, normalize=normalize,
+            merge_bias1, out_weight, out_bias, rank=rank, normalize=normalize, dropout_pre_lin=p, seed=seed,
         )  # fmt: skip
     params = (merge_weight0, merge_bias0, merge_weight1, merge_bias1, out_weight, out_bias)
-    return BILINEAR_OP.call(x, t, params, (rank, normalize), lead, size, out)
+    return BILINEAR_OP.call(x, t, params, (rank, normalize, p, seed), lead, size, out)

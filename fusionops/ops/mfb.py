@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fusionops import reference
 from fusionops.ops import _autocast, _bilinear
-from fusionops.ops._bilinear_op import BilinearOp
+from fusionops.ops._bilinear_op import BilinearOp, check_dropouts, seed_for
 from fusionops.registry import OpDef, register
 
 OP = "mfb"
@@ -53,7 +53,9 @@ OPDEF = register(
 )
 
 
-def _call_args(factor: int, activation: str | None, normalize: bool) -> tuple[int, bool, int, int]:
+def _call_args(
+    factor: int, activation: str | None, normalize: bool, *_dropouts
+) -> tuple[int, bool, int, int]:
     """(rank, rank_major, activation code, normalize code) of the shared kernels."""
     norm = _bilinear.NORM_WHOLE_ROW if normalize else _bilinear.NORM_NONE
     return factor, False, _bilinear.ACTIVATION_CODES[activation], norm
@@ -64,14 +66,31 @@ def _activation(activation: str | None) -> str | None:
 
 
 def activation_to_op(config: tuple) -> tuple:
-    """(factor, activation, normalize) as the custom ops take it: no activation is "none"."""
-    factor, activation, normalize = config
-    return factor, activation or "none", normalize
+    """(factor, activation, …) as the custom ops take it: no activation is "none"."""
+    factor, activation, *rest = config
+    return factor, activation or "none", *rest
 
 
 def activation_from_op(config: tuple) -> tuple:
-    factor, activation, normalize = config
-    return factor, _activation(activation), normalize
+    factor, activation, *rest = config
+    return factor, _activation(activation), *rest
+
+
+def _drops(factor, activation, normalize, dropout_input, dropout_pre_norm, dropout_pre_lin, seed):
+    """The kernels' (drop_in, drop_prod, drop_out, seed): MFB's dropout_pre_norm acts on the
+    product e, MLB's dropout_pre_lin on z."""
+    return dropout_input, dropout_pre_norm, dropout_pre_lin, seed
+
+
+def _reference(
+    x, t, uw, ub, vw, vb, ow, ob, factor, activation, normalize, d_in, d_pre_norm, d_pre_lin, seed
+):
+    """The reference with the fused kernels' dropout masks (the backend ``reference`` and the
+    second-order gradients)."""
+    return reference.mfb(
+        x, t, uw, ub, vw, vb, ow, ob, factor, activation, normalize, dropout_input=d_in,
+        dropout_pre_norm=d_pre_norm, dropout_pre_lin=d_pre_lin, training=True, seed=seed,
+    )  # fmt: skip
 
 
 def _check_args(
@@ -86,9 +105,19 @@ def _check_args(
     factor: int,
     activation: str | None,
     normalize: bool,
+    dropout_input: float = 0.0,
+    dropout_pre_norm: float = 0.0,
+    dropout_pre_lin: float = 0.0,
+    seed: int | None = None,
 ) -> tuple[torch.Size, int, int]:
     """Every argument of a call; returns the leading shape, the size metric N·k·o and O."""
     lead = _bilinear.check_pair(OP, x, t)
+    probs = {
+        "dropout_input": dropout_input,
+        "dropout_pre_norm": dropout_pre_norm,
+        "dropout_pre_lin": dropout_pre_lin,
+    }
+    check_dropouts(OP, probs, seed)
     _bilinear.check_positive_int(OP, "factor", factor, "k, the number of factors pooled per output")
     _bilinear.check_activation(OP, activation)
     if not isinstance(normalize, bool):
@@ -124,9 +153,11 @@ BILINEAR_OP = BilinearOp(
     OPDEF,
     ("u_weight", "u_bias", "v_weight", "v_bias", "out_weight", "out_bias"),
     (("factor", "int"), ("activation", "str"), ("normalize", "bool")),
+    ("dropout_input", "dropout_pre_norm", "dropout_pre_lin"),
     _check_args,
     _call_args,
-    reference.mfb,
+    _drops,
+    _reference,
     chunked=False,
     to_op=activation_to_op,
     from_op=activation_from_op,
@@ -147,6 +178,10 @@ def mfb(
     factor: int,
     activation: str | None = "relu",
     normalize: bool = False,
+    dropout_input: float = 0.0,
+    dropout_pre_norm: float = 0.0,
+    dropout_pre_lin: float = 0.0,
+    seed: int | None = None,
 ) -> Tensor:
     """Multimodal factorized bilinear pooling (Yu et al. 2017; DESIGN.md section 6).
 
@@ -162,19 +197,28 @@ def mfb(
         factor: k >= 1, dividing ``k·o``.
         activation: ``"relu"`` (block.bootstrap's default), ``"tanh"`` or None.
         normalize: apply ``n`` to the pooled ``z``.
+        dropout_input, dropout_pre_norm, dropout_pre_lin: block.bootstrap's dropouts, inverted,
+            always applied (a layer passes them in training only): on both activated
+            projections, on the product ``e`` (MFB's) and on ``z`` before the output projection
+            (MLB's). Their masks are hashed from ``seed`` (None: drawn from torch's generator
+            when a probability is > 0), regenerated in backward, never stored.
 
     Returns:
         ``(*, O)``. The fused kernels never hold the ``(*, k·o)`` projections or their product
         for all rows: they work on tiles of rows and recompute them in backward.
     """
     lead, size, out = _check_args(
-        x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias, factor, activation, normalize
-    )
+        x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias, factor, activation, normalize,
+        dropout_input, dropout_pre_norm, dropout_pre_lin, seed,
+    )  # fmt: skip
     activation = _activation(activation)  # type: ignore[arg-type]
+    probs = (float(dropout_input), float(dropout_pre_norm), float(dropout_pre_lin))
+    seed = seed_for(probs, seed)
     if _autocast.enabled(x.device):
         return _autocast.call_without_autocast(
             OPDEF.autocast, x.device, mfb, x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias,
-            factor=factor, activation=activation, normalize=normalize,
+            factor=factor, activation=activation, normalize=normalize, dropout_input=probs[0],
+            dropout_pre_norm=probs[1], dropout_pre_lin=probs[2], seed=seed,
         )  # fmt: skip
     params = (u_weight, u_bias, v_weight, v_bias, out_weight, out_bias)
-    return BILINEAR_OP.call(x, t, params, (factor, activation, normalize), lead, size, out)
+    return BILINEAR_OP.call(x, t, params, (factor, activation, normalize, *probs, seed), lead, size, out)

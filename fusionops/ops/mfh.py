@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fusionops import reference
 from fusionops.ops import _autocast, _bilinear
-from fusionops.ops._bilinear_op import BilinearOp
+from fusionops.ops._bilinear_op import BilinearOp, check_dropouts, seed_for
 from fusionops.ops.mfb import _activation, activation_from_op, activation_to_op
 from fusionops.registry import OpDef, register
 
@@ -46,11 +46,27 @@ OPDEF = register(
 )
 
 
-def _call_args(factor: int, activation: str | None, normalize: bool) -> tuple[int, bool, int, int]:
+def _call_args(
+    factor: int, activation: str | None, normalize: bool, *_dropouts
+) -> tuple[int, bool, int, int]:
     """(rank, rank_major, activation code, normalize code) of the shared kernels: each block
     is normalised on its own (block.bootstrap normalises z_0 and z_1 before the cat)."""
     norm = _bilinear.NORM_PER_CHUNK if normalize else _bilinear.NORM_NONE
     return factor, False, _bilinear.ACTIVATION_CODES[activation], norm
+
+
+def _drops(factor, activation, normalize, dropout_input, dropout_pre_lin, seed):
+    """The kernels' (drop_in, drop_prod, drop_out, seed): MFH's dropout_pre_lin acts on each
+    block's product e_i, before it is pooled and carried to the next block."""
+    return dropout_input, dropout_pre_lin, 0.0, seed
+
+
+def _reference(x, t, uw, ub, vw, vb, ow, ob, factor, activation, normalize, d_in, d_pre_lin, seed):
+    """The reference with the fused kernels' dropout masks."""
+    return reference.mfh(
+        x, t, uw, ub, vw, vb, ow, ob, factor, activation, normalize, dropout_input=d_in,
+        dropout_pre_lin=d_pre_lin, training=True, seed=seed,
+    )  # fmt: skip
 
 
 def _check_args(
@@ -65,9 +81,13 @@ def _check_args(
     factor: int,
     activation: str | None,
     normalize: bool,
-) -> tuple[torch.Size, int, int, int]:
+    dropout_input: float = 0.0,
+    dropout_pre_lin: float = 0.0,
+    seed: int | None = None,
+) -> tuple[torch.Size, int, int]:
     """Every argument of a call; returns the leading shape, the size metric N·p·k·o and O."""
     lead = _bilinear.check_pair(OP, x, t)
+    check_dropouts(OP, {"dropout_input": dropout_input, "dropout_pre_lin": dropout_pre_lin}, seed)
     _bilinear.check_positive_int(OP, "factor", factor, "k, the number of factors pooled per output")
     _bilinear.check_activation(OP, activation)
     if not isinstance(normalize, bool):
@@ -114,9 +134,11 @@ BILINEAR_OP = BilinearOp(
     OPDEF,
     ("u_weight", "u_bias", "v_weight", "v_bias", "out_weight", "out_bias"),
     (("factor", "int"), ("activation", "str"), ("normalize", "bool")),
+    ("dropout_input", "dropout_pre_lin"),
     _check_args,
     _call_args,
-    reference.mfh,
+    _drops,
+    _reference,
     chunked=True,
     chain=True,
     to_op=activation_to_op,
@@ -138,6 +160,9 @@ def mfh(
     factor: int,
     activation: str | None = "relu",
     normalize: bool = False,
+    dropout_input: float = 0.0,
+    dropout_pre_lin: float = 0.0,
+    seed: int | None = None,
 ) -> Tensor:
     """Multimodal factorized high-order pooling (Yu et al. 2018; DESIGN.md section 6).
 
@@ -154,19 +179,28 @@ def mfh(
         factor: k >= 1, dividing ``k·o``.
         activation: ``"relu"`` (block.bootstrap's default), ``"tanh"`` or None.
         normalize: apply ``n`` to each block's pooled ``z_i``.
+        dropout_input, dropout_pre_lin: block.bootstrap's dropouts, inverted, always applied (a
+            layer passes them in training only): on both activated projections of every block,
+            and on every block's product ``e_i`` before it is pooled and carried on. Their masks
+            are hashed from ``seed`` (None: drawn from torch's generator when a probability is
+            > 0), regenerated in backward, never stored.
 
     Returns:
         ``(*, O)``. The fused kernels never hold the blocks' ``(*, k·o)`` projections or their
         chained products for all rows: they work on tiles of rows and recompute them in backward.
     """
     lead, size, out = _check_args(
-        x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias, factor, activation, normalize
-    )
+        x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias, factor, activation, normalize,
+        dropout_input, dropout_pre_lin, seed,
+    )  # fmt: skip
     activation = _activation(activation)  # type: ignore[arg-type]
+    probs = (float(dropout_input), float(dropout_pre_lin))
+    seed = seed_for(probs, seed)
     if _autocast.enabled(x.device):
         return _autocast.call_without_autocast(
             OPDEF.autocast, x.device, mfh, x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias,
-            factor=factor, activation=activation, normalize=normalize,
+            factor=factor, activation=activation, normalize=normalize, dropout_input=probs[0],
+            dropout_pre_lin=probs[1], seed=seed,
         )  # fmt: skip
     params = (u_weight, u_bias, v_weight, v_bias, out_weight, out_bias)
-    return BILINEAR_OP.call(x, t, params, (factor, activation, normalize), lead, size, out)
+    return BILINEAR_OP.call(x, t, params, (factor, activation, normalize, *probs, seed), lead, size, out)

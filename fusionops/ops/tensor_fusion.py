@@ -30,7 +30,6 @@ from typing import cast
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fusionops import _backend, _extension, reference
 from fusionops._backend import BackendUnavailableError, entry_kernels
@@ -46,14 +45,13 @@ from fusionops._checks import (
     plain_cpu_modalities,
 )
 from fusionops.ops import _autocast, _eager
+from fusionops.ops._dropout import check_dropout, check_seed, draw_seed
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import TensorFusionKernels, empty_grad
 from fusionops.reference.tensor_fusion import feature_dropout
 from fusionops.registry import OpDef, needs_grad, register
 
 OP = "tensor_fusion"
-# Seeds are drawn in [0, SEED_LIMIT) (torch.randint on the CPU generator), and accepted there.
-SEED_LIMIT = 2**31
 
 
 class _CompiledKernels:
@@ -466,31 +464,9 @@ def _check_args(
 def _check_dropout(dropout: object, seed: object) -> float:
     """``dropout``: a real number in [0, 1) (returned as a float); ``seed``: None or an int in
     [0, 2**31) (None: drawn per call)."""
-    # bool is an int, but True as a probability is a mistake, not 1
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        raise TypeError(f"{OP}: dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
-    if not 0.0 <= dropout < 1.0:  # also refuses NaN
-        raise ValueError(f"{OP}: dropout must be in [0, 1), got {dropout}")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)):
-            raise TypeError(f"{OP}: seed must be an int in [0, 2**31) or None, got {type(seed).__name__}")
-        if isinstance(seed, int) and not 0 <= seed < SEED_LIMIT:
-            raise ValueError(f"{OP}: seed must be in [0, 2**31), got {seed}")
-    return float(dropout)
-
-
-# torch._disable_dynamo is torch.compiler.disable imported on the first call rather than at
-# `import fusionops` (importing torch._dynamo costs about a second, and fails where sysconfig is
-# stubbed out, as tests/test_packaging.py does).
-@torch._disable_dynamo
-def draw_seed() -> int:
-    """A dropout seed in [0, 2**31) from torch's default CPU generator, whatever the device of
-    the call (no host-device sync on CUDA). Run eagerly even inside torch.compile, so that a
-    compiled model draws the same seeds as the eager one after the same torch.manual_seed
-    (traced, randint would come from the compiler's own random stream). Under FakeTensorMode
-    (shape propagation) it draws a real one too: a fake tensor has no value to read."""
-    with unset_fake_temporarily():
-        return int(torch.randint(SEED_LIMIT, (), dtype=torch.int64).item())
+    p = check_dropout(OP, "dropout", dropout)
+    check_seed(OP, seed)
+    return p
 
 
 def _no_cuda_dropout(backend: str, dropout: float) -> str | None:
