@@ -93,60 +93,81 @@ def _reference(
     )  # fmt: skip
 
 
+def check_factorized(
+    op: str, x: Tensor, t: Tensor, u_weight: Tensor, u_bias: Tensor | None, v_weight: Tensor,
+    v_bias: Tensor | None, out_weight: Tensor, out_bias: Tensor | None, factor: int, activation: str | None,
+    normalize: bool, blocks: bool,
+) -> tuple[torch.Size, int, int]:  # fmt: skip
+    """MFB's (``blocks`` False: ``u_weight (k·o, d_x)``) or MFH's (``u_weight (p, k·o, d_x)``,
+    p blocks) arguments but the dropouts; returns the leading shape, the size metric
+    ``N·p·k·o`` (p = 1 for MFB) and O."""
+    lead = _bilinear.check_pair(op, x, t)
+    _bilinear.check_positive_int(op, "factor", factor, "k, the number of factors pooled per output")
+    _bilinear.check_activation(op, activation)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{op}: normalize must be a bool, got {type(normalize).__name__}")
+    dims = 3 if blocks else 2
+    if not isinstance(u_weight, Tensor) or u_weight.dim() != dims:
+        given = tuple(u_weight.shape) if isinstance(u_weight, Tensor) else type(u_weight).__name__
+        layout = "(p, k·o, d_x): the p blocks' nn.Linear(d_x, k·o) weights stacked" if blocks else (
+            "(k·o, d_x) as nn.Linear stores it")  # fmt: skip
+        raise ValueError(f"{op}: u_weight must be a {dims}-d tensor {layout}, got {given}")
+    p = int(u_weight.shape[0]) if blocks else 1
+    if p < 1:
+        raise ValueError(f"{op}: u_weight holds no block (p = u_weight.shape[0] = 0); expected p >= 1")
+    lead_dims = (p,) if blocks else ()
+    ko = int(u_weight.shape[-2])
+    if ko % factor != 0:
+        raise ValueError(
+            f"{op}: factor {factor} must divide u_weight.shape[{dims - 2}] = {ko} (k·o, k = factor); "
+            f"got a remainder of {ko % factor}"
+        )
+    o = ko // factor
+    why = f" ({'p, ' if blocks else ''}k·o, d) with {f'p = {p} blocks, ' if blocks else ''}k·o = {ko}"
+    _bilinear.check_param(op, "u_weight", u_weight, (*lead_dims, ko, x.shape[-1]), x, why + ", d = d_x")
+    _bilinear.check_param(op, "v_weight", v_weight, (*lead_dims, ko, t.shape[-1]), x, why + ", d = d_t")
+    for name, b in (("u_bias", u_bias), ("v_bias", v_bias)):
+        if b is not None:
+            _bilinear.check_param(op, name, b, (*lead_dims, ko), x, f" ({'p, ' if blocks else ''}k·o)")
+    if not isinstance(out_weight, Tensor) or out_weight.dim() != 2:
+        raise ValueError(
+            f"{op}: out_weight must be a 2-d tensor (O, p·o) as nn.Linear stores it (p = 1: MFB)"
+        )
+    out = int(out_weight.shape[0])
+    _bilinear.check_param(
+        op, "out_weight", out_weight, (out, p * o), x, f" (O, p·o with p = {p}, o = k·o / factor = {o})"
+    )
+    if out_bias is not None:
+        _bilinear.check_param(op, "out_bias", out_bias, (out,), x, " (O, the rows of out_weight)")
+    return lead, math.prod(lead) * p * ko, out
+
+
 def _check_args(
-    x: Tensor,
-    t: Tensor,
-    u_weight: Tensor,
-    u_bias: Tensor | None,
-    v_weight: Tensor,
-    v_bias: Tensor | None,
-    out_weight: Tensor,
-    out_bias: Tensor | None,
-    factor: int,
-    activation: str | None,
-    normalize: bool,
-    dropout_input: float = 0.0,
-    dropout_pre_norm: float = 0.0,
-    dropout_pre_lin: float = 0.0,
-    seed: int | None = None,
-) -> tuple[torch.Size, int, int]:
+    x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias, factor, activation, normalize,
+    dropout_input=0.0, dropout_pre_norm=0.0, dropout_pre_lin=0.0, seed=None,
+) -> tuple[torch.Size, int, int]:  # fmt: skip
     """Every argument of a call; returns the leading shape, the size metric N·k·o and O."""
-    lead = _bilinear.check_pair(OP, x, t)
     probs = {
         "dropout_input": dropout_input,
         "dropout_pre_norm": dropout_pre_norm,
         "dropout_pre_lin": dropout_pre_lin,
     }
     check_dropouts(OP, probs, seed)
-    _bilinear.check_positive_int(OP, "factor", factor, "k, the number of factors pooled per output")
-    _bilinear.check_activation(OP, activation)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"{OP}: normalize must be a bool, got {type(normalize).__name__}")
-    if not isinstance(u_weight, Tensor) or u_weight.dim() != 2:
-        raise ValueError(
-            f"{OP}: u_weight must be a 2-d tensor (k·o, d_x) as nn.Linear stores it, got "
-            f"{tuple(u_weight.shape) if isinstance(u_weight, Tensor) else type(u_weight).__name__}"
-        )
-    ko = int(u_weight.shape[0])
-    if ko % factor != 0:
-        raise ValueError(
-            f"{OP}: factor {factor} must divide u_weight.shape[0] = {ko} (k·o, k = factor); "
-            f"got a remainder of {ko % factor}"
-        )
-    o = ko // factor
-    _bilinear.check_param(OP, "u_weight", u_weight, (ko, x.shape[-1]), x, " (k·o, d_x: the width of x)")
-    _bilinear.check_param(OP, "v_weight", v_weight, (ko, t.shape[-1]), x, " (k·o, d_t: the width of t)")
-    if u_bias is not None:
-        _bilinear.check_param(OP, "u_bias", u_bias, (ko,), x, " (k·o)")
-    if v_bias is not None:
-        _bilinear.check_param(OP, "v_bias", v_bias, (ko,), x, " (k·o)")
-    if not isinstance(out_weight, Tensor) or out_weight.dim() != 2:
-        raise ValueError(f"{OP}: out_weight must be a 2-d tensor (O, o) as nn.Linear stores it")
-    out = int(out_weight.shape[0])
-    _bilinear.check_param(OP, "out_weight", out_weight, (out, o), x, f" (O, o = k·o / factor = {o})")
-    if out_bias is not None:
-        _bilinear.check_param(OP, "out_bias", out_bias, (out,), x, " (O, the rows of out_weight)")
-    return lead, math.prod(lead) * ko, out
+    return check_factorized(
+        OP,
+        x,
+        t,
+        u_weight,
+        u_bias,
+        v_weight,
+        v_bias,
+        out_weight,
+        out_bias,
+        factor,
+        activation,
+        normalize,
+        False,
+    )
 
 
 BILINEAR_OP = BilinearOp(

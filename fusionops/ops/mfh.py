@@ -10,15 +10,13 @@ p blocks one chunk reading the whole of ``x`` and ``t``. The ``reference`` backe
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from fusionops import reference
 from fusionops.ops import _autocast, _bilinear
 from fusionops.ops._bilinear_op import BilinearOp, check_dropouts, seed_for
-from fusionops.ops.mfb import _activation, activation_from_op, activation_to_op
+from fusionops.ops.mfb import _activation, activation_from_op, activation_to_op, check_factorized
 from fusionops.registry import OpDef, register
 
 OP = "mfh"
@@ -70,64 +68,26 @@ def _reference(x, t, uw, ub, vw, vb, ow, ob, factor, activation, normalize, d_in
 
 
 def _check_args(
-    x: Tensor,
-    t: Tensor,
-    u_weight: Tensor,
-    u_bias: Tensor | None,
-    v_weight: Tensor,
-    v_bias: Tensor | None,
-    out_weight: Tensor,
-    out_bias: Tensor | None,
-    factor: int,
-    activation: str | None,
-    normalize: bool,
-    dropout_input: float = 0.0,
-    dropout_pre_lin: float = 0.0,
-    seed: int | None = None,
-) -> tuple[torch.Size, int, int]:
+    x, t, u_weight, u_bias, v_weight, v_bias, out_weight, out_bias, factor, activation, normalize,
+    dropout_input=0.0, dropout_pre_lin=0.0, seed=None,
+) -> tuple[torch.Size, int, int]:  # fmt: skip
     """Every argument of a call; returns the leading shape, the size metric N·p·k·o and O."""
-    lead = _bilinear.check_pair(OP, x, t)
     check_dropouts(OP, {"dropout_input": dropout_input, "dropout_pre_lin": dropout_pre_lin}, seed)
-    _bilinear.check_positive_int(OP, "factor", factor, "k, the number of factors pooled per output")
-    _bilinear.check_activation(OP, activation)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"{OP}: normalize must be a bool, got {type(normalize).__name__}")
-    if not isinstance(u_weight, Tensor) or u_weight.dim() != 3:
-        given = tuple(u_weight.shape) if isinstance(u_weight, Tensor) else type(u_weight).__name__
-        raise ValueError(
-            f"{OP}: u_weight must be a 3-d tensor (p, k·o, d_x): the p blocks' nn.Linear(d_x, k·o) "
-            f"weights stacked, got {given}"
-        )
-    blocks, ko = int(u_weight.shape[0]), int(u_weight.shape[1])
-    if blocks < 1:
-        raise ValueError(f"{OP}: u_weight holds no block (p = u_weight.shape[0] = 0); expected p >= 1")
-    if ko % factor != 0:
-        raise ValueError(
-            f"{OP}: factor {factor} must divide u_weight.shape[1] = {ko} (k·o, k = factor); "
-            f"got a remainder of {ko % factor}"
-        )
-    o = ko // factor
-    why = f" (p, k·o, d) with p = {blocks} blocks, k·o = {ko}"
-    _bilinear.check_param(OP, "u_weight", u_weight, (blocks, ko, x.shape[-1]), x, why + ", d = d_x")
-    _bilinear.check_param(OP, "v_weight", v_weight, (blocks, ko, t.shape[-1]), x, why + ", d = d_t")
-    if u_bias is not None:
-        _bilinear.check_param(OP, "u_bias", u_bias, (blocks, ko), x, " (p, k·o)")
-    if v_bias is not None:
-        _bilinear.check_param(OP, "v_bias", v_bias, (blocks, ko), x, " (p, k·o)")
-    if not isinstance(out_weight, Tensor) or out_weight.dim() != 2:
-        raise ValueError(f"{OP}: out_weight must be a 2-d tensor (O, p·o) as nn.Linear stores it")
-    out = int(out_weight.shape[0])
-    _bilinear.check_param(
+    return check_factorized(
         OP,
-        "out_weight",
-        out_weight,
-        (out, blocks * o),
         x,
-        f" (O, p·o = {blocks}·{o}: the blocks' pooled outputs)",
+        t,
+        u_weight,
+        u_bias,
+        v_weight,
+        v_bias,
+        out_weight,
+        out_bias,
+        factor,
+        activation,
+        normalize,
+        True,
     )
-    if out_bias is not None:
-        _bilinear.check_param(OP, "out_bias", out_bias, (out,), x, " (O, the rows of out_weight)")
-    return lead, math.prod(lead) * blocks * ko, out
 
 
 BILINEAR_OP = BilinearOp(
