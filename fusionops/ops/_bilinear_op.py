@@ -61,12 +61,11 @@ class BilinearOp:
     registry's rule and the output width. ``kernel_args(*config) -> (rank, rank_major,
     activation code, normalize code)``. ``reference(x, t, *params, *config)``. ``chunked``: its
     weights are already ``(C, R·S, d)`` (else MFB's 2-d ones get a chunk dim); ``chain``: MFH's
-    chained products. ``dropouts``: the dropout probabilities' names (the configuration ends with
-    them and the seed; in the custom ops' schemas they and ``seed`` follow ``backend``, with
-    defaults: no dropout). ``to_op(config)`` / ``from_op(config)``: the configuration as the custom
-    op's schema holds it (MFB's activation None is ``"none"`` there) and back. ``drops(*config)
-    -> (drop_in, drop_prod, drop_out, seed)``: the kernels' dropouts (every configuration ends
-    with the op's dropout probabilities and the seed)."""
+    chained products. ``dropouts``: the names of its dropout probabilities: a configuration ends
+    with them and the seed (in the custom ops' schemas they follow ``backend``, with defaults: no
+    dropout), and ``drops(*config) -> (drop_in, drop_prod, drop_out, seed)`` maps them onto the
+    kernels' sites. ``to_op(config)`` / ``from_op(config)``: the configuration as the custom op's
+    schema holds it (MFB's activation None is ``"none"`` there) and back."""
 
     opdef: OpDef
     params: tuple[str, str, str, str, str, str]
