@@ -742,3 +742,408 @@ def test_mfh_op_gpu_config(gpu_chain, dtype):
     torch.library.opcheck(
         ops.mfh_backward, (gy, x.detach(), t.detach(), *plain, k, "none", False, [True] * 8, "triton")
     )
+
+
+# ---- dropout (issue 20): the four hashed sites, against the reference's hashed_dropout -------
+# The kernels called directly (fusionops.triton.bilinear.forward/backward with drop_in,
+# drop_prod, drop_out, seed) against fusionops.reference.bilinear's mfb / mfh / block_fusion with
+# training=True and the same seed (float64, torch.autograd.grad for the gradients). Every
+# launch is recorded (its DROP_* flags and first row) and what a forward kernel writes is
+# NaN-filled first, so an element left unwritten or a path not taken fails.
+
+DROP_SITES = {  # (drop_in, drop_prod, drop_out)
+    "in": (0.3, 0.0, 0.0),
+    "prod": (0.0, 0.4, 0.0),
+    "out": (0.0, 0.0, 0.35),
+    "all": (0.3, 0.25, 0.2),
+    "chain": (0.3, 0.25, 0.0),  # MFH's two sites
+    "half": (0.5, 0.5, 0.5),  # 16-bit: 1/(1 - p) = 2 is exact in every dtype
+}
+DROP_SEED = 12345
+MFB_DROP_SIZE = (5, 3, 3, 3, 4)  # (d_x, d_t, k, o, O): P = 9
+_POOL_KERNELS = ("_pool_fwd_kernel", "_pool_bwd_kernel", "_chain_fwd_kernel", "_chain_bwd_kernel")
+
+
+class _DropRecorder:
+    """Stands in for a pooling kernel or _drop_kernel: records the launch's kernel, DROP_* flags
+    and first row (row0); NaN-fills what a forward kernel writes (pooled, E; _drop_kernel's dst
+    when it is not its src) before launching."""
+
+    def __init__(self, name: str, kernel, seen: list[dict]) -> None:
+        self.name, self.kernel, self.seen = name, kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.name == "_drop_kernel":
+                row0, out = args[4], [args[1]] if args[1] is not args[0] else []
+            else:
+                row0 = args[8 if self.name.startswith("_chain") else 7]
+                out = [args[2]] if "fwd" in self.name else []
+                if kwargs.get("STORE_E"):
+                    out.append(args[7])
+            self.seen.append(
+                {
+                    "kernel": self.name,
+                    "row0": row0,
+                    "in": kwargs.get("DROP_IN"),
+                    "prod": kwargs.get("DROP_PROD"),
+                }
+            )
+            for o in out:
+                o.fill_(float("nan"))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+N_DROP = 21  # tiles of 16 rows: 16 + 5; the GPU's (FORCED): tiles of 8 or 16, the last partial
+
+
+@pytest.fixture
+def drop_cfg(request, monkeypatch) -> tuple[str, list[dict]]:
+    """The launcher (parametrised indirectly) in tiles of 16 rows ("tiles16"), in one tile (the
+    interpreter's 256 KB, "one_tile") or with the GPU's configuration forced ("gpu": FORCED);
+    every pooling and z-dropout launch recorded."""
+    skip_unless_usable("triton", "cpu", op=OPS["mfb"])
+    if request.param == "tiles16":
+        monkeypatch.setattr(bil, "_TILE_BYTES", 1)  # tiles of _MIN_TILE_ROWS = 16 rows
+    elif request.param == "gpu":
+        monkeypatch.setattr(bil, "_config", lambda device: FORCED)
+    else:
+        assert request.param == "one_tile", request.param
+    seen: list[dict] = []
+    for name in (*_POOL_KERNELS, "_drop_kernel"):
+        monkeypatch.setattr(bil, name, _DropRecorder(name, getattr(bil, name), seen))
+    return request.param, seen
+
+
+def _drop_leaves(op: str, n: int, c: int, dtype, layout="contiguous", seed=0) -> tuple[dict, tuple]:
+    """Random leaves in the kernels' layout (wx (C, P, d), bx (C, P), …, wo (O, C·S), bo) and the
+    static arguments (rank, rank_major, activation code set later, chain)."""
+    if op in ("mfb", "mfh"):
+        size = MFB_DROP_SIZE if op == "mfb" else MFH_SIZE
+        return _mfh_leaves(n, c, size, dtype, layout, seed=seed), size
+    chunks, rank, s, out = BLOCK_SIZE
+    x, t = (v.detach() for v in make_xs((n,), (chunks * s,) * 2, dtype, "cpu", layout, seed=seed))
+    params = [p.detach() for p in make_block_params(chunks, rank, s, out, dtype, "cpu", seed=seed + 1)]
+    return {"x": x, "t": t, **dict(zip(MFH_GRADS[2:], params, strict=True))}, BLOCK_SIZE
+
+
+def _drop_codes(op: str, act, normalize) -> tuple[int, bool, int, int, bool]:
+    """(rank, rank_major, activation code, normalisation code, chain) as the op layer sends them."""
+    from fusionops.ops._bilinear import ACTIVATION_CODES, NORM_NONE, NORM_PER_CHUNK, NORM_WHOLE_ROW
+
+    if op == "block":
+        norm = {"none": NORM_NONE, "before_cat": NORM_PER_CHUNK, "after_cat": NORM_WHOLE_ROW}[normalize]
+        return BLOCK_SIZE[1], True, ACTIVATION_CODES[None], norm, False
+    k = (MFB_DROP_SIZE if op == "mfb" else MFH_SIZE)[2]
+    if op == "mfb":
+        return k, False, ACTIVATION_CODES[act], NORM_WHOLE_ROW if normalize else NORM_NONE, False
+    return k, False, ACTIVATION_CODES[act], NORM_PER_CHUNK if normalize else NORM_NONE, True
+
+
+def _drop_kernels(op, leaves, grad, act, normalize, drops, seed=DROP_SEED):
+    """y and the eight gradients of the kernels with dropout (None where the leaf is None)."""
+    rank, major, act_code, norm, chain = _drop_codes(op, act, normalize)
+    args = [leaves[n] for n in MFH_GRADS]
+    y = bil.forward(*args, rank, major, act_code, norm, chain, *drops, seed)
+    needs = [leaves[n] is not None for n in MFH_GRADS]
+    grads = bil.backward(grad, *args[:7], rank, major, act_code, norm, needs, chain, *drops, seed)
+    return y, [g if need else None for g, need in zip(grads, needs, strict=True)]
+
+
+def _drop_reference(op, leaves, act, normalize, drops, seed=DROP_SEED) -> torch.Tensor:
+    """The reference's y with the kernels' hashed masks, on ``leaves`` as given (no copy)."""
+    from fusionops.reference import bilinear as rb
+
+    x, t, wx, bx, wt, bt, wo, bo = (leaves[n] for n in MFH_GRADS)
+    din, dprod, dout = drops
+    if op == "mfb":
+        first = [None if v is None else v[0] for v in (wx, bx, wt, bt)]
+        return rb.mfb(x, t, *first, wo, bo, MFB_DROP_SIZE[2], act, normalize, dropout_input=din,
+                      dropout_pre_norm=dprod, dropout_pre_lin=dout, training=True, seed=seed)  # fmt: skip
+    if op == "mfh":
+        assert dout == 0, "MFH has no dropout on z"
+        return rb.mfh(x, t, wx, bx, wt, bt, wo, bo, MFH_SIZE[2], act, normalize, dropout_input=din,
+                      dropout_pre_lin=dprod, training=True, seed=seed)  # fmt: skip
+    assert din == dprod == 0, "BLOCK drops z only"
+    return rb.block_fusion(x, t, wx, bx, wt, bt, wo, bo, BLOCK_SIZE[1], normalize, dropout_pre_lin=dout,
+                           training=True, seed=seed)  # fmt: skip
+
+
+def _drop_reference64(op, leaves, grad, act, normalize, drops):
+    """The reference's y and gradients in float64."""
+    ins = {
+        n: None if v is None else v.detach().to(torch.float64).requires_grad_(True) for n, v in leaves.items()
+    }
+    y = _drop_reference(op, ins, act, normalize, drops)
+    live = [n for n in MFH_GRADS if ins[n] is not None]
+    grads = torch.autograd.grad(y, [ins[n] for n in live], grad.to(torch.float64))
+    return y.detach(), dict(zip(live, grads, strict=True))
+
+
+def _check_dropout(op, leaves, act, normalize, drops, dtype, grad_layout="contiguous"):
+    """Forward and every gradient within TOL[dtype] of the float64 reference (normalised: plus
+    8x what the reference moves when its inputs move by TOL, as _check_mfh)."""
+    n, out = leaves["x"].shape[0], leaves["wo"].shape[0]
+    g = make_grad((n, out), dtype, "cpu", grad_layout)
+    y, grads = _drop_kernels(op, leaves, g, act, normalize, drops)
+    assert y.shape == (n, out) and y.dtype == dtype and y.is_contiguous()
+    y_ref, g_ref = _drop_reference64(op, leaves, g, act, normalize, drops)
+    slack = dict.fromkeys(("y", *g_ref), 0.0)
+    if normalize not in (False, "none"):
+        gen = torch.Generator().manual_seed(11)
+
+        def moved_by(v):  # every element scaled by 1 + TOL·u, u uniform in [-1, 1]
+            u = torch.rand(v.shape, generator=gen, dtype=torch.float64) * 2 - 1
+            return v.to(torch.float64) * (1 + TOL[dtype] * u)
+
+        moved = {name: None if v is None else moved_by(v) for name, v in leaves.items()}
+        y_m, g_m = _drop_reference64(op, moved, g, act, normalize, drops)
+        slack = {
+            "y": (y_m - y_ref).abs().max().item(),
+            **{m: (g_m[m] - g_ref[m]).abs().max().item() for m in g_ref},
+        }
+    pairs = [("y", y, y_ref)] + [(m, grads[MFH_GRADS.index(m)], g_ref[m]) for m in g_ref]
+    for what, a, e in pairs:
+        assert a.shape == e.shape and a.dtype == dtype, (what, a.shape, e.shape, a.dtype)
+        a64 = a.to(torch.float64)
+        assert not torch.isnan(a64).any(), f"{what}: NaN in the result (an element left unwritten?)"
+        tol = TOL[dtype]
+        atol = tol * e.abs().max().item() + 8 * slack[what] + 1e-300
+        torch.testing.assert_close(a64, e, rtol=tol, atol=atol, msg=lambda m, w=what: f"{op} {w}: {m}")
+    return y, grads
+
+
+def _assert_drop_launches(seen: list[dict], drops, n: int, several_tiles: bool) -> None:
+    """Every pooling launch took the DROP_* variant the call asks for; the z site ran on every
+    tile's rows (forward and backward: z for dW_o and dL/dz), its row0 the tile's first row."""
+    din, dprod, dout = drops
+    pools = [s for s in seen if s["kernel"] in _POOL_KERNELS]
+    assert pools, "no pooling launch"
+    for s in pools:
+        assert (s["in"], s["prod"]) == (din > 0, dprod > 0), s
+    z = [s["row0"] for s in seen if s["kernel"] == "_drop_kernel"]
+    rows0 = sorted({s["row0"] for s in pools})
+    assert rows0[0] == 0 and all(r < n for r in rows0)
+    assert (len(rows0) > 1) == several_tiles, rows0
+    if dout > 0:
+        assert sorted(set(z)) == rows0 and len(z) == 3 * len(rows0), z  # fwd; bwd: z and dL/dz
+    else:
+        assert z == [], z
+
+
+def _several(cfg: str) -> bool:
+    return cfg != "one_tile"
+
+
+MFB_DROP_CASES = [  # (configuration, sites, dtype, activation, normalize)
+    ("tiles16", "in", torch.float32, "relu", False),
+    ("gpu", "prod", torch.float64, "tanh", True),
+    ("one_tile", "out", torch.float32, "tanh", True),
+    ("tiles16", "all", torch.float64, "relu", True),
+    ("gpu", "all", torch.float32, None, False),
+]
+
+
+@pytest.mark.parametrize(("drop_cfg", "sites", "dtype", "act", "normalize"), MFB_DROP_CASES, ids=str,
+                         indirect=["drop_cfg"])  # fmt: skip
+def test_dropout_mfb(drop_cfg, sites, dtype, act, normalize):
+    """MFB with each site alone and all together: forward and every gradient."""
+    cfg, seen = drop_cfg
+    leaves, _ = _drop_leaves("mfb", N_DROP, 1, dtype, seed=len(sites))
+    _check_dropout("mfb", leaves, act, normalize, DROP_SITES[sites], dtype)
+    _assert_drop_launches(seen, DROP_SITES[sites], N_DROP, _several(cfg))
+
+
+MFH_DROP_CASES = [  # (configuration, C, sites, dtype, activation, normalize)
+    ("gpu", 2, "in", torch.float32, "relu", False),
+    ("tiles16", 3, "prod", torch.float64, "tanh", True),
+    ("gpu", 3, "chain", torch.float32, "relu", True),
+    ("one_tile", 2, "chain", torch.float64, "tanh", False),
+    ("tiles16", 1, "chain", torch.float32, "relu", False),
+]
+
+
+@pytest.mark.parametrize(("drop_cfg", "c", "sites", "dtype", "act", "normalize"), MFH_DROP_CASES, ids=str,
+                         indirect=["drop_cfg"])  # fmt: skip
+def test_dropout_mfh(drop_cfg, c, sites, dtype, act, normalize):
+    """MFH (the chain kernels): drop_in, drop_prod (e_c masked before it is pooled and carried
+    on) alone and together, 1 to 3 chunks."""
+    cfg, seen = drop_cfg
+    leaves, _ = _drop_leaves("mfh", N_DROP, c, dtype, seed=c)
+    _check_dropout("mfh", leaves, act, normalize, DROP_SITES[sites], dtype)
+    _assert_drop_launches(seen, DROP_SITES[sites], N_DROP, _several(cfg))
+
+
+def test_dropout_mfh_rank_blocks(monkeypatch):
+    """A rank wider than the chain kernels' rank block (r0 > 0: the masks' columns of later
+    rank blocks), both sites, float64."""
+    skip_unless_usable("triton", "cpu", op=OPS["mfb"])
+    monkeypatch.setattr(bil, "_CHAIN_R_BLOCK", 1)
+    monkeypatch.setattr(bil, "_TILE_BYTES", 1)
+    leaves, _ = _drop_leaves("mfh", N_DROP, 2, torch.float64, seed=6)
+    _check_dropout("mfh", leaves, "relu", False, DROP_SITES["chain"], torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("drop_cfg", "normalize", "dtype"),
+    [("tiles16", "before_cat", torch.float32), ("gpu", "after_cat", torch.float64),
+     ("one_tile", "none", torch.float32), ("gpu", "before_cat", torch.float64)],
+    ids=str, indirect=["drop_cfg"],
+)  # fmt: skip
+def test_dropout_block(drop_cfg, normalize, dtype):
+    """BLOCK's dropout on z (after n, per chunk or over the whole row, before the output
+    projection): the mask's columns are the row's C·S."""
+    cfg, seen = drop_cfg
+    leaves, _ = _drop_leaves("block", N_DROP, BLOCK_SIZE[0], dtype, seed=3)
+    _check_dropout("block", leaves, None, normalize, DROP_SITES["out"], dtype)
+    _assert_drop_launches(seen, DROP_SITES["out"], N_DROP, _several(cfg))
+
+
+@pytest.mark.parametrize(
+    ("op", "c", "normalize", "dtype"),
+    [
+        ("mfb", 1, True, torch.bfloat16),
+        ("mfh", 2, True, torch.float16),
+        ("block", 3, "after_cat", torch.bfloat16),
+    ],
+    ids=str,
+)
+def test_dropout_gpu_config_half(gpu, op, c, normalize, dtype):
+    """16-bit at the GPU's configuration (16-bit projections read by the kernels, z masked in
+    the input's dtype as the reference's); p = 0.5, so that 1/(1 − p) rounds in no dtype."""
+    leaves, _ = _drop_leaves(op, N_DROP, c, dtype, seed=7)
+    drops = DROP_SITES["half"] if op == "mfb" else (0.5, 0.5, 0.0) if op == "mfh" else (0.0, 0.0, 0.5)
+    _check_dropout(op, leaves, "relu", normalize, drops, dtype)
+    assert any(launch["a"] == dtype for launch in gpu) or op == "mfh"
+
+
+@pytest.mark.parametrize(
+    ("drop_cfg", "op", "layout", "grad_layout"),
+    [("tiles16", "mfb", "broadcast", "transposed"), ("tiles16", "mfh", "transposed", "broadcast"),
+     ("tiles16", "block", "strided", "broadcast")],
+    ids=str, indirect=["drop_cfg"],
+)  # fmt: skip
+def test_dropout_strided_and_broadcast(drop_cfg, op, layout, grad_layout):
+    """Stride-0, transposed and strided inputs and upstream gradients, every site of the op on."""
+    cfg, seen = drop_cfg
+    c = {"mfb": 1, "mfh": 3, "block": BLOCK_SIZE[0]}[op]
+    leaves, _ = _drop_leaves(op, N_DROP, c, torch.float64, layout, seed=5)
+    drops = {"mfb": DROP_SITES["all"], "mfh": DROP_SITES["chain"], "block": DROP_SITES["out"]}[op]
+    _check_dropout(op, leaves, "tanh", op == "block" and "before_cat", drops, torch.float64, grad_layout)
+    assert not leaves["x"].is_contiguous()
+    _assert_drop_launches(seen, drops, N_DROP, True)
+
+
+@pytest.mark.parametrize(
+    ("drop_cfg", "op", "c"),
+    [("tiles16", "mfb", 1), ("gpu", "mfb", 1), ("tiles16", "mfh", 2), ("gpu", "mfh", 2)],
+    ids=str, indirect=["drop_cfg"],
+)  # fmt: skip
+def test_dropout_drops_inf(drop_cfg, op, c):
+    """An inf in x that only a dropped element of act(A) reaches: relu, every other product of
+    its row negative, so act(A) is inf at one element of chunk 0 (dropped; kept by site B's
+    mask) and 0 elsewhere. The
+    output is finite (a dropped inf is selected away, not multiplied by 0), the gradients as
+    the reference's (dW_x's column of the inf: 0 · inf, NaN in both); without the dropout the
+    reference's output is not finite."""
+    from fusionops.reference.bilinear import SITE_A, SITE_B, site_seed
+    from fusionops.reference.tensor_fusion import dropout_keep
+
+    cfg, seen = drop_cfg
+    dtype = torch.float32
+    leaves, _ = _drop_leaves(op, N_DROP, c, dtype, seed=9)
+    drops = (0.5, 0.0, 0.0)
+    row, j = 17, 1  # not in the first tile
+    p_cols = leaves["wx"].shape[1]
+    cols = torch.arange(p_cols)[None, :]
+    keep_a = dropout_keep(site_seed(DROP_SEED, SITE_A), torch.tensor([[row]]), cols, 0.5)[0]
+    keep_b = dropout_keep(site_seed(DROP_SEED, SITE_B), torch.tensor([[row]]), cols, 0.5)[0]
+    # An element of chunk 0 that site A drops and site B keeps (B's mask on act(A) would keep
+    # the inf, and A's on act(B) make inf · 0: the sites' seeds are told apart).
+    i0 = int((~keep_a & keep_b).nonzero()[0])
+    wx = leaves["wx"].clone()
+    wx[:, :, j] = -wx[:, :, j].abs() - 0.1  # x = +inf: every product -inf, relu 0 ...
+    wx[0, i0, j] = 0.5  # ... but one: +inf, dropped
+    leaves["wx"] = wx
+    leaves["x"] = leaves["x"].clone()
+    leaves["x"][row, j] = float("inf")
+    g = make_grad((N_DROP, leaves["wo"].shape[0]), dtype, "cpu")
+    y, grads = _drop_kernels(op, leaves, g, "relu", False, drops)
+    ins = {n: v.clone().requires_grad_(True) for n, v in leaves.items()}
+    y_ref = _drop_reference(op, ins, "relu", False, drops)
+    want = [y_ref, *torch.autograd.grad(y_ref, [ins[n] for n in MFH_GRADS], g)]
+    assert torch.isfinite(y).all()
+    assert not torch.isfinite(_drop_reference(op, leaves, "relu", False, (0.0, 0.0, 0.0))).all()
+    assert torch.isnan(want[MFH_GRADS.index("wx") + 1]).any()  # the inf reached the gradients
+    for name, a, e in zip(("y", *MFH_GRADS), [y, *grads], want, strict=True):
+        assert_same_nonfinite(a, e.detach(), dtype, f"{op} {name} (x[{row}, {j}] = inf, dropped)")
+    _assert_drop_launches(seen, drops, N_DROP, True)
+
+
+@pytest.mark.parametrize(("op", "c", "sites"), [("mfb", 1, "all"), ("mfh", 3, "chain"), ("block", 3, "out")])
+def test_dropout_seed(op, c, sites, monkeypatch):
+    """The same seed gives the same bits (forward and backward: every mask regenerated); another
+    seed another output; either differs from the output without dropout."""
+    skip_unless_usable("triton", "cpu", op=OPS["mfb"])
+    monkeypatch.setattr(bil, "_TILE_BYTES", 1)
+    leaves, _ = _drop_leaves(op, 21, c, torch.float32, seed=2)
+    g = make_grad((21, leaves["wo"].shape[0]), torch.float32, "cpu")
+    drops = DROP_SITES[sites]
+    norm = "before_cat" if op == "block" else True
+    y1, g1 = _drop_kernels(op, leaves, g, "relu", norm, drops, seed=7)
+    y2, g2 = _drop_kernels(op, leaves, g, "relu", norm, drops, seed=7)
+    y3, g3 = _drop_kernels(op, leaves, g, "relu", norm, drops, seed=8)
+    y0, _ = _drop_kernels(op, leaves, g, "relu", norm, (0.0, 0.0, 0.0), seed=7)
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+    assert not torch.equal(y1, y3) and not torch.equal(g1[0], g3[0])
+    assert not torch.equal(y1, y0) and not torch.equal(y3, y0)
+
+
+def test_dropout_empty_batch(gpu):
+    """N = 0 with every site on: y (0, O), exactly zero parameter gradients, no launch."""
+    leaves, _ = _drop_leaves("mfb", 0, 1, torch.float32)
+    g = make_grad((0, MFB_DROP_SIZE[4]), torch.float32, "cpu")
+    y, grads = _drop_kernels("mfb", leaves, g, "relu", True, DROP_SITES["all"])
+    assert y.shape == (0, MFB_DROP_SIZE[4])
+    for name, grad in zip(MFH_GRADS, grads, strict=True):
+        assert grad.shape == leaves[name].shape, name
+        if name not in ("x", "t"):
+            assert torch.equal(grad, torch.zeros_like(grad)), name
+    assert gpu == []
+
+
+class _Dropped(torch.autograd.Function):
+    """The kernels with dropout as an autograd function, for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, x, t, wx, bx, wt, bt, wo, bo, op, act, normalize, drops):
+        ctx.save_for_backward(x, t, wx, bx, wt, bt, wo)
+        ctx.args = (*_drop_codes(op, act, normalize), drops)
+        rank, major, act_code, norm, chain, _ = ctx.args
+        return bil.forward(
+            x, t, wx, bx, wt, bt, wo, bo, rank, major, act_code, norm, chain, *drops, DROP_SEED
+        )
+
+    @staticmethod
+    def backward(ctx, gy):
+        rank, major, act_code, norm, chain, drops = ctx.args
+        args = (rank, major, act_code, norm, [True] * 8, chain, *drops, DROP_SEED)
+        grads = bil.backward(gy, *ctx.saved_tensors, *args)
+        return (*grads, None, None, None, None)
+
+
+@pytest.mark.parametrize(("op", "c", "act", "normalize", "sites"),
+                         [("mfb", 1, "tanh", True, "all"), ("mfh", 3, "tanh", False, "chain")])  # fmt: skip
+def test_dropout_gradcheck(monkeypatch, op, c, act, normalize, sites):
+    """float64 gradcheck (fast mode: the interpreter is slow) with every site of the op on, in
+    tiles of 16 rows (one partial): backward's regenerated masks are forward's."""
+    skip_unless_usable("triton", "cpu", op=OPS["mfb"])
+    monkeypatch.setattr(bil, "_TILE_BYTES", 1)
+    leaves, _ = _drop_leaves(op, 17, c, torch.float64, seed=4)
+    ins = [leaves[n].requires_grad_(True) for n in MFH_GRADS]
+    drops = DROP_SITES[sites]
+    assert torch.autograd.gradcheck(
+        lambda *a: _Dropped.apply(*a, op, act, normalize, drops), ins, fast_mode=True
+    )

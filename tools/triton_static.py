@@ -304,6 +304,10 @@ def _cases() -> list[tuple[str, str, str, Callable[[], object]]]:
 # MFH's order (its number of chained MFB blocks) at the static proof's headline: block.bootstrap's
 # MFH, and Yu et al.'s best (p = 2).
 MFH_ORDER = 2
+# The dropout twins of MFB's and MFH's headline (case "<name>-dropout"): every site on (the
+# pooling kernels' DROP_IN and DROP_PROD variants, the z site's _drop_kernel for MFB);
+# (drop_in, drop_prod, drop_out, seed) as fusionops.triton.bilinear.forward takes them.
+BILINEAR_DROPOUT = {"mfb": (0.1, 0.1, 0.1, 1234), "mfh": (0.1, 0.1, 0.0, 1234)}
 
 
 def _bilinear_cases(b_bil, twins) -> list[tuple[str, str, str, str, Callable[[], object]]]:
@@ -349,17 +353,23 @@ def _bilinear_cases(b_bil, twins) -> list[tuple[str, str, str, str, Callable[[],
                     _t(c.out, dtype=dtype),
                 )
 
-            def b_fwd(a=b_args, rank=rank, major=major, act=act, norm=norm, chain=chain):
-                return t_bil.forward(*a(), rank, major, act, norm, chain)
+            variants = [(c.name, ())]
+            if op in BILINEAR_DROPOUT:
+                variants.append((f"{c.name}-dropout", BILINEAR_DROPOUT[op]))
+            for name, drops in variants:
 
-            def b_bwd(c=c, dtype=dtype, a=b_args, rank=rank, major=major, act=act, norm=norm, chain=chain):
-                x, t, wx, bx, wt, bt, wo, _ = a()
-                grad = _t(c.n, c.out, dtype=dtype)
-                return t_bil.backward(
-                    grad, x, t, wx, bx, wt, bt, wo, rank, major, act, norm, [True] * 8, chain
-                )
+                def b_fwd(a=b_args, rank=rank, major=major, act=act, norm=norm, chain=chain, drops=drops):
+                    return t_bil.forward(*a(), rank, major, act, norm, chain, *drops)
 
-            out += [(op, c.name, dt, "forward", b_fwd), (op, c.name, dt, "backward", b_bwd)]
+                def b_bwd(c=c, dtype=dtype, a=b_args, rank=rank, major=major, act=act, norm=norm, chain=chain,
+                          drops=drops):  # fmt: skip
+                    x, t, wx, bx, wt, bt, wo, _ = a()
+                    grad = _t(c.n, c.out, dtype=dtype)
+                    return t_bil.backward(
+                        grad, x, t, wx, bx, wt, bt, wo, rank, major, act, norm, [True] * 8, chain, *drops
+                    )
+
+                out += [(op, name, dt, "forward", b_fwd), (op, name, dt, "backward", b_bwd)]
     return out
 
 
