@@ -392,7 +392,13 @@ def test_block_op_errors(args, kwargs, match):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("layer", ["MFB", "MFH", "Block"])
 def test_compile(layer, backend):
-    kwargs = {"chunks": 2, "rank": 2} if layer == "Block" else {"normalize": True}
+    """Compiled (fullgraph) on the fused op, against the eager reference. Seeded, and MFH with
+    tanh inputs: with relu, few rows and normalisation, a block's pooled row can hold a single
+    non-zero, whose normalised gradient is 0 analytically and float32 rounding noise in the
+    reference, which no relative tolerance can compare (it failed so, depending on the draw)."""
+    torch.manual_seed(11)
+    kwargs = {"Block": {"chunks": 2, "rank": 2}, "MFB": {"normalize": True},
+              "MFH": {"normalize": True, "activ_input": "tanh"}}[layer]  # fmt: skip
     m = getattr(fusionops, layer)([DX, DT], OUT, mm_dim=MM, **kwargs).eval()
     xs = [torch.randn(5, DX), torch.randn(5, DT)]
     assert_compiled_matches_reference(m, xs, backend)
