@@ -110,10 +110,19 @@ def _check_scalar(op: str, name: str, value: object, *, positive: bool) -> None:
         raise ValueError(f"{op}: {name} must be > 0, got {number:g}")
 
 
+# A kind string's kernel (default parameters, all immutable), made and checked once: the op
+# takes its kernels at every call, and building them cost more than a tiny call's kernel.
+_FROM_STRING: dict[str, BaseKernel] = {}
+
+
 def as_base_kernel(op: str, name: str, spec: KernelSpec) -> BaseKernel:
     """``spec`` (a BaseKernel, a kind string or a dict) as a checked :class:`BaseKernel`."""
     if isinstance(spec, str):
-        kernel = BaseKernel(_kind(op, name, spec))
+        cached = _FROM_STRING.get(spec)
+        if cached is not None:
+            return cached
+        kernel = _FROM_STRING[spec] = as_base_kernel(op, name, BaseKernel(_kind(op, name, spec)))
+        return kernel
     elif isinstance(spec, BaseKernel):
         kernel = spec
     elif isinstance(spec, Mapping):
