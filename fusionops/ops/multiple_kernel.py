@@ -80,8 +80,13 @@ class _CompiledKernels:
 # CSVs: benchmarks/results/crossover_<op>_cpu_2026-12-04_run{1,2}.csv.
 # With gradients, modalities at most 32 wide (16x8x32, mixed and RBF) won at every measured size
 # from 64 output elements in both runs (1.03-2.45x): such calls are fused at any size.
+# Re-measured with plain calls (the sweep's fused way is the public call a user makes, not a
+# backend('cpu') block per call, about 5 µs less a call; *_run{3,4}_plain.csv): inference lost only
+# at 64 output elements in both (mixed kinds, 0.90-0.96x), so its threshold moved from 2^14 to the
+# next measured size, 1024. With gradients nothing was lost in both of these runs, but runs 1 and 2
+# lost by 2-4% up to 2^18 (mixed, widths 128x64x300): the rule with gradients is kept.
 CPU_FUSED_MIN_ELEMENTS = 1 << 20
-CPU_FUSED_MIN_ELEMENTS_FORWARD = 1 << 14
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 1024
 CPU_NARROW_WIDTH = 32
 
 OPDEF = register(

@@ -106,8 +106,14 @@ class _CompiledKernels:
 # Below that, modalities at most 8 wide won at every measured size (4x4x4 and 8x8x8: 1.24-2.56x
 # in both runs; the small-problem kernel path serves them), while wider ones lost (16x16 0.86-1.05x,
 # 16x16x16 0.54-0.65x): inference calls whose modalities are all at most 8 wide are fused.
+# Re-measured with plain calls (the sweep's fused way is now the public call a user makes, not a
+# backend('cpu') block per call; runs 3 and 4, *_run{3,4}_plain.csv): inference still lost up to
+# N*K = 5030912 in both (16x16x16 0.91-0.94x there), so the inference threshold moved from 1679616
+# to the next measured size, 6718464. With gradients one shape lost mid-range in both (32x32 at
+# 1115136: 0.81-0.88x) while every shape won below it (1.14-2.51x) and above it: still fused at
+# every size, since no single threshold keeps the wins below.
 CPU_FUSED_MIN_ELEMENTS = 0
-CPU_FUSED_MIN_ELEMENTS_FORWARD = 1679616
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 6718464
 CPU_NARROW_WIDTH_FORWARD = 8
 
 OPDEF = register(
