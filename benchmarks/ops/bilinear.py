@@ -40,7 +40,9 @@ from fusionops import reference
 
 @dataclass(frozen=True)
 class MfbCase(CaseBase):
-    """``N`` rows, widths ``d_x``, ``d_t``, factor ``k``, pooled width ``o``, output ``O``."""
+    """``N`` rows, widths ``d_x``, ``d_t``, factor ``k``, pooled width ``o``, output ``O``;
+    ``blocks`` (p) > 1: MFH, p chained MFB blocks of that shape, ``O`` from their ``p·o`` pooled
+    features (MFB's CSV columns leave ``blocks`` out)."""
 
     name: str
     n: int
@@ -50,65 +52,11 @@ class MfbCase(CaseBase):
     o: int
     out: int
     dtype: str = "fp32"
+    blocks: int = 1
 
     @property
     def proj_bytes(self) -> int:
-        """Bytes of one ``(N, k·o)`` projection (the reference holds several)."""
-        return self.n * self.k * self.o * self.itemsize
-
-    @property
-    def out_bytes(self) -> int:
-        """Bytes any fwd+bwd must allocate: y, dx, dt and the parameter gradients."""
-        ko = self.k * self.o
-        elems = (
-            self.n * (self.out + self.dx + self.dt) + ko * (self.dx + self.dt + 2) + self.out * (self.o + 1)
-        )
-        return elems * self.itemsize
-
-    def flops(self, mode: str) -> int:
-        return per_mode(2 * self.n * (self.k * self.o * (self.dx + self.dt) + self.o * self.out))[mode]
-
-    @property
-    def sweep(self) -> str:
-        return f"d={self.dx}x{self.dt} k={self.k} o={self.o} O={self.out} {self.dtype}"
-
-    def columns(self) -> dict[str, object]:
-        return {
-            "dims": f"{self.dx}x{self.dt}",
-            "k": self.k,
-            "o": self.o,
-            "out": self.out,
-            "dtype": self.dtype,
-            "proj_mb": mb(self.proj_bytes),
-            "out_mb": mb(self.out_bytes),
-        }
-
-    def describe(self) -> str:
-        return f"N={self.n} d={self.dx}x{self.dt} k={self.k} o={self.o} O={self.out} {self.dtype}"
-
-    @property
-    def crossover_elements(self) -> int:
-        return self.n * self.k * self.o  # fusionops.ops.mfb's size metric
-
-
-@dataclass(frozen=True)
-class MfhCase(CaseBase):
-    """MFH: ``blocks`` (p) chained MFB blocks of ``N`` rows, widths ``d_x``, ``d_t``, factor
-    ``k``, pooled width ``o`` each; output ``O`` from their ``p·o`` pooled features."""
-
-    name: str
-    n: int
-    dx: int
-    dt: int
-    k: int
-    o: int
-    blocks: int
-    out: int
-    dtype: str = "fp32"
-
-    @property
-    def proj_bytes(self) -> int:
-        """Bytes of one block's ``(N, k·o)`` projection (the reference holds several per block)."""
+        """Bytes of one block's ``(N, k·o)`` projection (the reference holds several)."""
         return self.n * self.k * self.o * self.itemsize
 
     @property
@@ -124,26 +72,22 @@ class MfhCase(CaseBase):
 
     @property
     def sweep(self) -> str:
-        return f"d={self.dx}x{self.dt} k={self.k} o={self.o} p={self.blocks} O={self.out} {self.dtype}"
+        p = f" p={self.blocks}" if self.blocks != 1 else ""
+        return f"d={self.dx}x{self.dt} k={self.k} o={self.o}{p} O={self.out} {self.dtype}"
 
     def columns(self) -> dict[str, object]:
-        return {
-            "dims": f"{self.dx}x{self.dt}",
-            "k": self.k,
-            "o": self.o,
-            "blocks": self.blocks,
-            "out": self.out,
-            "dtype": self.dtype,
-            "proj_mb": mb(self.proj_bytes),
-            "out_mb": mb(self.out_bytes),
-        }
+        cols: dict[str, object] = {"dims": f"{self.dx}x{self.dt}", "k": self.k, "o": self.o}
+        if self.blocks != 1:
+            cols["blocks"] = self.blocks
+        return cols | {"out": self.out, "dtype": self.dtype, "proj_mb": mb(self.proj_bytes),
+                       "out_mb": mb(self.out_bytes)}  # fmt: skip
 
     def describe(self) -> str:
         return f"N={self.n} {self.sweep}"
 
     @property
     def crossover_elements(self) -> int:
-        return self.n * self.blocks * self.k * self.o  # fusionops.ops.mfh's size metric
+        return self.n * self.blocks * self.k * self.o  # fusionops.ops.mfb's / mfh's size metric
 
 
 @dataclass(frozen=True)
@@ -202,7 +146,7 @@ def mfb_inputs(case: MfbCase, device: str, requires_grad: bool) -> Inputs:
     return Inputs((x, t, *params), [x, t, *params], grad_out)
 
 
-def mfh_inputs(case: MfhCase, device: str, requires_grad: bool) -> Inputs:
+def mfh_inputs(case: MfbCase, device: str, requires_grad: bool) -> Inputs:
     """As MFB's, per block: ``(p, k·o, d)`` weights scaled like nn.Linear's."""
     draw = Draw(device, case.torch_dtype, requires_grad)
     p, ko, po = case.blocks, case.k * case.o, case.blocks * case.o
@@ -249,8 +193,8 @@ MFB_HEADLINE = {
     "cuda": [MfbCase("headline-gpu", 8192, 512, 512, MFB_K, 256, 256, "bf16")],
 }
 MFH_HEADLINE = {
-    "cpu": [MfhCase("headline-cpu", 512, 512, 512, MFH_K, 256, MFH_BLOCKS, 256, "fp32")],
-    "cuda": [MfhCase("headline-gpu", 8192, 512, 512, MFH_K, 256, MFH_BLOCKS, 256, "bf16")],
+    "cpu": [MfbCase("headline-cpu", 512, 512, 512, MFH_K, 256, 256, "fp32", MFH_BLOCKS)],
+    "cuda": [MfbCase("headline-gpu", 8192, 512, 512, MFH_K, 256, 256, "bf16", MFH_BLOCKS)],
 }
 BLOCK_HEADLINE = {
     "cpu": [BlockCase("headline-cpu", 512, 480, 15, BLOCK_RANK, 256, "fp32")],
@@ -268,17 +212,18 @@ MFB_GRIDS = {
 }
 MFH_GRIDS = {
     "cpu": {
-        "quick": [MfhCase(f"mfh-n{n}", n, 128, 96, MFH_K, 64, MFH_BLOCKS, 32) for n in (64, 512)],
+        "quick": [MfbCase(f"mfh-n{n}", n, 128, 96, MFH_K, 64, 32, "fp32", MFH_BLOCKS) for n in (64, 512)],
         "default": [
-            MfhCase(f"mfh512-n{n}", n, 512, 512, MFH_K, 256, MFH_BLOCKS, 256) for n in (128, 512, 2048)
+            MfbCase(f"mfh512-n{n}", n, 512, 512, MFH_K, 256, 256, "fp32", MFH_BLOCKS)
+            for n in (128, 512, 2048)
         ],
     },
     "cuda": {
         "quick": [
-            MfhCase(f"gpu-n{n}", n, 512, 512, MFH_K, 256, MFH_BLOCKS, 256, "bf16") for n in (2048, 32768)
+            MfbCase(f"gpu-n{n}", n, 512, 512, MFH_K, 256, 256, "bf16", MFH_BLOCKS) for n in (2048, 32768)
         ],
         "default": [
-            MfhCase(f"gpu-n{n}", n, 512, 512, MFH_K, 256, MFH_BLOCKS, 256, "bf16")
+            MfbCase(f"gpu-n{n}", n, 512, 512, MFH_K, 256, 256, "bf16", MFH_BLOCKS)
             for n in (1024, 8192, 65536)
         ],
     },
@@ -354,7 +299,7 @@ MFB_SPEC = OpSpec(
 MFH_SPEC = OpSpec(
     name="mfh",
     title="MFH bilinear pooling",
-    case_type=MfhCase,
+    case_type=MfbCase,
     fused=lambda x, t, uw, ub, vw, vb, ow, ob: fusionops.mfh(
         x, t, uw, ub, vw, vb, ow, ob, factor=MFH_K, normalize=True
     ),
@@ -363,13 +308,13 @@ MFH_SPEC = OpSpec(
         Baseline("compile(reference)", "compile", lambda: compiled(mfh_reference), compiled=True),
     ),
     make_inputs=mfh_inputs,
-    probe_case=lambda dtype: MfhCase("probe", 3, 4, 3, MFH_K, 2, MFH_BLOCKS, 2, dtype),
+    probe_case=lambda dtype: MfbCase("probe", 3, 4, 3, MFH_K, 2, 2, dtype, MFH_BLOCKS),
     grids=MFH_GRIDS,
     headline=MFH_HEADLINE,
-    pytest_cases=[MfhCase("mfh-n64", 64, 32, 24, MFH_K, 16, MFH_BLOCKS, 8)],
+    pytest_cases=[MfbCase("mfh-n64", 64, 32, 24, MFH_K, 16, 8, "fp32", MFH_BLOCKS)],
     goals=_goals("mfh", MFH_HEADLINE),
     crossover_cases=[
-        MfhCase(f"x{d}-o{o}-n{n}", n, d, d, MFH_K, o, MFH_BLOCKS, o)
+        MfbCase(f"x{d}-o{o}-n{n}", n, d, d, MFH_K, o, o, "fp32", MFH_BLOCKS)
         for d, o in ((64, 32), (512, 256))
         for n in (16, 64, 256, 1024)
     ],
