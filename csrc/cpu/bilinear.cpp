@@ -26,7 +26,8 @@
 // element (row, col) by dropout_keep(site_seed(seed, s), row, col), col counted over the row's
 // C·P (or C·S for z) columns, so backward regenerates every mask instead of storing one. The
 // projections stay unmasked in the tile buffers (the activations' backward needs them); the
-// masked middle (pool_masked, unpool_masked) applies the masks as it reads them.
+// general middle (pool_general, unpool_general_act, which also chains) applies the masks as it
+// reads them.
 //
 // Cost (issue 20): the recomputation is the one thing the fused backward does beyond the
 // reference's, one more forward's worth of projection GEMMs. At MFB's headline (N = 512,
@@ -277,7 +278,7 @@ struct Chunks {
 };
 
 // The chained product of a tile (MFH): e_{c-1} of each row, (rows, P) of stride P, overwritten
-// with e_c by each chunk that `pool` takes; `first`: the first of those chunks is chunk 0.
+// with e_c by each chunk that `pool_general` takes; `first`: the first of those chunks is chunk 0.
 template <typename T>
 struct Chain {
   T* e = nullptr;
@@ -299,27 +300,6 @@ inline void pool_row(const Problem& p, const T* __restrict__ e, T* __restrict__ 
       T sum = 0;
       for (int64_t r = 0; r < R; ++r) sum += ej[r];
       out[j] = sum;
-    }
-  }
-}
-
-// Middle, forward, chained (MFH): e_c = (A_c B_c) e_{c-1} for the G chunks of `ab` in order,
-// each pooled into pooled[n, g·S + ·]; chain.e carries e from chunk to chunk (and from call to
-// call: the forward takes one chunk a call).
-template <typename T>
-void pool_chained(const Problem& p, const Chunks<T>& ab, Rows<T> pooled, const Chain<T>& chain) {
-  const int64_t P = p.P;
-  for (int64_t n = 0; n < ab.rows; ++n) {
-    T* __restrict__ e = chain.e + n * P;
-    for (int64_t g = 0; g < ab.G; ++g) {
-      const T* __restrict__ ar = ab.a + g * ab.cs + n * P;
-      const T* __restrict__ br = ab.b + g * ab.cs + n * P;
-      if (chain.first && g == 0) {
-        for (int64_t i = 0; i < P; ++i) e[i] = ar[i] * br[i];
-      } else {
-        for (int64_t i = 0; i < P; ++i) e[i] = ar[i] * br[i] * e[i];
-      }
-      pool_row<T>(p, e, pooled.row(n) + g * p.S);
     }
   }
 }
@@ -428,46 +408,13 @@ void unpool_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
   }
 }
 
-// Middle, backward, chained (MFH; all C chunks of a tile in `ab`): the row's chain e_0 … e_{C-2}
-// recomputed, then the chunks walked backwards carrying dL/de_c: dL/de_c = spread(dL/dpooled_c)
-// + dL/de_{c+1} (A_{c+1} B_{c+1}); for e_c = (A_c B_c) e_{c-1}, as mul's backward groups it,
-// dL/d(A_c B_c) = dL/de_c e_{c-1} and dL/de_{c-1} = dL/de_c (A_c B_c).
-template <typename T, int64_t ACT>
-void unpool_chained_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
-  const int64_t P = p.P, S = p.S, G = ab.G;
-  std::vector<T> e(std::max<int64_t>(G - 1, 0) * P), carry(P), dpx(P);
-  for (int64_t n = 0; n < ab.rows; ++n) {
-    for (int64_t g = 0; g + 1 < G; ++g) {
-      const T* __restrict__ ar = ab.a + g * ab.cs + n * P;
-      const T* __restrict__ br = ab.b + g * ab.cs + n * P;
-      T* __restrict__ eg = e.data() + g * P;
-      for (int64_t i = 0; i < P; ++i) eg[i] = g == 0 ? ar[i] * br[i] : ar[i] * br[i] * eg[i - P];
-    }
-    for (int64_t g = G - 1; g >= 0; --g) {
-      T* __restrict__ ar = ab.a + g * ab.cs + n * P;
-      T* __restrict__ br = ab.b + g * ab.cs + n * P;
-      spread_row<T>(p, dpooled.row(n) + g * S, dpx.data());
-      const T* __restrict__ prev = g > 0 ? e.data() + (g - 1) * P : nullptr;
-      for (int64_t i = 0; i < P; ++i) {
-        const T fa = ar[i], fb = br[i];
-        const T ge = g == G - 1 ? dpx[i] : dpx[i] + carry[i];
-        T gab = ge;
-        if (prev) {
-          gab = ge * prev[i];
-          carry[i] = ge * (fa * fb);
-        }
-        ar[i] = activate_backward<ACT>(gab * fb, fa);
-        br[i] = activate_backward<ACT>(gab * fa, fb);
-      }
-    }
-  }
-}
-
-// Middle, forward, with dropout (any of act(A), act(B), e masked; chained or not): e_c =
-// drop_e((drop_a(A_c) drop_b(B_c)) e_{c-1}), pooled; chain.e carries e_{c-1} as `pool_chained`
-// (null when not chained).
+// Middle, forward, chained (MFH) or with dropout (any of act(A), act(B), e masked), or both:
+// e_c = drop_e((drop_a(A_c) drop_b(B_c)) e_{c-1}) for the G chunks of `ab` in order, each pooled
+// into pooled[n, g·S + ·]. chain.e (null when not chained) carries e from chunk to chunk, and from
+// call to call (the forward takes one chunk a call). A site without dropout keeps every element
+// and scales by 1: the same bits as no mask.
 template <typename T>
-void pool_masked(const Problem& p, const Chunks<T>& ab, Rows<T> pooled, const Chain<T>& chain) {
+void pool_general(const Problem& p, const Chunks<T>& ab, Rows<T> pooled, const Chain<T>& chain) {
   const int64_t P = p.P;
   const Dropout<T> da = p.site<T>(kSiteA), db = p.site<T>(kSiteB), de = p.site<T>(kSiteE);
   std::vector<uint8_t> ka(P), kb(P), ke(P);
@@ -493,11 +440,14 @@ void pool_masked(const Problem& p, const Chunks<T>& ab, Rows<T> pooled, const Ch
   }
 }
 
-// Middle, backward, with dropout (all G chunks of a tile when chained): as unpool_act and
-// unpool_chained_act, each mask applied where the forward applied it. A dropped element's
-// gradient is 0 (selected), whatever the upstream gradient holds.
+// Middle, backward, chained or with dropout (all G chunks of a tile when chained): for each row,
+// the chain e'_0 … e'_{G-2} recomputed as the forward made it, then the chunks walked backwards
+// carrying dL/de_c: dL/de_c = spread(dL/dpooled_c) + dL/de_{c+1} (A_{c+1} B_{c+1}); for
+// e_c = (A_c B_c) e_{c-1}, as mul's backward groups it, dL/d(A_c B_c) = dL/de_c e_{c-1} and
+// dL/de_{c-1} = dL/de_c (A_c B_c). Each mask is applied where the forward applied it; a dropped
+// element's gradient is 0 (selected), whatever the upstream gradient holds.
 template <typename T, int64_t ACT>
-void unpool_masked_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
+void unpool_general_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
   const int64_t P = p.P, S = p.S, G = ab.G;
   const Dropout<T> da = p.site<T>(kSiteA), db = p.site<T>(kSiteB), de = p.site<T>(kSiteE);
   std::vector<uint8_t> ka(G * P), kb(G * P), ke(G * P);
@@ -545,13 +495,12 @@ void unpool_masked_act(const Problem& p, const Chunks<T>& ab, Rows<const T> dpoo
   }
 }
 
-// The forward middle for any problem: masked, chained or plain.
+// The forward middle for any problem: the plain one (MFB, MUTAN, BLOCK without dropout, the fast
+// path) or the general one.
 template <typename T>
 void pool_any(const Problem& p, const Chunks<T>& ab, Rows<T> pooled, const Chain<T>& chain) {
-  if (p.masked_middle()) {
-    pool_masked<T>(p, ab, pooled, chain);
-  } else if (p.chain) {
-    pool_chained<T>(p, ab, pooled, chain);
+  if (p.masked_middle() || p.chain) {
+    pool_general<T>(p, ab, pooled, chain);
   } else {
     pool<T>(p, ab, pooled);
   }
@@ -560,10 +509,8 @@ void pool_any(const Problem& p, const Chunks<T>& ab, Rows<T> pooled, const Chain
 template <typename T>
 void unpool(const Problem& p, const Chunks<T>& ab, Rows<const T> dpooled) {
   with_activation(p.act, [&](auto act) {
-    if (p.masked_middle()) {
-      unpool_masked_act<T, decltype(act)::value>(p, ab, dpooled);
-    } else if (p.chain) {
-      unpool_chained_act<T, decltype(act)::value>(p, ab, dpooled);
+    if (p.masked_middle() || p.chain) {
+      unpool_general_act<T, decltype(act)::value>(p, ab, dpooled);
     } else {
       unpool_act<T, decltype(act)::value>(p, ab, dpooled);
     }
