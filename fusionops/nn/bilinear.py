@@ -86,6 +86,10 @@ class _Bilinear(nn.Module):
     def _count(self) -> None:
         self.n_params = sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def _p(self, p: float) -> float:
+        """A dropout inside the op: its probability in training, 0 in eval."""
+        return p if self.training else 0.0
+
 
 class MFB(_Bilinear):
     """Multimodal factorized bilinear pooling (Yu et al. 2017), block.bootstrap's ``MFB``:
@@ -125,10 +129,6 @@ class MFB(_Bilinear):
     def _fused(self) -> bool:
         """Whether this call runs the fused op: its activation is a fused one."""
         return (self.activ_input or None) in ACTIVATIONS
-
-    def _p(self, p: float) -> float:
-        """A dropout inside the op: its probability in training, 0 in eval."""
-        return p if self.training else 0.0
 
     def forward(self, x: Sequence[Tensor]) -> Tensor:
         x0, x1 = _pair(type(self).__name__, self.input_dims, x)
@@ -213,7 +213,6 @@ class MFH(_Bilinear):
         self._count()
 
     _fused = MFB._fused
-    _p = MFB._p
 
     def forward(self, x: Sequence[Tensor]) -> Tensor:
         x0, x1 = _pair(type(self).__name__, self.input_dims, x)
@@ -290,8 +289,14 @@ class Mutan(_Bilinear):
             x0 = F.dropout(x0, p=self.dropout_input, training=self.training)
             x1 = F.dropout(x1, p=self.dropout_input, training=self.training)
         params = (*self._merge(), self.linear_out.weight, self.linear_out.bias)
-        p = self.dropout_pre_lin if self.training else 0.0
-        z = block_fusion(x0, x1, *params, rank=self.rank, normalize=self._normalize(), dropout_pre_lin=p)
+        z = block_fusion(
+            x0,
+            x1,
+            *params,
+            rank=self.rank,
+            normalize=self._normalize(),
+            dropout_pre_lin=self._p(self.dropout_pre_lin),
+        )
         return self._dropout_out(z)
 
 
