@@ -217,6 +217,19 @@ def test_cpu_tiles_and_row_blocks(device):
     )
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["stacked", "per_group"])
+def test_cpu_direct_path(device, transposed):
+    """The C++ direct path (tail of >= 256 columns multiplied straight from T): 260 rows (a
+    block of 256 and one of 4), head of H = 33 groups, O = 64, so a row-major W is multiplied
+    31 outputs at a time (31, 31, 2: the stacked GEMMs' chunks and remainder), a transposed one
+    group by group."""
+    skip_unless_usable("cpu", device)
+    dims = (32, 300)
+    xs = make_xs((260,), dims, torch.float32, device)
+    w, b = make_weight(dims, 64, torch.float32, device, transposed=transposed)
+    check_against_reference("cpu", xs, w, b, None, torch.float32, grad_layout="transposed")
+
+
 def test_repeated_calls_are_identical(kernel_backend, device):
     """Same inputs, same bits: no read of memory the kernel did not write, no race."""
     dims = (3, 5, 2)

@@ -50,6 +50,9 @@ constexpr int64_t kMinBlockRows = 16;
 constexpr int64_t kBlockElems = int64_t{1} << 20;
 constexpr int64_t kTileElems = int64_t{1} << 17;
 constexpr int64_t kMinDirectCols = 256;
+// The direct path's product of every group for a block and some outputs (see stacked()) holds
+// at most this many elements (1 MB in float32), unless one output alone needs more.
+constexpr int64_t kStackElems = int64_t{1} << 18;
 // When the tail is all of Z (K <= kTailCols), a block is sized by kWholeElems elements of Z
 // instead (1 MB in float32, whatever N is): few, large GEMMs when K is small.
 constexpr int64_t kWholeElems = int64_t{1} << 18;
@@ -80,6 +83,15 @@ template <typename T>
 FUSIONOPS_SIMD_CLONES void scale(T* dst, const T* src, T s, int64_t len) {
 #pragma omp simd
   for (int64_t r = 0; r < len; ++r) dst[r] = s * src[r];
+}
+
+// <a, b> over len elements (a row of W and of Z; of P and U), vectorized.
+template <typename T>
+FUSIONOPS_SIMD_CLONES T dot(const T* __restrict a, const T* __restrict b, int64_t len) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < len; ++i) acc += a[i] * b[i];
+  return acc;
 }
 
 // Returns <a, b> and adds s * a to c, in one pass over a. The running sum is split over
@@ -394,18 +406,68 @@ struct Block {
   }
 };
 
+// Whether the direct path multiplies every group at once: W (or dW) row-major, so that it is
+// the (O·H, Kt) matrix W_s[o·H + h, t] = W[o, h·Kt + t]. One GEMM of O·H columns instead of H
+// GEMMs of O columns: at research sizes (a few dozen rows, O of 64) the per-group GEMMs are too
+// thin for BLAS. Outputs [o0, o1) are the contiguous rows [o0·H, o1·H) of W_s, so the product is
+// formed for stack_outputs() outputs at a time, (rows, that·H) within kStackElems.
+bool stacked(const Plan& p, const at::Tensor& w) { return p.direct && w.is_contiguous(); }
+int64_t stack_outputs(const Plan& p) { return std::max<int64_t>(1, kStackElems / (p.rows * p.H)); }
+
+// y[n, o0 + j] = Σ_h P[n, h] U[n, j·H + h] for the block's rows and oc outputs from o0
+// (U = T W_sᵀ of those outputs, (nr, oc·H) contiguous; y of the block: (nr, O) contiguous).
+template <typename T>
+void contract_groups(const Block<T>& b, const at::Tensor& U, int64_t o0, int64_t oc, at::Tensor& yb) {
+  const int64_t H = b.p.H, O = yb.size(1), ps = b.P.stride(0);
+  const T* P_ = b.P.template const_data_ptr<T>();
+  const T* U_ = U.const_data_ptr<T>();
+  T* y_ = yb.mutable_data_ptr<T>();
+  at::parallel_for(0, b.nr, grain_rows(oc * H), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* Pn = P_ + n * ps;
+      for (int64_t j = 0; j < oc; ++j) y_[n * O + o0 + j] = dot(Pn, U_ + (n * oc + j) * H, H);
+    }
+  });
+}
+
+// S[n, j·H + h] = G[n, o0 + j] P[n, h] for the block's rows and oc outputs from o0, so that
+// rows [o0·H, (o0 + oc)·H) of dW_s get Sᵀ T.
+template <typename T>
+void spread_groups(const Block<T>& b, const at::Tensor& gb, int64_t o0, int64_t oc, at::Tensor& S) {
+  const int64_t H = b.p.H, O = gb.size(1), ps = b.P.stride(0);
+  const T* P_ = b.P.template const_data_ptr<T>();
+  const T* g_ = gb.const_data_ptr<T>();  // rows of the contiguous (N, O) gradient
+  T* S_ = S.mutable_data_ptr<T>();
+  at::parallel_for(0, b.nr, grain_rows(oc * H), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t j = 0; j < oc; ++j) scale(S_ + (n * oc + j) * H, P_ + n * ps, g_[n * O + o0 + j], H);
+  });
+}
+
 template <typename T>
 void projected_forward_kernel(const Features& f, const at::Tensor& w, const Plan& p, const Dropout<T>& drop,
                               at::Tensor& y) {
   Block<T> block(f, p, w.options(), &drop);
-  at::Tensor u = at::empty({p.rows, w.size(0)}, w.options());  // T W_hᵀ of one group (direct)
+  const int64_t O = w.size(0);
+  const bool stack = stacked(p, w);
+  const int64_t so = std::min(O, stack_outputs(p));
+  // T W_hᵀ of one group, or of every group for so outputs when stacked (direct)
+  at::Tensor u = at::empty({p.rows * (stack ? so * p.H : O)}, w.options());
+  const at::Tensor ws = stack ? w.view({O * p.H, p.Kt}) : at::Tensor();
   for (int64_t r0 = 0; r0 < f.N; r0 += p.rows) {
     block.load(r0, std::min(p.rows, f.N - r0));
     at::Tensor yb = y.narrow(0, r0, block.nr);
     if (p.split == 0) {
       at::mm_out(yb, block.whole(), w.t());  // Z = T: one GEMM per block
+    } else if (stack) {
+      for (int64_t o0 = 0; o0 < O; o0 += so) {
+        const int64_t oc = std::min(so, O - o0);
+        at::Tensor ub = as_matrix(u, block.nr, oc * p.H);
+        at::mm_out(ub, block.Tt, ws.narrow(0, o0 * p.H, oc * p.H).t());
+        contract_groups(block, ub, o0, oc, yb);
+      }
     } else if (p.direct) {
-      at::Tensor ub = u.narrow(0, 0, block.nr);
+      at::Tensor ub = as_matrix(u, block.nr, O);
       for (int64_t h = 0; h < p.H; ++h) {
         at::mm_out(ub, block.Tt, w.narrow(1, h * p.Kt, p.Kt).t());
         yb.addcmul_(block.P_col(h), ub);
@@ -469,7 +531,19 @@ void block_dw(Block<T>& block, const at::Tensor& gb, const at::Tensor& scaled_g,
     for (const Tile& t : p.tiles) dw.narrow(1, p.k0(t), p.cols(t)).addmm_(gb.t(), block.build(t));
     return;
   }
-  at::Tensor gs = scaled_g.narrow(0, 0, block.nr);
+  const int64_t O = dw.size(0);
+  if (stacked(p, dw)) {
+    const int64_t so = std::min(O, stack_outputs(p));
+    at::Tensor dws = dw.view({O * p.H, p.Kt});
+    for (int64_t o0 = 0; o0 < O; o0 += so) {
+      const int64_t oc = std::min(so, O - o0);
+      at::Tensor S = as_matrix(scaled_g, block.nr, oc * p.H);
+      spread_groups(block, gb, o0, oc, S);
+      dws.narrow(0, o0 * p.H, oc * p.H).addmm_(S.t(), block.Tt);
+    }
+    return;
+  }
+  at::Tensor gs = as_matrix(scaled_g, block.nr, O);
   for (int64_t h = 0; h < p.H; ++h) {
     at::mul_out(gs, gb, block.P_col(h));  // Gᵀ diag(P[:, h]) T = (P[:, h] ⊙ G)ᵀ T
     dw.narrow(1, h * p.Kt, p.Kt).addmm_(gs.t(), block.Tt);
@@ -481,7 +555,10 @@ template <typename T>
 void projected_dw_kernel(const Features& f, const at::Tensor& g, const Plan& p, const Dropout<T>& drop,
                          at::Tensor& dw) {
   Block<T> block(f, p, dw.options(), &drop);
-  const at::Tensor scaled_g = at::empty({p.rows, dw.size(0)}, dw.options());
+  // (P[:, h] ⊙ G) of one group, or S of every group for some outputs when stacked
+  const int64_t O = dw.size(0);
+  const at::Tensor scaled_g =
+      at::empty({p.rows * (stacked(p, dw) ? std::min(O, stack_outputs(p)) * p.H : O)}, dw.options());
   for (int64_t r0 = 0; r0 < f.N; r0 += p.rows) {
     block.load(r0, std::min(p.rows, f.N - r0));
     block_dw(block, g.narrow(0, r0, block.nr), scaled_g, dw);
@@ -624,15 +701,6 @@ struct SmallInputs {
     }
   }
 };
-
-// <a, b> over len elements (a contiguous row of W, a row of Z), vectorized.
-template <typename T>
-FUSIONOPS_SIMD_CLONES T dot(const T* __restrict a, const T* __restrict b, int64_t len) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < len; ++i) acc += a[i] * b[i];
-  return acc;
-}
 
 // c += s * a over len elements, vectorized.
 template <typename T>
