@@ -67,7 +67,7 @@ def test_narrow_width_rule():
     assert _backend.choose(tf, CPU, torch.float32, 2, 100, False) == "reference"
     assert _backend.choose(mkl, CPU, torch.float32, 3, 64, True, 32) == "cpu"
     assert _backend.choose(mkl, CPU, torch.float32, 3, 64, True, 33) == "reference"
-    assert _backend.choose(mkl, CPU, torch.float32, 3, 64, False, 4) == "reference"  # inference: size only
+    assert _backend.choose(mkl, CPU, torch.float32, 3, 64, False, 4) == "cpu"  # inference: every size
     assert "unless every modality is at most 8 wide" in tf.size_rule()
 
 

@@ -85,8 +85,12 @@ class _CompiledKernels:
 # at 64 output elements in both (mixed kinds, 0.90-0.96x), so its threshold moved from 2^14 to the
 # next measured size, 1024. With gradients nothing was lost in both of these runs, but runs 1 and 2
 # lost by 2-4% up to 2^18 (mixed, widths 128x64x300): the rule with gradients is kept.
+# With the eager call's parameter vector cached (2026-12-05, about 8 µs a call less), inference
+# was never lost at any measured size in either of two runs (1.04-9.9x from 64 output elements,
+# *_2026-12-05_run{1,2}.csv): inference is fused at every size. With gradients one run lost by
+# 2-3% at 65536 and 147456 (mixed, 128x64x300) and the other nothing: the rule is kept.
 CPU_FUSED_MIN_ELEMENTS = 1 << 20
-CPU_FUSED_MIN_ELEMENTS_FORWARD = 1024
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 CPU_NARROW_WIDTH = 32
 
 OPDEF = register(
@@ -419,6 +423,27 @@ def _training(xs_a: Sequence[Tensor], xs_b: Sequence[Tensor], beta: Tensor, spec
     return needs_grad(xs_a, xs_b, beta, [k.gamma for k in specs], [k.offset for k in specs])
 
 
+# Eager calls' constant parameter vectors (every γ and c a number), by their values, dtype and
+# device: building one (torch.tensor) costs about 4 µs, a fifth of a tiny call's kernel (issue
+# 15). The kernels only read it, and it never requires grad. Bounded: cleared when full.
+_CONSTANT_PARAMS: dict[tuple[object, ...], Tensor] = {}
+_CONSTANT_PARAMS_MAX = 64
+
+
+def _eager_params(specs: list[BaseKernel], dims: list[int], like: Tensor) -> Tensor:
+    """:func:`kernel_params` for an eager call, cached when no parameter is a tensor."""
+    values = tuple(k.param(d) for k, d in zip(specs, dims, strict=True))
+    if any(isinstance(v, Tensor) for v in values):
+        return kernel_params(specs, dims, like)
+    key = (values, like.dtype == torch.float64, like.device)
+    params = _CONSTANT_PARAMS.get(key)
+    if params is None:
+        if len(_CONSTANT_PARAMS) >= _CONSTANT_PARAMS_MAX:
+            _CONSTANT_PARAMS.clear()
+        params = _CONSTANT_PARAMS[key] = kernel_params(specs, dims, like)
+    return params
+
+
 def _run(
     xs_a: Sequence[Tensor],
     xs_b: Sequence[Tensor],
@@ -433,11 +458,12 @@ def _run(
         return reference.multiple_kernel(xs_a, xs_b, beta, specs)
     kinds = [k.code for k in specs]
     degrees = [k.degree if k.kind == "polynomial" else 0 for k in specs]
-    params = kernel_params(specs, dims, first)
     if _eager.traced(first):  # the custom op: what compiled graphs, exports and fake tensors take
+        params = kernel_params(specs, dims, first)
         return torch.ops.fusionops.multiple_kernel(
             list(xs_a), list(xs_b), beta, kinds, params, degrees, backend
         )
+    params = _eager_params(specs, dims, first)
     symmetric = all(b is a for a, b in zip(xs_a, xs_b, strict=True))
     call = _Call(_kernels(backend), len(dims), kinds, degrees, symmetric)
     return _eager.apply(call, (*xs_a, *xs_b, beta, params))
