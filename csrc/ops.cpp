@@ -65,6 +65,9 @@ TORCH_LIBRARY(fusionops, m) {
       "_skew_pair_bwd(Tensor grad, Tensor ha, Tensor hb, Tensor pairs, Tensor wq, Tensor wk, Tensor wv, "
       "Tensor wo, Tensor? bq, Tensor? bk, Tensor? bv, int heads, int window, bool[] needs) -> Tensor[]");
   // Multiple kernel fusion (DESIGN.md section 5); contract in fusionops/ops/_kernels.py.
+  // Test knob of the CPU kernels: their forward's small-problem limit (N_a·N_b·Σd), returning the
+  // previous one.
+  m.def("_mkl_small_work(int limit) -> int");
   m.def("_mkl_fwd(Tensor[] xs_a, Tensor[] xs_b, Tensor beta, int[] kinds, Tensor params, int[] degrees) -> Tensor");
   m.def(
       "_mkl_bwd(Tensor grad, Tensor[] xs_a, Tensor[] xs_b, Tensor beta, int[] kinds, Tensor params, "

@@ -10,6 +10,24 @@ from inputs import LAYOUTS, detached64, make_grad, make_xs
 import fusionops
 from fusionops import BaseKernel, reference
 
+# The cpu kernels' forward has two paths: plain loops up to a small-problem limit (every problem
+# here but the many-tile ones) and tiles of BLAS GEMMs. Every test runs on both ("loops": the
+# default limit; "tiles": the limit at 0); the other backends run once (deselected, see conftest).
+pytestmark = pytest.mark.interpreter_subset(keep=lambda cpu_forward, **_: cpu_forward == "loops")
+
+
+@pytest.fixture(autouse=True, params=["loops", "tiles"])
+def cpu_forward(request, kernel_backend):
+    if request.param == "loops":
+        yield request.param
+        return
+    previous = torch.ops.fusionops._mkl_small_work(0)
+    try:
+        yield request.param
+    finally:
+        torch.ops.fusionops._mkl_small_work(previous)
+
+
 # M = 1 to 5 modalities; odd widths beside round ones.
 DIMS = [(5,), (3, 4), (2, 5, 3), (3, 2, 1, 2), (16, 15), (2, 1, 3, 1, 2)]
 HALF = (torch.float16, torch.bfloat16)

@@ -35,6 +35,7 @@ test_tensor_fusion_cpu_head_tail_split checks at such a K.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Callable
@@ -496,6 +497,25 @@ def test_multiple_kernel(where, dtype, values):
     check_drawn(multiple_kernel_case, "inputs", values, where, dtype, "multiple_kernel")
 
 
+@contextlib.contextmanager
+def mkl_cpu_tiles():
+    """The cpu kernels' tiled forward at any size (their small-problem limit at 0): the problems
+    drawn here are small enough for the plain loops, which the cpu cases take by default."""
+    previous = torch.ops.fusionops._mkl_small_work(0)
+    try:
+        yield
+    finally:
+        torch.ops.fusionops._mkl_small_work(previous)
+
+
+@params_dtype
+@params_values
+def test_multiple_kernel_cpu_tiles(dtype, values):
+    _usable(("cpu", "cpu"), dtype, "multiple_kernel")
+    with mkl_cpu_tiles():
+        check_drawn(multiple_kernel_case, "inputs", values, ("cpu", "cpu"), dtype, "multiple_kernel")
+
+
 def _bilinear_params(variants: list[str]) -> list:
     """(where, dtype, values, target, variant): every combination on the compiled backends; on
     the Triton interpreter (slow) the mixed values only, each variant once per dtype and target."""
@@ -761,6 +781,15 @@ def test_rbf_far_apart_is_exactly_zero(where, dtype):
         for name, g in (("xs_a", xa.grad), ("xs_b", xb.grad), ("gamma", gamma.grad)):
             assert torch.equal(g, torch.zeros_like(g)), f"{bk}: grad of {name}: {g}"
         gamma.grad = None
+
+
+@params_dtype
+def test_rbf_extremes_cpu_tiles(dtype):
+    """The two RBF extreme-value tests around this one through the cpu kernels' tiled forward."""
+    _usable(("cpu", "cpu"), dtype, "multiple_kernel")
+    with mkl_cpu_tiles():
+        test_rbf_far_apart_is_exactly_zero(("cpu", "cpu"), dtype)
+        test_rbf_underflow_sweep(("cpu", "cpu"), dtype)
 
 
 @params_where

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -267,30 +268,27 @@ struct Problem {
   int64_t col_count(int64_t c) const { return std::min(kTileCols, Nb - c * kTileCols); }
 };
 
-Problem make_problem(const char* op, at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& beta,
-                     at::IntArrayRef kinds, const at::Tensor& params, at::IntArrayRef degrees) {
+// Every argument of a call (no tensor is read or made).
+void check_args(const char* op, at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& beta,
+                at::IntArrayRef kinds, const at::Tensor& params, at::IntArrayRef degrees) {
   check_modalities(op, xs_a, std::nullopt);
   TORCH_CHECK(xs_b.size() == xs_a.size(), "fusionops::", op, ": xs_a has ", xs_a.size(), " modalities but xs_b has ",
               xs_b.size());
   check_modalities(op, xs_b, std::nullopt);
   const auto dtype = xs_a[0].scalar_type();
   const auto acc = at::toOpMathType(dtype);
-  Problem p;
-  p.M = static_cast<int>(xs_a.size());
-  p.Na = xs_a[0].size(0);
-  p.Nb = xs_b[0].size(0);
+  const int M = static_cast<int>(xs_a.size());
   TORCH_CHECK(xs_b[0].scalar_type() == dtype, "fusionops::", op, ": xs_b has dtype ", xs_b[0].scalar_type(),
               " but xs_a has ", dtype);
-  TORCH_CHECK(static_cast<int>(kinds.size()) == p.M && static_cast<int>(degrees.size()) == p.M, "fusionops::", op,
-              ": kinds and degrees must have M = ", p.M, " entries, got ", kinds.size(), " and ", degrees.size());
-  TORCH_CHECK(beta.device().is_cpu() && beta.scalar_type() == dtype && beta.dim() == 1 && beta.size(0) == p.M,
-              "fusionops::", op, ": beta must be a ", dtype, " cpu tensor of shape (", p.M, "), got ",
+  TORCH_CHECK(static_cast<int>(kinds.size()) == M && static_cast<int>(degrees.size()) == M, "fusionops::", op,
+              ": kinds and degrees must have M = ", M, " entries, got ", kinds.size(), " and ", degrees.size());
+  TORCH_CHECK(beta.device().is_cpu() && beta.scalar_type() == dtype && beta.dim() == 1 && beta.size(0) == M,
+              "fusionops::", op, ": beta must be a ", dtype, " cpu tensor of shape (", M, "), got ",
               beta.scalar_type(), " on ", beta.device(), " of shape ", beta.sizes());
-  TORCH_CHECK(params.device().is_cpu() && params.scalar_type() == acc && params.dim() == 1 && params.size(0) == p.M,
-              "fusionops::", op, ": params must be a ", acc, " cpu tensor of shape (", p.M, "), got ",
+  TORCH_CHECK(params.device().is_cpu() && params.scalar_type() == acc && params.dim() == 1 && params.size(0) == M,
+              "fusionops::", op, ": params must be a ", acc, " cpu tensor of shape (", M, "), got ",
               params.scalar_type(), " on ", params.device(), " of shape ", params.sizes());
-  const at::Tensor beta64 = beta.to(at::kDouble).contiguous(), params64 = params.to(at::kDouble).contiguous();
-  for (int m = 0; m < p.M; ++m) {
+  for (int m = 0; m < M; ++m) {
     const int64_t dm = xs_a[m].size(1);
     TORCH_CHECK(xs_b[m].size(1) == dm, "fusionops::", op, ": xs_b[", m, "] has width ", xs_b[m].size(1),
                 " but xs_a[", m, "] has ", dm);
@@ -298,6 +296,20 @@ Problem make_problem(const char* op, at::TensorList xs_a, at::TensorList xs_b, c
                 ": kinds[", m, "] = ", kinds[m], " is not 0 (linear), 1 (rbf) or 2 (polynomial)");
     TORCH_CHECK(kinds[m] != kPolynomial || degrees[m] >= 1, "fusionops::", op, ": degrees[", m,
                 "] must be >= 1, got ", degrees[m]);
+  }
+}
+
+Problem make_problem(const char* op, at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& beta,
+                     at::IntArrayRef kinds, const at::Tensor& params, at::IntArrayRef degrees) {
+  check_args(op, xs_a, xs_b, beta, kinds, params, degrees);
+  const auto acc = at::toOpMathType(xs_a[0].scalar_type());
+  Problem p;
+  p.M = static_cast<int>(xs_a.size());
+  p.Na = xs_a[0].size(0);
+  p.Nb = xs_b[0].size(0);
+  const at::Tensor beta64 = beta.to(at::kDouble).contiguous(), params64 = params.to(at::kDouble).contiguous();
+  for (int m = 0; m < p.M; ++m) {
+    const int64_t dm = xs_a[m].size(1);
     p.d.push_back(dm);
     p.kinds.push_back(kinds[m]);
     p.degrees.push_back(degrees[m]);
@@ -503,12 +515,97 @@ void backward_kernel(const Problem& p, const Needs& need, const at::Tensor& grad
 // ---- the ops ----------------------------------------------------------------------------------
 // (each skips autograd for its inner ATen calls: see BelowAutograd in common.h)
 
+// ---- small problems: plain loops, no ATen call beyond the output ----------------------------
+// At research batch sizes and below (N_a·N_b·Σd of a few thousand) make_problem's conversions
+// and the tiles' GEMM calls cost several times their arithmetic (a tiny call, N = 8 and widths
+// (4, 4): 14 µs raw, most of it ATen calls). Up to kSmallWork multiply-adds a forward reads its
+// inputs through their strides, forms each row of G_m with plain dot products (k ascending, so
+// G[i, j] and G[j, i] of a Gram matrix are the same products summed in the same order: K stays
+// exactly symmetric) and applies the tiles' row functions. Never parallel: at this size a thread
+// hand-off costs more than the work.
+constexpr int64_t kSmallWork = int64_t{1} << 15;
+// The limit in force: kSmallWork unless the tests move it (_mkl_small_work): 0 sends every
+// call to the tiles, a huge limit every call to the loops.
+std::atomic<int64_t> small_work{kSmallWork};
+
+// Sets the limit (limit < 0: leaves it) and returns the previous one.
+int64_t set_small_work(int64_t limit) { return limit < 0 ? small_work.load() : small_work.exchange(limit); }
+
+bool is_small(at::TensorList xs_a, at::TensorList xs_b) {
+  int64_t width = 0;
+  for (const at::Tensor& x : xs_a) width += x.size(1);
+  return xs_a[0].size(0) * xs_b[0].size(0) * width <= small_work.load();
+}
+
+// One modality's rows as pointers and strides, read in the compute dtype.
+template <typename scalar_t>
+struct SmallSide {
+  const scalar_t* x;
+  int64_t s0, s1;
+  explicit SmallSide(const at::Tensor& t) : x(t.const_data_ptr<scalar_t>()), s0(t.stride(0)), s1(t.stride(1)) {}
+  at::opmath_type<scalar_t> at(int64_t i, int64_t k) const { return x[i * s0 + k * s1]; }
+};
+
+template <typename scalar_t>
+void small_forward_kernel(at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& beta, at::IntArrayRef kinds,
+                          const at::Tensor& params, at::IntArrayRef degrees, at::Tensor& out) {
+  using T = at::opmath_type<scalar_t>;
+  const int M = static_cast<int>(xs_a.size());
+  const int64_t Na = xs_a[0].size(0), Nb = xs_b[0].size(0);
+  const scalar_t* beta_ = beta.const_data_ptr<scalar_t>();
+  const T* params_ = params.const_data_ptr<T>();  // the compute dtype (checked)
+  std::vector<T> G(Nb), x(Nb), y(Nb), sq_a(Na), sq_b(Nb);
+  std::vector<T> K(Na * Nb, T(0));  // Σ_m β_m k_m so far, in the compute dtype
+  // Per modality: the rows' squared norms (RBF), then G and β k row by row.
+  for (int m = 0; m < M; ++m) {
+    const SmallSide<scalar_t> a(xs_a[m]), b(xs_b[m]);
+    const int64_t d = xs_a[m].size(1);
+    const T bm = static_cast<T>(beta_[m * beta.stride(0)]), param = params_[m * params.stride(0)];
+    if (kinds[m] == kRbf) {
+      auto norms = [&](const SmallSide<scalar_t>& side, int64_t rows, std::vector<T>& sq) {
+        for (int64_t i = 0; i < rows; ++i) {
+          T s = 0;
+          for (int64_t k = 0; k < d; ++k) s += side.at(i, k) * side.at(i, k);
+          sq[i] = s;
+        }
+      };
+      norms(a, Na, sq_a);
+      norms(b, Nb, sq_b);
+    }
+    for (int64_t i = 0; i < Na; ++i) {
+      for (int64_t j = 0; j < Nb; ++j) {
+        T s = 0;
+        for (int64_t k = 0; k < d; ++k) s += a.at(i, k) * b.at(j, k);
+        G[j] = s;
+      }
+      T* Ki = K.data() + i * Nb;
+      if (kinds[m] == kLinear) {
+        linear_fwd(G.data(), bm, Ki, Nb);
+      } else if (kinds[m] == kRbf) {
+        rbf_fwd(G.data(), sq_a[i], sq_b.data(), param, bm, Ki, Nb);
+      } else {
+        poly_fwd(G.data(), param, degrees[m], bm, Ki, x.data(), y.data(), Nb);
+      }
+    }
+  }
+  scalar_t* out_ = out.mutable_data_ptr<scalar_t>();
+  for (int64_t e = 0; e < Na * Nb; ++e) out_[e] = static_cast<scalar_t>(K[e]);
+}
+
 at::Tensor mkl_fwd(at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& beta, at::IntArrayRef kinds,
                    const at::Tensor& params, at::IntArrayRef degrees) {
   constexpr const char* kOp = "_mkl_fwd";
   const BelowAutograd below_autograd;
-  const Problem p = make_problem(kOp, xs_a, xs_b, beta, kinds, params, degrees);
   const auto dtype = xs_a[0].scalar_type();
+  check_args(kOp, xs_a, xs_b, beta, kinds, params, degrees);
+  if (is_small(xs_a, xs_b)) {
+    at::Tensor out = at::empty({xs_a[0].size(0), xs_b[0].size(0)}, xs_a[0].options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp, [&] {
+      small_forward_kernel<scalar_t>(xs_a, xs_b, beta, kinds, params, degrees, out);
+    });
+    return out;
+  }
+  const Problem p = make_problem(kOp, xs_a, xs_b, beta, kinds, params, degrees);
   at::Tensor out = at::empty({p.Na, p.Nb}, xs_a[0].options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp, [&] { forward_kernel<scalar_t>(p, out); });
   return out;
@@ -559,6 +656,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
 
 }  // namespace
 }  // namespace fusionops::cpu
+
+// A test knob, not a kernel (see kSmallWork): no tensor argument, so the dispatcher serves it
+// from the CompositeExplicitAutograd key.
+TORCH_LIBRARY_IMPL(fusionops, CompositeExplicitAutograd, m) {
+  m.impl("_mkl_small_work", &fusionops::cpu::set_small_work);
+}
 
 TORCH_LIBRARY_IMPL(fusionops, CPU, m) {
   m.impl("_mkl_fwd", &fusionops::cpu::mkl_fwd);
