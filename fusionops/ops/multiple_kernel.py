@@ -89,6 +89,9 @@ class _CompiledKernels:
 # was never lost at any measured size in either of two runs (1.04-9.9x from 64 output elements,
 # *_2026-12-05_run{1,2}.csv): inference is fused at every size. With gradients one run lost by
 # 2-3% at 65536 and 147456 (mixed, 128x64x300) and the other nothing: the rule is kept.
+# With the small-problem forward (plain loops, runs 3 and 4 of 2026-12-05): inference 1.13-17x
+# everywhere; with gradients 128x64x300 mixed lost at 147456 in both (0.97-0.99x) and won from
+# 262144, which runs 1 and 2 of 2026-12-04 lost: the rule with gradients stays.
 CPU_FUSED_MIN_ELEMENTS = 1 << 20
 CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 CPU_NARROW_WIDTH = 32
