@@ -33,6 +33,11 @@ OP = "mfb"
 # one rate; the reference's elementwise passes over its (N, k·o) tensors leave a little more:
 # 0.79-0.85x at d = 512 with one thread after issue 20's kernel changes (CPU time, interleaved);
 # the headline CSVs, re-run quiet after them: 0.83x (2 threads), 0.74x (1 thread).
+# Re-swept 2026-12-05 (quiet, *_2026-12-05_run{1,2}.csv, after issue 20's kernel changes): fwd+bwd
+# wins at 64-wide inputs (1.04-1.43x) and at N = 64 of the 512-wide ones (1.06-1.08x), loses at
+# N = 16, 256 and 1024 of those (0.81-0.95x, once 1.12x); forward 0.82-4.3x. Fused wins at small
+# sizes and loses at large ones, where the memory matters: no threshold of the rule's form (fused
+# from a size on) keeps the wins, and the fused kernels stay the choice.
 CPU_FUSED_MIN_ELEMENTS = 0
 CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 

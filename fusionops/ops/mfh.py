@@ -24,7 +24,9 @@ OP = "mfh"
 # Automatic choice on CPU, on N·p·k·o: the fused kernels everywhere, for their memory, as MFB
 # (whose blocks these are; see fusionops/ops/mfb.py: the backward recomputes the projections,
 # so fwd+bwd is not faster than the reference). Measured for MFH in benchmarks/results/
-# mfh_cpu_*.csv.
+# mfh_cpu_*.csv. Crossover sweeps (quiet, crossover_mfh_cpu_2026-12-05_run{1,2}.csv): fwd+bwd
+# 1.02-1.84x up to N·p·k·o = 327680, 0.74-0.96x above (512-wide inputs, N = 256 and 1024);
+# forward 1.13-3.45x everywhere.
 CPU_FUSED_MIN_ELEMENTS = 0
 CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 
