@@ -5,8 +5,8 @@
 building reasons; ops call it after ``_checks.plain_cpu_modalities`` and their own one-pass
 shape test, and leave every other call (each malformed one included) to the full path.
 Checked here: the same decision as ``choose`` for every registered op around its thresholds,
-None wherever the common case does not hold, and product fusion's one pass (tensor fusion's
-is in test_tensor_fusion_eager.py).
+None wherever the common case does not hold, and the one passes of product, multiple kernel and
+low-rank fusion (tensor fusion's is in test_tensor_fusion_eager.py).
 """
 
 from __future__ import annotations
@@ -231,3 +231,74 @@ def test_mkl_one_pass_errors_as_the_full_path():
         fusionops.multiple_kernel(xs_a, None, torch.tensor([0.5, float("nan")]), ["rbf", "rbf"])
     with pytest.raises((TypeError, ValueError), match="nope"):
         fusionops.multiple_kernel(xs_a, None, beta, ["nope", "rbf"])
+
+
+# --- low-rank fusion's one pass --------------------------------------------------------------
+
+LR = sys.modules["fusionops.ops.low_rank_fusion"]
+
+
+def _lmf_case(dims=(3, 40), rank=4, out=5):
+    xs = [x.requires_grad_() for x in make_xs((6,), dims, torch.float32, seed=4)]
+    gen = torch.Generator().manual_seed(6)
+    factors = [(torch.randn(rank, d + 1, out, generator=gen) * 0.3).requires_grad_() for d in dims]
+    rank_weight = torch.randn(rank, generator=gen).requires_grad_()
+    bias = torch.randn(out, generator=gen).requires_grad_()
+    return xs, factors, rank_weight, bias
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lmf_one_pass_like_the_full_path(with_bias, monkeypatch):
+    """Served without the full checks; output and every gradient those of the reference, on the
+    automatic choice and on the cpu kernels forced."""
+    skip_unless_usable("cpu", "cpu", op=LR.OPDEF)
+    xs, factors, rank_weight, bias = _lmf_case()
+    bias = bias if with_bias else None
+    leaves = [*xs, *factors, rank_weight] + ([bias] if with_bias else [])
+    want = reference.low_rank_fusion(xs, factors, rank_weight, bias)
+    g = torch.randn(want.shape)
+    want_grads = torch.autograd.grad(want, leaves, g)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(LR, "_check_args", refuse)
+    fusionops.reset_dispatch_counts()
+    got = fusionops.low_rank_fusion(xs, factors, rank_weight, bias)
+    with fusionops.backend("cpu"):
+        got_cpu = fusionops.low_rank_fusion(xs, factors, rank_weight, bias)
+    assert fusionops.dispatch_counts()["low_rank_fusion"] == {"cpu": 2}  # its rule: always fused
+    for out in (got, got_cpu):
+        assert out.shape == want.shape
+        assert_close_to(out, want.detach(), torch.float32)
+        for a, e in zip(torch.autograd.grad(out, leaves, g), want_grads, strict=True):
+            assert_close_to(a, e, torch.float32)
+
+
+def _lmf_others():
+    xs, factors, w, b = [[t.detach() for t in v] if isinstance(v, list) else v.detach() for v in _lmf_case()]
+    f0, f1 = factors
+    return {
+        "leading dims": ([x[None] for x in xs], factors, w, b),
+        "rows differ": ([xs[0], xs[1][:3]], factors, w, b),
+        "one factor": (xs, [f0], w, b),
+        "factors a tensor": (xs, f0, w, b),
+        "factor width": (xs, [f0, f1[:, :-1]], w, b),
+        "factor rank": (xs, [f0, f1[:2]], w, b),
+        "factor output": (xs, [f0, f1[..., :2]], w, b),
+        "rank_weight shape": (xs, factors, w[:2], b),
+        "bias shape": (xs, factors, w, b[:2]),
+        "dtype": (xs, [f0, f1.double()], w, b),
+        "integer": ([x.long() for x in xs], factors, w, b),
+        "meta": (xs, factors, w.to("meta"), b),
+        "zero width": ([xs[0][:, :0], xs[1]], [f0[:, :1], f1], w, b),
+        "zero rank": (xs, [f0[:0], f1[:0]], w[:0], b),
+        "empty": ([], [], w, b),
+    }
+
+
+@pytest.mark.parametrize("case", list(_lmf_others()))
+def test_lmf_one_pass_leaves_everything_else_to_the_full_path(case):
+    fusionops.reset_dispatch_counts()
+    assert LR._eager_cpu(*_lmf_others()[case]) is None
+    assert fusionops.dispatch_counts() == {}
