@@ -302,3 +302,80 @@ def test_lmf_one_pass_leaves_everything_else_to_the_full_path(case):
     fusionops.reset_dispatch_counts()
     assert LR._eager_cpu(*_lmf_others()[case]) is None
     assert fusionops.dispatch_counts() == {}
+
+
+# --- skew-pair attention's one pass ----------------------------------------------------------
+
+SK = sys.modules["fusionops.ops.skew_pair"]
+
+
+def _skew_case(d=8, layers=(4, 3)):
+    gen = torch.Generator().manual_seed(7)
+    ha = torch.randn(5, layers[0], d, generator=gen).requires_grad_()
+    hb = torch.randn(5, layers[1], d, generator=gen).requires_grad_()
+    ws = tuple((torch.randn(d, d, generator=gen) / d**0.5).requires_grad_() for _ in range(4))
+    bs = tuple(torch.randn(d, generator=gen).requires_grad_() for _ in range(4))
+    return ha, hb, ws, bs
+
+
+@pytest.mark.parametrize("pairs", [[(1, 0), (3, 2), (1, 0)], ([2, 1],)], ids=["list", "tuple-of-lists"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_skew_one_pass_like_the_full_path(pairs, with_bias, monkeypatch):
+    """Served without the full checks; output and every gradient those of the reference, on the
+    automatic choice and on the cpu kernels forced (the index tensor cached across calls)."""
+    skip_unless_usable("cpu", "cpu", op=SK.OPDEF)
+    ha, hb, ws, bs = _skew_case()
+    bs = bs if with_bias else (None,) * 4
+    # not bk: softmax ignores the shift q·bk it gives every score, so its gradient is ~0 noise
+    leaves = [ha, hb, *ws] + ([bs[0], bs[2], bs[3]] if with_bias else [])
+    want = reference.skew_pair_attention(ha, hb, pairs, *ws, *bs, heads=2, window=1)
+    g = torch.randn(want.shape)
+    want_grads = torch.autograd.grad(want, leaves, g)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(SK, "_check_args", refuse)
+    fusionops.reset_dispatch_counts()
+    outs = [fusionops.skew_pair_attention(ha, hb, pairs, *ws, *bs, heads=2, window=1) for _ in range(2)]
+    with fusionops.backend("cpu"):
+        outs.append(fusionops.skew_pair_attention(ha, hb, pairs, *ws, *bs, heads=2, window=1))
+    assert fusionops.dispatch_counts()["skew_pair_attention"] == {"cpu": 3}  # its rule: always fused
+    for out in outs:
+        assert_close_to(out, want.detach(), torch.float32)
+        for a, e in zip(torch.autograd.grad(out, leaves, g), want_grads, strict=True):
+            assert_close_to(a, e, torch.float32)
+
+
+def _skew_others():
+    ha, hb, ws, bs = (t.detach() if isinstance(t, torch.Tensor) else tuple(u.detach() for u in t)
+                      for t in _skew_case())  # fmt: skip
+    pairs = [(1, 0)]
+    wq = ws[0]
+    return {
+        "pairs a tensor": (ha, hb, torch.tensor(pairs), ws, bs, 2, 0),
+        "pairs empty": (ha, hb, [], ws, bs, 2, 0),
+        "pair i out of range": (ha, hb, [(4, 0)], ws, bs, 2, 0),
+        "pair j out of range": (ha, hb, [(0, 3)], ws, bs, 2, 0),
+        "negative pair": (ha, hb, [(-1, 0)], ws, bs, 2, 0),
+        "bool in a pair": (ha, hb, [(True, 0)], ws, bs, 2, 0),
+        "three in a pair": (ha, hb, [(1, 0, 0)], ws, bs, 2, 0),
+        "a pair a string": (ha, hb, ["10"], ws, bs, 2, 0),
+        "heads not dividing D": (ha, hb, pairs, ws, bs, 3, 0),
+        "heads a bool": (ha, hb, pairs, ws, bs, True, 0),
+        "negative window": (ha, hb, pairs, ws, bs, 2, -1),
+        "weight shape": (ha, hb, pairs, (wq[:, :4], *ws[1:]), bs, 2, 0),
+        "weight dtype": (ha, hb, pairs, (wq.double(), *ws[1:]), bs, 2, 0),
+        "bias shape": (ha, hb, pairs, ws, (bs[0][:4], *bs[1:]), 2, 0),
+        "rows differ": (ha, hb[:3], pairs, ws, bs, 2, 0),
+        "widths differ": (ha, hb[..., :4], pairs, ws, bs, 2, 0),
+        "2-d ha": (ha[:, 0], hb, pairs, ws, bs, 2, 0),
+        "dtype": (ha, hb.double(), pairs, ws, bs, 2, 0),
+    }
+
+
+@pytest.mark.parametrize("case", list(_skew_others()))
+def test_skew_one_pass_leaves_everything_else_to_the_full_path(case):
+    fusionops.reset_dispatch_counts()
+    assert SK._eager_cpu(*_skew_others()[case]) is None
+    assert fusionops.dispatch_counts() == {}

@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from fusionops import _backend, reference
 from fusionops._backend import FLOAT_DTYPES, entry_kernels
-from fusionops._checks import check_grad, check_like, check_shape
+from fusionops._checks import check_grad, check_like, check_shape, plain_cpu_like, plain_cpu_modalities
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import SkewPairKernels, empty_grad
@@ -300,6 +300,77 @@ def _entry(
     return cast(SkewPairKernels, entry_kernels(OPDEF, backend, ha.device, ha.dtype, 2))
 
 
+# Eager calls' pair index tensors (CPU), by their pairs: torch.tensor costs about 3 µs a call,
+# a tenth of a small call (issue 15). The kernels only read it. Bounded: cleared when full.
+_CPU_INDEX: dict[PairList, Tensor] = {}
+_CPU_INDEX_MAX = 64
+
+
+def _cpu_index(table: PairList) -> Tensor:
+    index = _CPU_INDEX.get(table)
+    if index is None:
+        if len(_CPU_INDEX) >= _CPU_INDEX_MAX:
+            _CPU_INDEX.clear()
+        index = _CPU_INDEX[table] = torch.tensor(table, dtype=torch.int64)
+    return index
+
+
+def _plain_pairs(pairs: object, la: int, lb: int) -> PairList | None:
+    """``pairs`` as a table when it is a non-empty list or tuple of ``(i, j)`` pairs of ints
+    (lists or tuples) within stacks of ``la`` and ``lb`` layers, else None."""
+    if (type(pairs) is not list and type(pairs) is not tuple) or not pairs:
+        return None
+    for row in pairs:
+        if (type(row) is not tuple and type(row) is not list) or len(row) != 2:
+            return None
+        i, j = row
+        if type(i) is not int or type(j) is not int or not (0 <= i < la and 0 <= j < lb):
+            return None
+    return tuple((i, j) for i, j in pairs)
+
+
+def _eager_cpu(
+    ha: Tensor,
+    hb: Tensor,
+    pairs: object,
+    ws: tuple[Tensor, Tensor, Tensor, Tensor],
+    bs: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+    heads: object,
+    window: object,
+) -> Tensor | None:
+    """The common eager call at a fraction of the full path's cost (issue 15: the full checks
+    cost about 11 µs a call): plain CPU stacks of one float dtype sharing N and D, pairs a list
+    or tuple of int pairs within the stacks, int heads dividing D and window >= 0, (D, D)
+    weights and (D,) or None biases of that dtype, no autocast, not traced. One pass accepts
+    exactly such a call; anything else (every malformed call included: the full path names
+    what is wrong) returns None and takes the full path, which decides the same way."""
+    dtype = plain_cpu_modalities((ha, hb))
+    if dtype is None:
+        return None
+    sa, sb = ha.shape, hb.shape
+    if len(sa) != 3 or len(sb) != 3 or sa[0] != sb[0] or sa[2] != sb[2] or sa[2] < 1:
+        return None
+    d = sa[2]
+    if type(heads) is not int or type(window) is not int or heads < 1 or window < 0 or d % heads:
+        return None
+    for w in ws:
+        if not plain_cpu_like(w, dtype) or w.shape != (d, d):
+            return None
+    for b in bs:
+        if b is not None and (not plain_cpu_like(b, dtype) or b.shape != (d,)):
+            return None
+    table = _plain_pairs(pairs, sa[1], sb[1])
+    if table is None:
+        return None
+    backend = _backend.choose_cpu_eager(OPDEF, 2, sa[0] * len(table) * d, needs_grad(ha, hb, *ws, *bs))
+    if backend is None:
+        return None
+    if backend == "reference":
+        return reference.skew_pair_attention(ha, hb, table, *ws, *bs, heads=heads, window=window)
+    call = _Call(_kernels(backend), heads, window, bs[3] is not None)
+    return _eager.apply(call, (ha, hb, _cpu_index(table), *ws, *bs))
+
+
 def skew_pair_attention(
     ha: Tensor,
     hb: Tensor,
@@ -338,6 +409,9 @@ def skew_pair_attention(
     The fused kernels read only the layers that the pairs and their bands touch and keep no
     per-pair intermediates; backward recomputes from the inputs.
     """
+    out = _eager_cpu(ha, hb, pairs, (wq, wk, wv, wo), (bq, bk, bv, bo), heads, window)
+    if out is not None:
+        return out
     table, heads, window = _check_args(ha, hb, pairs, wq, wk, wv, wo, bq, bk, bv, bo, heads, window)
     n, d = ha.shape[0], ha.shape[2]
     given = pairs if table is None else table  # a fake pairs tensor stays as it is
