@@ -11,6 +11,7 @@ low-rank fusion (tensor fusion's is in test_tensor_fusion_eager.py).
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import pytest
@@ -26,6 +27,30 @@ from fusionops.registry import OPS
 
 PF = sys.modules["fusionops.ops.product_fusion"]
 CPU = torch.device("cpu")
+
+
+def check_one_pass(monkeypatch, module, full_checks, call, leaves, want, counts):
+    """``call()`` served without ``module``'s full checks (``full_checks`` refused), once on the
+    automatic choice and once with the cpu kernels forced: counted as ``counts``, output and
+    every gradient of ``leaves`` those of ``want`` (the reference, same inputs)."""
+    skip_unless_usable("cpu", "cpu", op=module.OPDEF)
+    g = torch.randn(want.shape)
+    want_grads = torch.autograd.grad(want, leaves, g)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(module, full_checks, refuse)
+    fusionops.reset_dispatch_counts()
+    outs = [call()]
+    with fusionops.backend("cpu"):
+        outs.append(call())
+    assert fusionops.dispatch_counts()[module.OP] == counts
+    for out in outs:
+        assert out.shape == want.shape
+        assert_close_to(out, want.detach(), torch.float32)
+        for a, e in zip(torch.autograd.grad(out, leaves, g), want_grads, strict=True):
+            assert_close_to(a, e, torch.float32)
 
 
 def _sizes(op):
@@ -107,28 +132,11 @@ def test_plain_cpu_modalities():
 
 @pytest.mark.parametrize("m", [2, 3, 5])
 def test_product_one_pass_like_the_full_path(m, monkeypatch):
-    """Served without the full checks; output and gradients those of the full path, on the
-    reference (small) and on the cpu kernels (forced), leading shapes kept."""
-    skip_unless_usable("cpu", "cpu", op=PF.OPDEF)
+    """On the reference (small) and on the cpu kernels (forced), leading shapes kept."""
     xs = [x.requires_grad_() for x in make_xs((2, 5), (7,) * m, torch.float32)]
-    g = torch.randn(2, 5, 7)
     want = reference.product_fusion(xs)
-    want_grads = torch.autograd.grad(want, xs, g)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the full path ran")
-
-    monkeypatch.setattr(PF, "_check_args", refuse)
-    fusionops.reset_dispatch_counts()
-    got = fusionops.product_fusion(xs)
-    with fusionops.backend("cpu"):
-        got_cpu = fusionops.product_fusion(xs)
-    assert fusionops.dispatch_counts()["product_fusion"] == {"reference": 1, "cpu": 1}
-    assert got.shape == got_cpu.shape == (2, 5, 7)
-    for out in (got, got_cpu):
-        assert_close_to(out, want.detach(), torch.float32)
-        for a, e in zip(torch.autograd.grad(out, xs, g), want_grads, strict=True):
-            assert_close_to(a, e, torch.float32)
+    call = functools.partial(fusionops.product_fusion, xs)
+    check_one_pass(monkeypatch, PF, "_check_args", call, xs, want, {"reference": 1, "cpu": 1})
 
 
 def _product_others():
@@ -175,27 +183,11 @@ def _mkl_case(n_b=None):
 
 @pytest.mark.parametrize("n_b", [None, 4])
 def test_mkl_one_pass_like_the_full_path(n_b, monkeypatch):
-    skip_unless_usable("cpu", "cpu", op=MK.OPDEF)
     xs_a, xs_b, beta = _mkl_case(n_b)
     kinds = ["rbf", "polynomial"]
     want = reference.multiple_kernel(xs_a, xs_a if xs_b is None else xs_b, beta, kinds)
-    leaves = [*xs_a, beta]
-    g = torch.randn(want.shape)
-    want_grads = torch.autograd.grad(want, leaves, g)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the full path ran")
-
-    monkeypatch.setattr(MK, "_check_sides", refuse)
-    fusionops.reset_dispatch_counts()
-    got = fusionops.multiple_kernel(xs_a, xs_b, beta, kinds)
-    with fusionops.backend("cpu"):
-        got_cpu = fusionops.multiple_kernel(xs_a, xs_b, beta, kinds)
-    assert fusionops.dispatch_counts()["multiple_kernel"] == {"reference": 1, "cpu": 1}
-    for out in (got, got_cpu):
-        assert_close_to(out, want.detach(), torch.float32)
-        for a, e in zip(torch.autograd.grad(out, leaves, g), want_grads, strict=True):
-            assert_close_to(a, e, torch.float32)
+    call = functools.partial(fusionops.multiple_kernel, xs_a, xs_b, beta, kinds)
+    check_one_pass(monkeypatch, MK, "_check_sides", call, [*xs_a, beta], want, {"reference": 1, "cpu": 1})
 
 
 def _mkl_others():
@@ -249,30 +241,12 @@ def _lmf_case(dims=(3, 40), rank=4, out=5):
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_lmf_one_pass_like_the_full_path(with_bias, monkeypatch):
-    """Served without the full checks; output and every gradient those of the reference, on the
-    automatic choice and on the cpu kernels forced."""
-    skip_unless_usable("cpu", "cpu", op=LR.OPDEF)
     xs, factors, rank_weight, bias = _lmf_case()
     bias = bias if with_bias else None
     leaves = [*xs, *factors, rank_weight] + ([bias] if with_bias else [])
     want = reference.low_rank_fusion(xs, factors, rank_weight, bias)
-    g = torch.randn(want.shape)
-    want_grads = torch.autograd.grad(want, leaves, g)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the full path ran")
-
-    monkeypatch.setattr(LR, "_check_args", refuse)
-    fusionops.reset_dispatch_counts()
-    got = fusionops.low_rank_fusion(xs, factors, rank_weight, bias)
-    with fusionops.backend("cpu"):
-        got_cpu = fusionops.low_rank_fusion(xs, factors, rank_weight, bias)
-    assert fusionops.dispatch_counts()["low_rank_fusion"] == {"cpu": 2}  # its rule: always fused
-    for out in (got, got_cpu):
-        assert out.shape == want.shape
-        assert_close_to(out, want.detach(), torch.float32)
-        for a, e in zip(torch.autograd.grad(out, leaves, g), want_grads, strict=True):
-            assert_close_to(a, e, torch.float32)
+    call = functools.partial(fusionops.low_rank_fusion, xs, factors, rank_weight, bias)
+    check_one_pass(monkeypatch, LR, "_check_args", call, leaves, want, {"cpu": 2})  # rule: always fused
 
 
 def _lmf_others():
@@ -321,30 +295,14 @@ def _skew_case(d=8, layers=(4, 3)):
 @pytest.mark.parametrize("pairs", [[(1, 0), (3, 2), (1, 0)], ([2, 1],)], ids=["list", "tuple-of-lists"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_skew_one_pass_like_the_full_path(pairs, with_bias, monkeypatch):
-    """Served without the full checks; output and every gradient those of the reference, on the
-    automatic choice and on the cpu kernels forced (the index tensor cached across calls)."""
-    skip_unless_usable("cpu", "cpu", op=SK.OPDEF)
+    """(The second call reuses the cached index tensor of the first.)"""
     ha, hb, ws, bs = _skew_case()
     bs = bs if with_bias else (None,) * 4
     # not bk: softmax ignores the shift q·bk it gives every score, so its gradient is ~0 noise
     leaves = [ha, hb, *ws] + ([bs[0], bs[2], bs[3]] if with_bias else [])
     want = reference.skew_pair_attention(ha, hb, pairs, *ws, *bs, heads=2, window=1)
-    g = torch.randn(want.shape)
-    want_grads = torch.autograd.grad(want, leaves, g)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the full path ran")
-
-    monkeypatch.setattr(SK, "_check_args", refuse)
-    fusionops.reset_dispatch_counts()
-    outs = [fusionops.skew_pair_attention(ha, hb, pairs, *ws, *bs, heads=2, window=1) for _ in range(2)]
-    with fusionops.backend("cpu"):
-        outs.append(fusionops.skew_pair_attention(ha, hb, pairs, *ws, *bs, heads=2, window=1))
-    assert fusionops.dispatch_counts()["skew_pair_attention"] == {"cpu": 3}  # its rule: always fused
-    for out in outs:
-        assert_close_to(out, want.detach(), torch.float32)
-        for a, e in zip(torch.autograd.grad(out, leaves, g), want_grads, strict=True):
-            assert_close_to(a, e, torch.float32)
+    call = functools.partial(fusionops.skew_pair_attention, ha, hb, pairs, *ws, *bs, heads=2, window=1)
+    check_one_pass(monkeypatch, SK, "_check_args", call, leaves, want, {"cpu": 2})  # rule: always fused
 
 
 def _skew_others():
