@@ -337,3 +337,25 @@ def test_skew_one_pass_leaves_everything_else_to_the_full_path(case):
     fusionops.reset_dispatch_counts()
     assert SK._eager_cpu(*_skew_others()[case]) is None
     assert fusionops.dispatch_counts() == {}
+
+
+@pytest.mark.parametrize("op", ["skew_pair_attention", "multiple_kernel"])
+def test_cached_constants_survive_inference_mode(op):
+    """The index (skew-pair) and parameter (multiple kernel) tensors cached by eager calls: one
+    first made under torch.inference_mode is still saved by a later call that records a
+    gradient (an inference tensor cannot be)."""
+    skip_unless_usable("cpu", "cpu", op=OPS[op])
+    if op == "skew_pair_attention":
+        SK._CPU_INDEX.clear()
+        ha, hb, ws, bs = _skew_case()
+        call = functools.partial(fusionops.skew_pair_attention, ha, hb, [(2, 1)], *ws, *bs, heads=2)
+        leaf = hb
+    else:
+        MK._CONSTANT_PARAMS.clear()
+        xs_a, _, beta = _mkl_case()
+        call = functools.partial(fusionops.multiple_kernel, xs_a, None, beta, ["rbf", "linear"])
+        leaf = xs_a[0]
+    with torch.inference_mode():
+        call()
+    call().sum().backward()
+    assert leaf.grad is not None

@@ -443,7 +443,8 @@ def _eager_params(specs: list[BaseKernel], dims: list[int], like: Tensor) -> Ten
     if params is None:
         if len(_CONSTANT_PARAMS) >= _CONSTANT_PARAMS_MAX:
             _CONSTANT_PARAMS.clear()
-        params = _CONSTANT_PARAMS[key] = kernel_params(specs, dims, like)
+        with torch.inference_mode(False):  # a later call that records a gradient saves it
+            params = _CONSTANT_PARAMS[key] = kernel_params(specs, dims, like)
     return params
 
 

@@ -311,7 +311,8 @@ def _cpu_index(table: PairList) -> Tensor:
     if index is None:
         if len(_CPU_INDEX) >= _CPU_INDEX_MAX:
             _CPU_INDEX.clear()
-        index = _CPU_INDEX[table] = torch.tensor(table, dtype=torch.int64)
+        with torch.inference_mode(False):  # a later call that records a gradient saves it
+            index = _CPU_INDEX[table] = torch.tensor(table, dtype=torch.int64)
     return index
 
 
