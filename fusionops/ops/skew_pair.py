@@ -312,7 +312,7 @@ def _cpu_index(table: PairList) -> Tensor:
         if len(_CPU_INDEX) >= _CPU_INDEX_MAX:
             _CPU_INDEX.clear()
         with torch.inference_mode(False):  # a later call that records a gradient saves it
-            index = _CPU_INDEX[table] = torch.tensor(table, dtype=torch.int64)
+            index = _CPU_INDEX[table] = torch.tensor(table, dtype=torch.int64, device="cpu")
     return index
 
 
