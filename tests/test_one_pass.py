@@ -359,3 +359,19 @@ def test_cached_constants_survive_inference_mode(op):
         call()
     call().sum().backward()
     assert leaf.grad is not None
+
+
+def test_cached_parameters_follow_their_values():
+    """Multiple kernel fusion's cached parameter vectors are keyed by the values: calls with
+    other γ, c or widths get their own (each against the reference)."""
+    skip_unless_usable("cpu", "cpu", op=MK.OPDEF)
+    MK._CONSTANT_PARAMS.clear()
+    xs_a, _, beta = _mkl_case()
+    xs_a = [x.detach() for x in xs_a]
+    for gamma, offset in ((0.5, 1.0), (0.7, 1.0), (0.5, -0.3), (None, 2.0)):
+        rbf = fusionops.BaseKernel("rbf", gamma=gamma)
+        kinds = [rbf, fusionops.BaseKernel("polynomial", degree=2, offset=offset)]
+        got = fusionops.multiple_kernel(xs_a, None, beta.detach(), kinds)
+        want = reference.multiple_kernel(xs_a, xs_a, beta.detach(), kinds)
+        assert_close_to(got, want, torch.float32, f"gamma={gamma}, offset={offset}")
+    assert len(MK._CONSTANT_PARAMS) == 4
