@@ -13,6 +13,7 @@ not taken; the forward kernel's output is poisoned (NaN-filled) before each laun
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
@@ -454,14 +455,13 @@ def bil_codes(act, normalize) -> tuple[int, int]:
     return ACTIVATION_CODES[act], NORM_PER_CHUNK if normalize else NORM_NONE
 
 
-def _mfh_reference(leaves, grad, k, act, normalize):
-    """reference.mfh's y and gradients (torch.autograd.grad), in float64."""
-    from fusionops.reference import bilinear as ref_bilinear
-
+def _reference64(forward, leaves, grad):
+    """``forward(ins)``'s y and its gradients (torch.autograd.grad) in float64, ``ins`` the leaves
+    as float64 leaves that require grad."""
     ins = {
         n: None if v is None else v.detach().to(torch.float64).requires_grad_(True) for n, v in leaves.items()
     }
-    y = ref_bilinear.mfh(*(ins[n] for n in MFH_GRADS), k, act, normalize)
+    y = forward(ins)
     live = [n for n in MFH_GRADS if ins[n] is not None]
     if not y.numel():
         return y, {n: torch.zeros_like(ins[n]) for n in live}
@@ -469,25 +469,31 @@ def _mfh_reference(leaves, grad, k, act, normalize):
     return y.detach(), dict(zip(live, grads, strict=True))
 
 
-def _check_mfh(leaves, k, act, normalize, dtype, grad_layout="contiguous"):
-    """Forward and every gradient of the chain kernels within TOL[dtype] of the float64
-    reference; normalised calls allow, as check_against_reference, 8x what the reference moves
-    when its inputs are perturbed by TOL (the signed square root's conditioning near 0)."""
-    n, out = leaves["x"].shape[0], leaves["wo"].shape[0]
-    g = make_grad((n, out), dtype, "cpu", grad_layout)
-    y, grads = _mfh_kernels(leaves, g, k, act, normalize)
-    assert y.shape == (n, out) and y.dtype == dtype and y.is_contiguous()
-    y_ref, g_ref = _mfh_reference(leaves, g, k, act, normalize)
+def _mfh_reference(leaves, grad, k, act, normalize):
+    """reference.mfh's y and gradients, in float64."""
+    from fusionops.reference import bilinear as ref_bilinear
+
+    def forward(ins):
+        return ref_bilinear.mfh(*(ins[n] for n in MFH_GRADS), k, act, normalize)
+
+    return _reference64(forward, leaves, grad)
+
+
+def _assert_like_reference(label, y, grads, leaves, dtype, reference, normalized):
+    """``y`` and ``grads`` (in MFH_GRADS order) within TOL[dtype] of ``reference(leaves)`` (y and
+    a dict of float64 gradients); ``normalized`` calls allow, as check_against_reference, 8x what
+    the reference moves when its inputs are perturbed by TOL (the signed square root's
+    conditioning near 0)."""
+    y_ref, g_ref = reference(leaves)
     slack = dict.fromkeys(("y", *g_ref), 0.0)
-    if normalize:
+    if normalized:
         gen = torch.Generator().manual_seed(11)
 
         def moved_by(v):  # every element scaled by 1 + TOL·u, u uniform in [-1, 1]
             u = torch.rand(v.shape, generator=gen, dtype=torch.float64) * 2 - 1
             return v.to(torch.float64) * (1 + TOL[dtype] * u)
 
-        moved = {n: None if v is None else moved_by(v) for n, v in leaves.items()}
-        y_m, g_m = _mfh_reference(moved, g, k, act, normalize)
+        y_m, g_m = reference({n: None if v is None else moved_by(v) for n, v in leaves.items()})
         slack = {
             "y": (y_m - y_ref).abs().max().item(),
             **{m: (g_m[m] - g_ref[m]).abs().max().item() for m in g_ref},
@@ -499,7 +505,18 @@ def _check_mfh(leaves, k, act, normalize, dtype, grad_layout="contiguous"):
         assert not torch.isnan(a64).any(), f"{what}: NaN in the result (an element left unwritten?)"
         tol = TOL[dtype]
         atol = tol * (e.abs().max().item() if e.numel() else 0.0) + 8 * slack[what] + 1e-300
-        torch.testing.assert_close(a64, e, rtol=tol, atol=atol, msg=lambda m, w=what: f"MFH {w}: {m}")
+        torch.testing.assert_close(a64, e, rtol=tol, atol=atol, msg=lambda m, w=what: f"{label} {w}: {m}")
+
+
+def _check_mfh(leaves, k, act, normalize, dtype, grad_layout="contiguous"):
+    """Forward and every gradient of the chain kernels like the float64 reference
+    (_assert_like_reference)."""
+    n, out = leaves["x"].shape[0], leaves["wo"].shape[0]
+    g = make_grad((n, out), dtype, "cpu", grad_layout)
+    y, grads = _mfh_kernels(leaves, g, k, act, normalize)
+    assert y.shape == (n, out) and y.dtype == dtype and y.is_contiguous()
+    reference = functools.partial(_mfh_reference, grad=g, k=k, act=act, normalize=normalize)
+    _assert_like_reference("MFH", y, grads, leaves, dtype, reference, bool(normalize))
     return y, grads
 
 
@@ -873,45 +890,17 @@ def _drop_reference(op, leaves, act, normalize, drops, seed=DROP_SEED) -> torch.
 
 def _drop_reference64(op, leaves, grad, act, normalize, drops):
     """The reference's y and gradients in float64."""
-    ins = {
-        n: None if v is None else v.detach().to(torch.float64).requires_grad_(True) for n, v in leaves.items()
-    }
-    y = _drop_reference(op, ins, act, normalize, drops)
-    live = [n for n in MFH_GRADS if ins[n] is not None]
-    grads = torch.autograd.grad(y, [ins[n] for n in live], grad.to(torch.float64))
-    return y.detach(), dict(zip(live, grads, strict=True))
+    return _reference64(lambda ins: _drop_reference(op, ins, act, normalize, drops), leaves, grad)
 
 
 def _check_dropout(op, leaves, act, normalize, drops, dtype, grad_layout="contiguous"):
-    """Forward and every gradient within TOL[dtype] of the float64 reference (normalised: plus
-    8x what the reference moves when its inputs move by TOL, as _check_mfh)."""
+    """Forward and every gradient like the float64 reference (_assert_like_reference)."""
     n, out = leaves["x"].shape[0], leaves["wo"].shape[0]
     g = make_grad((n, out), dtype, "cpu", grad_layout)
     y, grads = _drop_kernels(op, leaves, g, act, normalize, drops)
     assert y.shape == (n, out) and y.dtype == dtype and y.is_contiguous()
-    y_ref, g_ref = _drop_reference64(op, leaves, g, act, normalize, drops)
-    slack = dict.fromkeys(("y", *g_ref), 0.0)
-    if normalize not in (False, "none"):
-        gen = torch.Generator().manual_seed(11)
-
-        def moved_by(v):  # every element scaled by 1 + TOL·u, u uniform in [-1, 1]
-            u = torch.rand(v.shape, generator=gen, dtype=torch.float64) * 2 - 1
-            return v.to(torch.float64) * (1 + TOL[dtype] * u)
-
-        moved = {name: None if v is None else moved_by(v) for name, v in leaves.items()}
-        y_m, g_m = _drop_reference64(op, moved, g, act, normalize, drops)
-        slack = {
-            "y": (y_m - y_ref).abs().max().item(),
-            **{m: (g_m[m] - g_ref[m]).abs().max().item() for m in g_ref},
-        }
-    pairs = [("y", y, y_ref)] + [(m, grads[MFH_GRADS.index(m)], g_ref[m]) for m in g_ref]
-    for what, a, e in pairs:
-        assert a.shape == e.shape and a.dtype == dtype, (what, a.shape, e.shape, a.dtype)
-        a64 = a.to(torch.float64)
-        assert not torch.isnan(a64).any(), f"{what}: NaN in the result (an element left unwritten?)"
-        tol = TOL[dtype]
-        atol = tol * e.abs().max().item() + 8 * slack[what] + 1e-300
-        torch.testing.assert_close(a64, e, rtol=tol, atol=atol, msg=lambda m, w=what: f"{op} {w}: {m}")
+    reference = functools.partial(_drop_reference64, op, grad=g, act=act, normalize=normalize, drops=drops)
+    _assert_like_reference(op, y, grads, leaves, dtype, reference, normalize not in (False, "none"))
     return y, grads
 
 
