@@ -177,6 +177,20 @@ def _in_keys(rows, seed_a, seed_b, seed_e, DROP_IN: tl.constexpr, DROP_PROD: tl.
     return key_a, key_b, key_e
 
 
+@triton.jit
+def _activated_product(va, vb, key_a, key_b, idx, thr_in, scale_ptr, ACT: tl.constexpr,
+                       DROP_IN: tl.constexpr):  # fmt: skip
+    """drop_a(act(va)) ⊙ drop_b(act(vb)) at product index ``idx`` (the forward kernels' e before
+    the E site's dropout)."""
+    fa = _act(va, ACT)
+    fb = _act(vb, ACT)
+    if DROP_IN:
+        s_in = tl.load(scale_ptr)
+        fa = _drop(fa, _kept(key_a, idx, thr_in), s_in)
+        fb = _drop(fb, _kept(key_b, idx, thr_in), s_in)
+    return fa * fb
+
+
 @triton.jit(do_not_specialize=["row0", "seed_a", "seed_b", "seed_e", "thr_in", "thr_prod"])
 def _pool_fwd_kernel(
     a_ptr, b_ptr, p_ptr, T, S, R, C, row0, seed_a, seed_b, seed_e, thr_in, thr_prod, scale_ptr,
@@ -203,13 +217,7 @@ def _pool_fwd_kernel(
             i = cols64[None, :] * R + r
         va = tl.load(a_ptr + base + i, mask=ok, other=0.0).to(ty)
         vb = tl.load(b_ptr + base + i, mask=ok, other=0.0).to(ty)
-        fa = _act(va, ACT)
-        fb = _act(vb, ACT)
-        if DROP_IN:
-            s_in = tl.load(scale_ptr)
-            fa = _drop(fa, _kept(key_a, c * P + i, thr_in), s_in)
-            fb = _drop(fb, _kept(key_b, c * P + i, thr_in), s_in)
-        e = fa * fb
+        e = _activated_product(va, vb, key_a, key_b, c * P + i, thr_in, scale_ptr, ACT, DROP_IN)
         if DROP_PROD:
             e = _drop(e, _kept(key_e, c * P + i, thr_prod), tl.load(scale_ptr + 1))
         acc += e
@@ -313,13 +321,8 @@ def _chain_fwd_kernel(
         for c in range(C):
             va = tl.load(a_row + c * P, mask=ok, other=0.0).to(ty)
             vb = tl.load(b_row + c * P, mask=ok, other=0.0).to(ty)
-            fa = _act(va, ACT)
-            fb = _act(vb, ACT)
-            if DROP_IN:
-                s_in = tl.load(scale_ptr)
-                fa = _drop(fa, _kept(key_a, c * P + i, thr_in), s_in)
-                fb = _drop(fb, _kept(key_b, c * P + i, thr_in), s_in)
-            e = (fa * fb) * e  # (act(A) ⊙ act(B)) ⊙ e_{c−1}: the reference's a * b * skip grouping
+            ab = _activated_product(va, vb, key_a, key_b, c * P + i, thr_in, scale_ptr, ACT, DROP_IN)
+            e = ab * e  # (act(A) ⊙ act(B)) ⊙ e_{c−1}: the reference's a * b * skip grouping
             if DROP_PROD:
                 e = _drop(e, _kept(key_e, c * P + i, thr_prod), tl.load(scale_ptr + 1))
             if STORE_E:
