@@ -156,3 +156,21 @@ def test_estimators_name_non_finite_labels(bad):
     labels = torch.tensor([0.0, 1.0, bad, 1.0])
     with pytest.raises(ValueError, match=r"Classifier.fit: y holds non-finite labels \(rows \[2\]"):
         fusionops.MultipleKernelRidgeClassifier(KERNELS, steps=1).fit(A, labels)
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 40], ids=["tiles", "loops"])
+def test_cpu_kernel_entry_checks_before_reading(limit):
+    """The C++ forward checks its arguments before it reads them, on both of its paths (an empty
+    modality list was indexed before the check)."""
+    from conftest import skip_unless_usable
+
+    skip_unless_usable("cpu", "cpu", op=fusionops.registry.OPS["multiple_kernel"])
+    previous = torch.ops.fusionops._mkl_small_work(limit)
+    try:
+        fwd = torch.ops.fusionops._mkl_fwd.default
+        with pytest.raises(RuntimeError, match=r"xs is empty; expected M >= 1 modalities"):
+            fwd([], [], torch.ones(0), [], torch.ones(0), [])
+        with pytest.raises(RuntimeError, match=r"xs_b\[1\] has width 3 but xs_a\[1\] has 2"):
+            fwd(A, [B[0], torch.randn(5, 3)], BETA, [1, 0], torch.tensor([0.5, 0.0]), [0, 0])
+    finally:
+        torch.ops.fusionops._mkl_small_work(previous)

@@ -299,9 +299,9 @@ void check_args(const char* op, at::TensorList xs_a, at::TensorList xs_b, const 
   }
 }
 
-Problem make_problem(const char* op, at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& beta,
-                     at::IntArrayRef kinds, const at::Tensor& params, at::IntArrayRef degrees) {
-  check_args(op, xs_a, xs_b, beta, kinds, params, degrees);
+// The arguments of a call that check_args accepted, as the tiled kernels take them.
+Problem make_problem(at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& beta, at::IntArrayRef kinds,
+                     const at::Tensor& params, at::IntArrayRef degrees) {
   const auto acc = at::toOpMathType(xs_a[0].scalar_type());
   Problem p;
   p.M = static_cast<int>(xs_a.size());
@@ -596,8 +596,8 @@ at::Tensor mkl_fwd(at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& b
                    const at::Tensor& params, at::IntArrayRef degrees) {
   constexpr const char* kOp = "_mkl_fwd";
   const BelowAutograd below_autograd;
-  const auto dtype = xs_a[0].scalar_type();
   check_args(kOp, xs_a, xs_b, beta, kinds, params, degrees);
+  const auto dtype = xs_a[0].scalar_type();
   if (is_small(xs_a, xs_b)) {
     at::Tensor out = at::empty({xs_a[0].size(0), xs_b[0].size(0)}, xs_a[0].options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp, [&] {
@@ -605,7 +605,7 @@ at::Tensor mkl_fwd(at::TensorList xs_a, at::TensorList xs_b, const at::Tensor& b
     });
     return out;
   }
-  const Problem p = make_problem(kOp, xs_a, xs_b, beta, kinds, params, degrees);
+  const Problem p = make_problem(xs_a, xs_b, beta, kinds, params, degrees);
   at::Tensor out = at::empty({p.Na, p.Nb}, xs_a[0].options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp, [&] { forward_kernel<scalar_t>(p, out); });
   return out;
@@ -616,7 +616,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
     const at::Tensor& params, at::IntArrayRef degrees, const c10::List<bool>& needs) {
   constexpr const char* kOp = "_mkl_bwd";
   const BelowAutograd below_autograd;
-  const Problem p = make_problem(kOp, xs_a, xs_b, beta, kinds, params, degrees);
+  check_args(kOp, xs_a, xs_b, beta, kinds, params, degrees);
+  const Problem p = make_problem(xs_a, xs_b, beta, kinds, params, degrees);
   const auto dtype = xs_a[0].scalar_type();
   const auto opts = p.A[0].options();  // the compute dtype
   TORCH_CHECK(needs.size() == 4, "fusionops::", kOp, ": needs must have 4 flags, got ", needs.size());
