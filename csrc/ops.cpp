@@ -6,12 +6,17 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace fusionops::cpu {
+extern PyMethodDef product_eager_methods[];  // csrc/cpu/product_eager.cpp
+}
+
 extern "C" {
-// `import fusionops._C` loads this shared library, which runs the registrations below; the
-// Python module itself is empty (pattern of pytorch/extension-cpp).
+// `import fusionops._C` loads this shared library, which runs the registrations below (pattern of
+// pytorch/extension-cpp). The Python module holds only the eager entry of product fusion, whose
+// whole point is to cost less than a Python call (csrc/cpu/product_eager.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          fusionops::cpu::product_eager_methods, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }

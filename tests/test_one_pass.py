@@ -130,9 +130,14 @@ def test_plain_cpu_modalities():
 # --- product fusion's one pass ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("compiled_entry", [True, False])
 @pytest.mark.parametrize("m", [2, 3, 5])
-def test_product_one_pass_like_the_full_path(m, monkeypatch):
-    """On the reference (small) and on the cpu kernels (forced), leading shapes kept."""
+def test_product_one_pass_like_the_full_path(m, compiled_entry, monkeypatch):
+    """On the reference (small) and on the cpu kernels (forced), leading shapes kept; with
+    the compiled eager entry (test_product_fusion_entry.py) and with the Python one pass alone,
+    as without the extension."""
+    if not compiled_entry:
+        monkeypatch.setattr(PF, "_REFERENCE_EAGER", None)
     xs = [x.requires_grad_() for x in make_xs((2, 5), (7,) * m, torch.float32)]
     want = reference.product_fusion(xs)
     call = functools.partial(fusionops.product_fusion, xs)
