@@ -6,17 +6,15 @@
 #include <Python.h>
 #include <torch/library.h>
 
-namespace fusionops::cpu {
-extern PyMethodDef product_eager_methods[];  // csrc/cpu/product_eager.cpp
-}
+#include "cpu/eager_entry.h"
 
 extern "C" {
 // `import fusionops._C` loads this shared library, which runs the registrations below (pattern of
-// pytorch/extension-cpp). The Python module holds only the eager entry of product fusion, whose
-// whole point is to cost less than a Python call (csrc/cpu/product_eager.cpp).
+// pytorch/extension-cpp). The Python module holds only the compiled eager entries, whose point is
+// to cost less than Python (csrc/cpu/eager_entry.h).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                          fusionops::cpu::product_eager_methods, nullptr, nullptr, nullptr, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fusionops::cpu::eager::methods,
+                                          nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }

@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import Tensor
 
 from fusionops import _extension
 from fusionops.registry import (
     COUNTS,
     CUDA_MAX_MODALITIES,
+    NATIVE_COUNTS,
     OpDef,
     forget_compiled_kernels,
     has_compiled_kernels,
@@ -301,3 +304,35 @@ def choose_cpu_eager(op: OpDef, modalities: int, size: int, training: bool, wide
         name = "cpu"
     COUNTS[(op.name, name)] += 1
     return name
+
+
+def entries_allowed() -> bool:
+    """Whether a compiled eager entry (csrc/cpu/eager_entry.h) may take a call: nothing is
+    traced (under torch.compile this is the constant False, so a graph never calls one) and no
+    backend is forced, in any thread or by ``FUSIONOPS_BACKEND`` (an entry cannot see this
+    thread's block; forced calls take the Python path)."""
+    return not (torch.compiler.is_compiling() or _open_blocks or _env_forced)
+
+
+def compiled_entry(op: OpDef, attr: str, backends: tuple[str, ...]) -> Callable[..., Tensor | None] | None:
+    """``fusionops._C.<attr>``, ``op``'s compiled eager entry, with ``op``'s CPU size rule handed
+    over and its counters of ``backends`` read by ``fusionops.dispatch_counts()``; None without
+    the extension or with one built before the entry. The rule is handed over once: an OpDef is
+    frozen, and tests that replace one change what the Python path sees, not the entry."""
+    if not _extension.extension_loaded():
+        return None
+    module = importlib.import_module("fusionops._C")
+    entry = getattr(module, attr, None)
+    if entry is None:
+        return None
+    module._eager_rule(
+        op.name,
+        op.cpu_min_modalities,
+        op.cpu_min_size,
+        op.cpu_min_size_forward,
+        op.cpu_narrow_width,
+        op.cpu_narrow_width_forward,
+    )
+    for backend in backends:
+        NATIVE_COUNTS[(op.name, backend)] = functools.partial(module._eager_calls, op.name, backend)
+    return entry

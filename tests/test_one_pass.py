@@ -137,7 +137,7 @@ def test_product_one_pass_like_the_full_path(m, compiled_entry, monkeypatch):
     the compiled eager entry (test_product_fusion_entry.py) and with the Python one pass alone,
     as without the extension."""
     if not compiled_entry:
-        monkeypatch.setattr(PF, "_REFERENCE_EAGER", None)
+        monkeypatch.setattr(PF, "_COMPILED_ENTRY", None)
     xs = [x.requires_grad_() for x in make_xs((2, 5), (7,) * m, torch.float32)]
     want = reference.product_fusion(xs)
     call = functools.partial(fusionops.product_fusion, xs)

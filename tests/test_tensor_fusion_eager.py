@@ -309,10 +309,14 @@ def _one_pass_case():
     return xs, w, b
 
 
-def test_one_pass_serves_the_common_call_like_the_full_path(monkeypatch):
+@pytest.mark.parametrize("compiled_entry", [True, False])
+def test_one_pass_serves_the_common_call_like_the_full_path(compiled_entry, monkeypatch):
     """The common call is served by the one pass (the full path's checks never run), with the
     same result, gradients and dispatch count as the full path; inference calls follow the
-    size and narrow-width rules there too."""
+    size and narrow-width rules there too. With the compiled entry (test_compiled_entries.py)
+    and with the Python one pass alone, as without the extension."""
+    if not compiled_entry:
+        monkeypatch.setattr(TF, "_COMPILED_ENTRY", None)
     xs, w, b = _one_pass_case()
     g = make_grad((5, 2), torch.float32, "cpu")
     fusionops.reset_dispatch_counts()

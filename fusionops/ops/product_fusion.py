@@ -7,9 +7,8 @@ implementations (one kernel per direction for any M); the ``reference`` backend 
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -18,11 +17,10 @@ from torch import Tensor
 from fusionops import _backend, reference
 from fusionops._backend import entry_kernels
 from fusionops._checks import check_grad, check_modalities, check_rows, plain_cpu_modalities
-from fusionops._extension import extension_loaded
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import ProductFusionKernels
-from fusionops.registry import NATIVE_COUNTS, OpDef, needs_grad, register
+from fusionops.registry import OpDef, needs_grad, register
 
 OP = "product_fusion"
 
@@ -172,25 +170,9 @@ def _eager_cpu(xs: Sequence[Tensor]) -> Tensor | None:
     return _run(xs, backend, shape.numel() // shape[-1])
 
 
-def _compiled_entry() -> Callable[[object], Tensor | None] | None:
-    """``fusionops._C._product_reference_eager`` (csrc/cpu/product_eager.cpp), given the size
-    rule and its call counter registered; None without the extension or with one built before
-    it. It serves the calls the size rule gives to the reference, and only those."""
-    if not extension_loaded():
-        return None
-    module = importlib.import_module("fusionops._C")
-    entry = getattr(module, "_product_reference_eager", None)
-    if entry is None:
-        return None
-    if OPDEF.cpu_narrow_width or OPDEF.cpu_narrow_width_forward:
-        raise AssertionError(f"{OP}: the compiled eager entry knows no narrow-width rule")
-    module._product_eager_rule(OPDEF.cpu_min_modalities, OPDEF.cpu_min_size, OPDEF.cpu_min_size_forward)
-    NATIVE_COUNTS[(OP, "reference")] = module._product_reference_calls
-    return entry
-
-
-_REFERENCE_EAGER = _compiled_entry()
-_is_compiling = torch.compiler.is_compiling
+# The common eager call, served in C (csrc/cpu/product_eager.cpp) when the size rule gives it to
+# the reference; None without the extension.
+_COMPILED_ENTRY = _backend.compiled_entry(OPDEF, "_product_eager", ("reference",))
 
 
 def product_fusion(xs: Sequence[Tensor]) -> Tensor:
@@ -200,10 +182,8 @@ def product_fusion(xs: Sequence[Tensor]) -> Tensor:
     broadcast), dtype and device. Gradients are computed without division, so zeros in the
     inputs are fine.
     """
-    # The compiled entry first, where nothing can be forced and nothing is traced (under
-    # torch.compile the condition is a constant and the call is never seen).
-    entry = _REFERENCE_EAGER
-    if entry is not None and not (_is_compiling() or _backend._open_blocks or _backend._env_forced):
+    entry = _COMPILED_ENTRY
+    if entry is not None and _backend.entries_allowed():
         out = entry(xs)
         if out is not None:
             return out

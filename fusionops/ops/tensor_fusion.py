@@ -573,6 +573,12 @@ def _compiled_projected(
     return torch.ops.fusionops._tf_projected_fwd.default(xs, weight, bias, mask, dropout, seed)
 
 
+# The common eager call of the projection, chosen and served in C++
+# (csrc/cpu/tensor_fusion_eager.cpp: the reference's own ATen ops or the kernels below, as
+# _eager_cpu_rows would); None without the extension.
+_COMPILED_ENTRY = _backend.compiled_entry(OPDEF, "_tensor_fusion_eager", ("reference", "cpu"))
+
+
 def tensor_fusion(
     xs: Sequence[Tensor],
     weight: Tensor | None = None,
@@ -608,6 +614,11 @@ def tensor_fusion(
     (see ``python -m fusionops.info``).
     """
     if mask is None and dropout == 0 and seed is None:
+        entry = _COMPILED_ENTRY
+        if entry is not None and _backend.entries_allowed():
+            out = entry(xs, weight, bias)
+            if out is not None:
+                return out
         out = _eager_cpu_rows(xs, weight, bias)
         if out is not None:
             return out
