@@ -29,7 +29,7 @@ from pathlib import Path
 import fusionops
 from benchmarks import csvfile, env, ops, timing, ways
 from benchmarks.spec import OpSpec, Row
-from fusionops import registry
+from fusionops import _backend, registry
 
 MODES = ("forward", "fwd+bwd")
 
@@ -37,7 +37,8 @@ MODES = ("forward", "fwd+bwd")
 @contextlib.contextmanager
 def always_fused(op: str) -> Iterator[None]:
     """The op's CPU size rule set to the fused kernels at every size (its module's ``OPDEF``,
-    which the public function reads at each call, and the registry's entry)."""
+    which the public function reads at each call, the registry's entry, and the copy of its
+    compiled eager entry)."""
     old = registry.OPS[op]
     modules = [m for m in list(sys.modules.values()) if getattr(m, "OPDEF", None) is old]
     if not modules:
@@ -49,12 +50,14 @@ def always_fused(op: str) -> Iterator[None]:
     for m in modules:
         m.OPDEF = new  # type: ignore[attr-defined]
     registry.OPS[op] = new
+    _backend.hand_rule_to_entry(new)
     try:
         yield
     finally:
         for m in modules:
             m.OPDEF = old  # type: ignore[attr-defined]
         registry.OPS[op] = old
+        _backend.hand_rule_to_entry(old)
 
 
 def _served_by_cpu(spec: OpSpec, fn, inp) -> None:

@@ -60,6 +60,8 @@ TORCH_LIBRARY(fusionops, m) {
   // Product fusion (DESIGN.md section 3); contract in fusionops/ops/_kernels.py.
   m.def("_product_fwd(Tensor[] xs) -> Tensor");
   m.def("_product_bwd(Tensor grad, Tensor[] xs) -> Tensor[]");
+  // The eager call of the kernels with its autograd in C++ (csrc/cpu/product_autograd.cpp).
+  m.def("_product_eager(Tensor[] xs) -> Tensor");
   // Sparse skew-pair attention (DESIGN.md section 4); contract in fusionops/ops/_kernels.py.
   m.def(
       "_skew_pair_fwd(Tensor ha, Tensor hb, Tensor pairs, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "

@@ -317,22 +317,33 @@ def entries_allowed() -> bool:
 def compiled_entry(op: OpDef, attr: str, backends: tuple[str, ...]) -> Callable[..., Tensor | None] | None:
     """``fusionops._C.<attr>``, ``op``'s compiled eager entry, with ``op``'s CPU size rule handed
     over and its counters of ``backends`` read by ``fusionops.dispatch_counts()``; None without
-    the extension or with one built before the entry. The rule is handed over once: an OpDef is
-    frozen, and tests that replace one change what the Python path sees, not the entry."""
+    the extension or with one built before the entry. The rule is handed over here, once (an
+    OpDef is frozen); whoever replaces an op's OpDef with another rule hands that one over too
+    (:func:`hand_rule_to_entry`)."""
     if not _extension.extension_loaded():
         return None
     module = importlib.import_module("fusionops._C")
     entry = getattr(module, attr, None)
     if entry is None:
         return None
-    module._eager_rule(
-        op.name,
-        op.cpu_min_modalities,
-        op.cpu_min_size,
-        op.cpu_min_size_forward,
-        op.cpu_narrow_width,
-        op.cpu_narrow_width_forward,
-    )
+    hand_rule_to_entry(op)
     for backend in backends:
         NATIVE_COUNTS[(op.name, backend)] = functools.partial(module._eager_calls, op.name, backend)
     return entry
+
+
+def hand_rule_to_entry(op: OpDef) -> None:
+    """Give ``op``'s CPU size rule (``OpDef.prefers_fused``'s fields) to its compiled eager
+    entry, which applies its own copy (csrc/cpu/eager_entry.h); nothing without the extension."""
+    if not _extension.extension_loaded():
+        return
+    module = importlib.import_module("fusionops._C")
+    if hasattr(module, "_eager_rule"):
+        module._eager_rule(
+            op.name,
+            op.cpu_min_modalities,
+            op.cpu_min_size,
+            op.cpu_min_size_forward,
+            op.cpu_narrow_width,
+            op.cpu_narrow_width_forward,
+        )

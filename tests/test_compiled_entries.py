@@ -10,6 +10,8 @@ them only while no backend is forced anywhere and nothing is traced.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 import threading
 
@@ -37,9 +39,20 @@ def _graph(t: torch.Tensor) -> list[str]:
     while todo:
         node = todo.pop()
         if node is not None:
-            out.append(type(node).__name__)
+            out.append(node.name())
             todo.extend(n for n, _ in node.next_functions)
     return out
+
+
+@contextlib.contextmanager
+def _entry_rule(name: str, **fields):
+    """The compiled entry of op ``name`` given a rule with ``fields`` changed, for the block."""
+    op = OPS[name]
+    _backend.hand_rule_to_entry(dataclasses.replace(op, **fields))
+    try:
+        yield
+    finally:
+        _backend.hand_rule_to_entry(op)
 
 
 def _same_bits(a: torch.Tensor, e: torch.Tensor) -> bool:
@@ -78,6 +91,26 @@ def test_product_one_modality_is_returned_itself_and_a_tuple_or_parameters_are_a
         assert ENTRY(ps).grad_fn is None
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("lead", [(0,), (1,), (3, 5)])
+@pytest.mark.parametrize("m", [2, 3])
+def test_product_kernels_as_the_python_path_serves_them(m, lead, training):
+    """Fused by the rule (here at every size): the same kernels as the Python path with cpu
+    forced (the same bits), their autograd in C++, leading shapes kept."""
+    xs = make_xs(lead, (7,) * m, torch.float32, layout="strided", seed=m)
+    every_size = {"cpu_min_modalities": 1, "cpu_min_size": 0, "cpu_min_size_forward": 0}
+    with torch.set_grad_enabled(training), _entry_rule("product_fusion", **every_size):
+        fusionops.reset_dispatch_counts()
+        got = ENTRY(xs)
+        assert fusionops.dispatch_counts() == {"product_fusion": {"cpu": 1}}
+        with fusionops.backend("cpu"):
+            want = fusionops.product_fusion(xs)
+    assert got.shape == want.shape and _same_bits(got, want) and (got.grad_fn is None) != training
+    if training:
+        assert _graph(got) == _graph(want) and any("ProductEager" in node for node in _graph(got))
+        _assert_same_grads(got, want, xs, torch.randn(want.shape))
+
+
 def test_product_large_call_releases_and_takes_back_the_gil():
     """From 2^16 elements the multiplies run without the GIL (as torch's own calls do)."""
     xs = [torch.randn(256, 257), torch.randn(256, 257)]
@@ -94,7 +127,6 @@ class _Sub(torch.Tensor):
 
 def _declined():
     x = torch.randn(4, 3)
-    big = torch.randn(1, 1)
     cases = dict(_product_others())
     cases.update(
         {
@@ -102,9 +134,6 @@ def _declined():
             "float and list": [x, [x]],
             "sparse": [x.to_sparse(), x.to_sparse()],
             "integer first": [x.int(), x],
-            # the size rule gives these to the fused kernels (stride 0: no memory)
-            "fused, inference": [big.expand(1 << 11, 1 << 11)] * 3,
-            "fused, training": [big.requires_grad_().expand(1 << 10, 1 << 10)] * 3,
         }
     )
     return cases
@@ -231,19 +260,8 @@ def test_tensor_fusion_reference_graph_and_gradients_bit_for_bit(monkeypatch):
     """With gradients (the rule's choice is the fused kernels at every size: forced to the
     reference here by a rule that never prefers them), the reference's own graph."""
     xs, w, b = _tf_call((9, 13, 4), 5, torch.float32)
-    fusionops._C._eager_rule("tensor_fusion", 1 << 62, 0, 0, 0, 0)
-    try:
+    with _entry_rule("tensor_fusion", cpu_min_modalities=99):
         got = TF_ENTRY(xs, w, b)
-    finally:
-        op = OPS["tensor_fusion"]
-        fusionops._C._eager_rule(
-            "tensor_fusion",
-            op.cpu_min_modalities,
-            op.cpu_min_size,
-            op.cpu_min_size_forward,
-            op.cpu_narrow_width,
-            op.cpu_narrow_width_forward,
-        )
     want = reference.tensor_fusion(xs, w, b)
     assert torch.equal(got, want) and _graph(got) == _graph(want)
     _assert_same_grads(got, want, [*xs, w, b], torch.randn(want.shape))

@@ -1,11 +1,13 @@
 // Product fusion's compiled eager entry (see eager_entry.h): fusionops._C._product_eager(xs).
 // With two modalities the automatic choice is always the reference's single multiply (about
 // 2 µs at research sizes), and a Python layer in front of it cost as much again. Accepted: a
-// list or tuple of plain CPU tensors of one float dtype and one shape, at least 1-d and 1 wide,
-// that the size rule gives to the reference; then it multiplies as
-// fusionops.reference.product_fusion does (at::mul left to right, through autograd: the same
-// bits and the same graph). The fused kernels are left to the Python path (they win only on
-// large inputs, where its cost does not matter).
+// list or tuple of plain CPU tensors of one float dtype and one shape, at least 1-d and 1 wide.
+// On the reference it multiplies as fusionops.reference.product_fusion does (at::mul left to
+// right, through autograd: the same bits and the same graph); on the cpu backend it calls the
+// kernels on the (rows, d) views as fusionops/ops/product_fusion.py does
+// (fusionops::_product_eager, with its autograd in C++, when a gradient is recorded, else
+// fusionops::_product_fwd).
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
@@ -48,6 +50,31 @@ bool recording(const std::vector<const at::Tensor*>& xs) {
   return false;
 }
 
+using KernelFn = at::Tensor(at::TensorList);
+
+c10::TypedOperatorHandle<KernelFn> kernel_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<KernelFn>();
+}
+
+at::Tensor reference(const std::vector<const at::Tensor*>& ts) {
+  at::Tensor p = at::mul(*ts[0], *ts[1]);
+  for (size_t i = 2; i < ts.size(); ++i) p = at::mul(p, *ts[i]);
+  return p;
+}
+
+at::Tensor kernels(const std::vector<const at::Tensor*>& ts, bool training) {
+  static const auto fwd = kernel_op("fusionops::_product_fwd");
+  static const auto eager = kernel_op("fusionops::_product_eager");
+  const at::IntArrayRef shape = ts[0]->sizes();
+  const int64_t d = shape.back();
+  const bool is_rows = shape.size() == 2;  // no reshape then (a view, and a node in the graph, each)
+  std::vector<at::Tensor> rows;
+  rows.reserve(ts.size());
+  for (const at::Tensor* t : ts) rows.push_back(is_rows ? *t : t->reshape({t->numel() / d, d}));
+  at::Tensor out = (training ? eager : fwd).call(rows);
+  return is_rows ? out : out.reshape(shape);
+}
+
 }  // namespace
 
 PyObject* product_eager(PyObject* /*self*/, PyObject* xs) {
@@ -55,9 +82,10 @@ PyObject* product_eager(PyObject* /*self*/, PyObject* xs) {
   std::vector<const at::Tensor*> ts;
   if (!accept(xs, ts)) Py_RETURN_NONE;
   Entry& e = entry(kProductFusion);
-  if (e.rule.prefers_fused(ts[0]->numel(), static_cast<int64_t>(ts.size()), recording(ts), 0)) Py_RETURN_NONE;
+  const bool training = recording(ts);
+  const bool fused = e.rule.prefers_fused(ts[0]->numel(), static_cast<int64_t>(ts.size()), training, 0);
   PyObject* out = nullptr;
-  if (ts.size() == 1) {  // the reference returns xs[0] itself
+  if (!fused && ts.size() == 1) {  // the reference returns xs[0] itself
     out = PySequence_Fast_ITEMS(xs)[0];
     Py_INCREF(out);
   } else {
@@ -65,12 +93,11 @@ PyObject* product_eager(PyObject* /*self*/, PyObject* xs) {
     {
       std::optional<pybind11::gil_scoped_release> no_gil;
       if (ts[0]->numel() >= kReleaseGilFrom) no_gil.emplace();
-      p = at::mul(*ts[0], *ts[1]);
-      for (size_t i = 2; i < ts.size(); ++i) p = at::mul(p, *ts[i]);
+      p = fused ? kernels(ts, training) : reference(ts);
     }
     out = THPVariable_Wrap(std::move(p));
   }
-  e.calls[kReference].fetch_add(1, std::memory_order_relaxed);
+  e.calls[fused ? kCpu : kReference].fetch_add(1, std::memory_order_relaxed);
   return out;
   END_HANDLE_TH_ERRORS
 }

@@ -170,9 +170,9 @@ def _eager_cpu(xs: Sequence[Tensor]) -> Tensor | None:
     return _run(xs, backend, shape.numel() // shape[-1])
 
 
-# The common eager call, served in C (csrc/cpu/product_eager.cpp) when the size rule gives it to
-# the reference; None without the extension.
-_COMPILED_ENTRY = _backend.compiled_entry(OPDEF, "_product_eager", ("reference",))
+# The common eager call, chosen and served in C++ (csrc/cpu/product_eager.cpp: the reference's
+# own multiplies or the kernels, as _eager_cpu would); None without the extension.
+_COMPILED_ENTRY = _backend.compiled_entry(OPDEF, "_product_eager", ("reference", "cpu"))
 
 
 def product_fusion(xs: Sequence[Tensor]) -> Tensor:
@@ -204,9 +204,12 @@ def _run(xs: Sequence[Tensor], backend: str, n: int) -> Tensor:
     if backend == "reference":
         return reference.product_fusion(xs)
     first = xs[0]
-    xs2 = [x.reshape(n, first.shape[-1]) for x in xs]
+    rows = first.dim() == 2  # rows already: no reshape (a view, and a node in the graph, each)
+    xs2 = list(xs) if rows else [x.reshape(n, first.shape[-1]) for x in xs]
     if _eager.traced(first):  # the custom op: what compiled graphs, exports and fake tensors take
         out = torch.ops.fusionops.product_fusion(xs2, backend)
+    elif backend in ("cpu", "cuda"):  # the compiled kernels, with their autograd in C++
+        out = torch.ops.fusionops._product_eager.default(xs2)
     else:
         out = _eager.apply(_Call(_kernels(backend)), tuple(xs2))
-    return out.reshape(first.shape)
+    return out if rows else out.reshape(first.shape)
