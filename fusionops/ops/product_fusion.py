@@ -37,15 +37,17 @@ class _CompiledKernels:
 
 
 # Automatic choice on CPU, on N * d: the fused kernel replaces the reference's M - 1 passes over
-# memory by one, but costs more per call. With two modalities ATen's single multiply was never
-# beaten (0.2-0.98x), so they always go to the reference; with three or more the fused kernel
-# is never lost from N*d = 2^20 with gradients and 2^22 without.
+# memory by one. With two modalities ATen's single multiply was never beaten (0.74-0.96x with the
+# backward in C++ too), so they always go to the reference; with three or more, since the eager
+# call and its autograd are in C++ (csrc/cpu/product_eager.cpp, product_autograd.cpp), the fused
+# kernels were not lost at any size, with or without gradients (1.0-2.5x).
 # The rule: a size is "lost" when fused[cpu] was slower than the reference there in both of two
 # runs of `python -m benchmarks.crossover` (a single reading is within this machine's run-to-run
 # noise of about 10%); each threshold is the smallest measured size from which nothing is lost.
-# CSVs: benchmarks/results/crossover_<op>_cpu_2026-12-04_run{1,2}.csv.
-CPU_FUSED_MIN_ELEMENTS = 1 << 20
-CPU_FUSED_MIN_ELEMENTS_FORWARD = 1 << 22
+# CSVs: benchmarks/results/crossover_product_fusion_cpu_2026-12-05_run{1,2}_cpp_autograd.csv
+# (before the C++ autograd: 2026-12-04, thresholds 2^20 with gradients and 2^22 without).
+CPU_FUSED_MIN_ELEMENTS = 0
+CPU_FUSED_MIN_ELEMENTS_FORWARD = 0
 CPU_FUSED_MIN_MODALITIES = 3
 
 OPDEF = register(
