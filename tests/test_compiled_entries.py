@@ -112,6 +112,18 @@ def test_product_kernels_as_the_python_path_serves_them(m, lead, training):
         _assert_same_grads(got, want, xs, torch.randn(want.shape))
 
 
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_product_eager_op_opcheck(m):
+    """The kernels' eager op with its C++ autograd (csrc/cpu/product_autograd.cpp)."""
+    xs = [x.detach().double().requires_grad_() for x in make_xs((5,), (4,) * m, torch.float32, seed=m)]
+    torch.library.opcheck(torch.ops.fusionops._product_eager.default, (xs,))
+
+    def op(*leaves):
+        return torch.ops.fusionops._product_eager.default(list(leaves))
+
+    assert torch.autograd.gradcheck(op, tuple(xs)) and torch.autograd.gradgradcheck(op, tuple(xs))
+
+
 def test_product_large_call_releases_and_takes_back_the_gil():
     """From 2^16 elements the multiplies run without the GIL (as torch's own calls do)."""
     xs = [torch.randn(256, 257), torch.randn(256, 257)]

@@ -17,6 +17,7 @@ from torch import Tensor
 from fusionops import _backend, reference
 from fusionops._backend import entry_kernels
 from fusionops._checks import check_grad, check_modalities, check_rows, plain_cpu_modalities
+from fusionops._extension import extension_loaded
 from fusionops.ops import _autocast, _eager
 from fusionops.ops._eager import EagerCall
 from fusionops.ops._kernels import ProductFusionKernels
@@ -128,6 +129,23 @@ def _grad(ctx, grad: Tensor):
 _fused.register_autograd(_grad, setup_context=_setup)
 for _name in ("product_fusion", "product_fusion_backward"):
     _autocast.register(_name, OPDEF.autocast)
+
+
+def _kernel_fwd_fake(xs: list[Tensor]) -> Tensor:
+    return xs[0].new_empty(xs[0].shape)
+
+
+def _kernel_bwd_fake(grad: Tensor, xs: list[Tensor]) -> list[Tensor]:
+    return [x.new_empty(x.shape) for x in xs]
+
+
+# Kept alive for the registrations' lifetime. Fake kernels of the C++ kernels that the eager op
+# fusionops::_product_eager calls (csrc/cpu/product_autograd.cpp), so that it runs on fake
+# tensors too (torch.library.opcheck; the public function never hands it one: _eager.traced).
+_LIB = torch.library.Library("fusionops", "IMPL")
+if extension_loaded():
+    torch.library.register_fake("fusionops::_product_fwd", _kernel_fwd_fake, lib=_LIB)
+    torch.library.register_fake("fusionops::_product_bwd", _kernel_bwd_fake, lib=_LIB)
 
 
 def _check_args(xs: Sequence[Tensor]) -> tuple[torch.Size, list[int]]:
