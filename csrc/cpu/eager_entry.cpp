@@ -67,7 +67,12 @@ PyObject* set_rule(PyObject* /*self*/, PyObject* args) {
   if (!PyArg_ParseTuple(args, "sLLLLL", &name, &v[0], &v[1], &v[2], &v[3], &v[4])) return nullptr;
   Op op{};
   if (!op_named(name, &op)) return nullptr;
-  entry(op).rule = SizeRule{v[0], v[1], v[2], v[3], v[4]};
+  SizeRule& rule = entry(op).rule;
+  rule.min_modalities = v[0];
+  rule.min_size = v[1];
+  rule.min_size_forward = v[2];
+  rule.narrow = v[3];
+  rule.narrow_forward = v[4];
   Py_RETURN_NONE;
 }
 

@@ -19,13 +19,14 @@
 
 namespace fusionops::cpu::eager {
 
-// OpDef.prefers_fused on CPU for one op (fusionops/registry.py), with its fields.
+// OpDef.prefers_fused on CPU for one op (fusionops/registry.py), with its fields. Atomic: a rule
+// may be handed over (tests, benchmarks.crossover) while another thread's call reads it.
 struct SizeRule {
-  int64_t min_modalities = std::numeric_limits<int64_t>::max();  // nothing accepted until set
-  int64_t min_size = 0;                                          // with gradients
-  int64_t min_size_forward = 0;                                  // without
-  int64_t narrow = 0;                                            // widest modality, with gradients (0: off)
-  int64_t narrow_forward = 0;                                    // without
+  std::atomic<int64_t> min_modalities{std::numeric_limits<int64_t>::max()};  // nothing fused until set
+  std::atomic<int64_t> min_size{0};                                          // with gradients
+  std::atomic<int64_t> min_size_forward{0};                                  // without
+  std::atomic<int64_t> narrow{0};          // widest modality, with gradients (0: off)
+  std::atomic<int64_t> narrow_forward{0};  // without
   bool prefers_fused(int64_t size, int64_t modalities, bool training, int64_t widest) const;
 };
 
