@@ -74,8 +74,8 @@ class _ThreadState(threading.local):
 
 _local = _ThreadState()
 # fusionops.backend blocks that force a backend (not None), open now in any thread. While there
-# are none and the environment forces nothing, no call anywhere is forced: product fusion's
-# compiled eager entry is taken only then (it cannot see this thread's block).
+# are none and the environment forces nothing, no call anywhere is forced: the compiled eager
+# entries (csrc/cpu/eager_entry.h) are taken only then (they cannot see this thread's block).
 _open_blocks = 0
 _open_blocks_lock = threading.Lock()
 # Read at import: torch.compile guards on module globals, not on later environment changes.

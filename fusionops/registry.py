@@ -189,8 +189,9 @@ def forget_compiled_kernels() -> None:
 # fusionops.dispatch_counts(); compiled graphs are counted once, when traced.
 COUNTS: Counter[tuple[str, str]] = Counter()
 # Counters kept in compiled code, added to COUNTS when read: (op, backend) -> read(reset), which
-# returns the calls counted so far and zeroes them when reset is true (product fusion's
-# compiled eager entry counts the calls it serves itself: a Python counter would cost it 5%).
+# returns the calls counted so far and zeroes them when reset is true (the compiled eager
+# entries, csrc/cpu/eager_entry.h, count the calls they serve: a Python counter would cost a
+# 2 µs product 5%).
 NATIVE_COUNTS: dict[tuple[str, str], Callable[[bool], int]] = {}
 
 

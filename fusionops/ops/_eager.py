@@ -6,9 +6,11 @@ path costs about 0.1 ms per forward and 0.5 ms per forward + backward before any
 (torch.library's Python autograd wrapper, pytree flattening, two custom-op dispatches), which
 is more than the kernels themselves at research batch sizes. Eager calls therefore go through
 :func:`apply` instead: the same kernels and the same gradient rule, called directly. (Tensor
-fusion's projection on the cpu and cuda backends goes one step further: its eager op
-``fusionops::_tf_projected_eager`` has its autograd in C++, csrc/cpu/eager_autograd.cpp, with
-the same second-order rule; the triton backend and the other ops use this module.)
+fusion's projection and product fusion on the cpu and cuda backends go one step further: their
+eager ops ``fusionops::_tf_projected_eager`` and ``fusionops::_product_eager`` have their
+autograd in C++, csrc/cpu/eager_autograd.cpp and product_autograd.cpp, with the same
+second-order rule; the triton backend and the other ops use this module. Their most common
+calls do not even reach Python past the public function: csrc/cpu/eager_entry.h.)
 
 An op describes one call with an :class:`EagerCall`: the flat list of its tensor arguments
 (``None`` for absent optional ones) and two methods, ``forward(flat)`` and
