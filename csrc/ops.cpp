@@ -60,7 +60,7 @@ TORCH_LIBRARY(fusionops, m) {
   // Product fusion (DESIGN.md section 3); contract in fusionops/ops/_kernels.py.
   m.def("_product_fwd(Tensor[] xs) -> Tensor");
   m.def("_product_bwd(Tensor grad, Tensor[] xs) -> Tensor[]");
-  // The eager call of the kernels with its autograd in C++ (csrc/cpu/product_autograd.cpp).
+  // The eager call of the kernels with its autograd in C++ (csrc/cpu/eager_autograd.cpp).
   m.def("_product_eager(Tensor[] xs) -> Tensor");
   // Sparse skew-pair attention (DESIGN.md section 4); contract in fusionops/ops/_kernels.py.
   m.def(

@@ -17,6 +17,7 @@ import threading
 
 import pytest
 import torch
+from conftest import assert_close_to
 from inputs import LAYOUTS, make_weight, make_xs
 from test_one_pass import _product_others
 
@@ -114,7 +115,7 @@ def test_product_kernels_as_the_python_path_serves_them(m, lead, training):
 
 @pytest.mark.parametrize("m", [1, 2, 3])
 def test_product_eager_op_opcheck(m):
-    """The kernels' eager op with its C++ autograd (csrc/cpu/product_autograd.cpp)."""
+    """The kernels' eager op with its C++ autograd (csrc/cpu/eager_autograd.cpp)."""
     xs = [x.detach().double().requires_grad_() for x in make_xs((5,), (4,) * m, torch.float32, seed=m)]
     torch.library.opcheck(torch.ops.fusionops._product_eager.default, (xs,))
 
@@ -349,3 +350,14 @@ def test_tensor_fusion_steps_aside_while_forced(monkeypatch):
     monkeypatch.setattr(_backend, "_env_forced", "reference")
     fusionops.tensor_fusion(xs, w, b)
     fusionops.tensor_fusion(xs, w, b, mask=torch.ones(5, 2, dtype=torch.bool))  # a mask: never the entry
+
+
+def test_tensor_fusion_compiled_graph_never_calls_it():
+    """Automatic choice under torch.compile: the entry's guard is a constant there, so the
+    graph holds the op's own custom op or ATen ops, never the entry (fullgraph would fail)."""
+    xs, w, b = _tf_call((3, 4), 5, torch.float32)
+    fn = torch.compile(
+        lambda xs, w, b: fusionops.tensor_fusion(xs, w, b) + 1, fullgraph=True, backend="eager"
+    )
+    with torch.no_grad():
+        assert_close_to(fn(xs, w, b), reference.tensor_fusion(xs, w, b) + 1, torch.float32)

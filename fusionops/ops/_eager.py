@@ -8,7 +8,7 @@ is more than the kernels themselves at research batch sizes. Eager calls therefo
 :func:`apply` instead: the same kernels and the same gradient rule, called directly. (Tensor
 fusion's projection and product fusion on the cpu and cuda backends go one step further: their
 eager ops ``fusionops::_tf_projected_eager`` and ``fusionops::_product_eager`` have their
-autograd in C++, csrc/cpu/eager_autograd.cpp and product_autograd.cpp, with the same
+autograd in C++, both in csrc/cpu/eager_autograd.cpp, with the same
 second-order rule; the triton backend and the other ops use this module. Their most common
 calls do not even reach Python past the public function: csrc/cpu/eager_entry.h.)
 

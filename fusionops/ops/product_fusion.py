@@ -40,7 +40,7 @@ class _CompiledKernels:
 # Automatic choice on CPU, on N * d: the fused kernel replaces the reference's M - 1 passes over
 # memory by one. With two modalities ATen's single multiply was never beaten (0.74-0.96x with the
 # backward in C++ too), so they always go to the reference; with three or more, since the eager
-# call and its autograd are in C++ (csrc/cpu/product_eager.cpp, product_autograd.cpp), the fused
+# call and its autograd are in C++ (csrc/cpu/eager_entry.cpp, eager_autograd.cpp), the fused
 # kernels were not lost at any size, with or without gradients (1.0-2.5x).
 # The rule: a size is "lost" when fused[cpu] was slower than the reference there in both of two
 # runs of `python -m benchmarks.crossover` (a single reading is within this machine's run-to-run
@@ -140,7 +140,7 @@ def _kernel_bwd_fake(grad: Tensor, xs: list[Tensor]) -> list[Tensor]:
 
 
 # Kept alive for the registrations' lifetime. Fake kernels of the C++ kernels that the eager op
-# fusionops::_product_eager calls (csrc/cpu/product_autograd.cpp), so that it runs on fake
+# fusionops::_product_eager calls (csrc/cpu/eager_autograd.cpp), so that it runs on fake
 # tensors too (torch.library.opcheck; the public function never hands it one: _eager.traced).
 _LIB = torch.library.Library("fusionops", "IMPL")
 if extension_loaded():
@@ -190,7 +190,7 @@ def _eager_cpu(xs: Sequence[Tensor]) -> Tensor | None:
     return _run(xs, backend, shape.numel() // shape[-1])
 
 
-# The common eager call, chosen and served in C++ (csrc/cpu/product_eager.cpp: the reference's
+# The common eager call, chosen and served in C++ (csrc/cpu/eager_entry.cpp: the reference's
 # own multiplies or the kernels, as _eager_cpu would); None without the extension.
 _COMPILED_ENTRY = _backend.compiled_entry(OPDEF, "_product_eager", ("reference", "cpu"))
 

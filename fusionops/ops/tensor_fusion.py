@@ -574,7 +574,7 @@ def _compiled_projected(
 
 
 # The common eager call of the projection, chosen and served in C++
-# (csrc/cpu/tensor_fusion_eager.cpp: the reference's own ATen ops or the kernels below, as
+# (csrc/cpu/eager_entry.cpp: the reference's own ATen ops or the kernels below, as
 # _eager_cpu_rows would); None without the extension.
 _COMPILED_ENTRY = _backend.compiled_entry(OPDEF, "_tensor_fusion_eager", ("reference", "cpu"))
 
