@@ -117,7 +117,18 @@ def _extensions() -> tuple[list, dict]:
         ext = CppExtension(
             "fusionops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):  # type: ignore[misc]
+        """Objects in the checkout's build/, whatever build_temp the front end picked (pip's
+        editable install picks a new temporary one each time): a second install in the same
+        checkout, such as README's second command, recompiles only what changed (ninja checks
+        each object's command line too, so another torch or Python rebuilds)."""
+
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = os.path.join(HERE, "build", f"temp-{tag}")
+
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extensions()
