@@ -189,7 +189,7 @@ def test_product_steps_aside_while_a_backend_is_forced(monkeypatch):
     """Forced in this thread, in another one, or by FUSIONOPS_BACKEND: the Python path decides
     (it alone knows which thread forces what)."""
     xs = [torch.randn(4, 3), torch.randn(4, 3)]
-    calls = PF._COMPILED_ENTRY
+    entry = PF._COMPILED_ENTRY
     monkeypatch.setattr(PF, "_COMPILED_ENTRY", lambda xs: pytest.fail("the compiled entry ran"))
     fusionops.reset_dispatch_counts()
     with fusionops.backend("cpu"):
@@ -214,7 +214,7 @@ def test_product_steps_aside_while_a_backend_is_forced(monkeypatch):
     fusionops.product_fusion(xs)
     with fusionops.backend(None):  # None forces nothing, but FUSIONOPS_BACKEND still does
         fusionops.product_fusion(xs)
-    monkeypatch.setattr(PF, "_COMPILED_ENTRY", calls)
+    monkeypatch.setattr(PF, "_COMPILED_ENTRY", entry)
     monkeypatch.setattr(_backend, "_env_forced", "")
     with fusionops.backend(None):
         fusionops.product_fusion(xs)
